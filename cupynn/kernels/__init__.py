@@ -1,0 +1,229 @@
+"""Sparse kernels, dispatched on the array's backend.
+
+Each operation here runs a CUDA ``RawKernel`` (``*.cu`` beside this file) or
+cuSPARSE on the GPU, and a compiled Numba kernel (:mod:`.cpu`) on the CPU.
+Every custom CUDA kernel has a NumPy twin of the same name in
+:mod:`.numpy_twins`; the tests compare all of them.
+
+The wrappers check dtypes, contiguity and shapes on every call (cheap, no
+device synchronisation). Index ranges cost a pass over the indices, so they are
+checked when ``check=True`` (the default for direct calls); layers validate
+their topology once when it is set and then call with ``check=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy
+
+from ..backend import backend_of, get_backend
+from ..validation import check_csr
+
+KERNEL_DIR = Path(__file__).resolve().parent
+CUDA_SOURCES = tuple(sorted(KERNEL_DIR.glob("*.cu")))
+
+THREADS_PER_BLOCK = 256
+MAX_BLOCKS = 65535
+_SUFFIX = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_module(filename: str, device_id: int) -> Any:
+    """Compile a ``.cu`` file once per device (NVRTC, through CuPy)."""
+    cupy = get_backend("gpu").xp
+    source = (KERNEL_DIR / filename).read_text()
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=source, options=("--std=c++14",))
+
+
+def cuda_function(filename: str, name: str) -> Any:
+    """The ``extern "C"`` kernel ``name`` of ``filename`` on the current device."""
+    cupy = get_backend("gpu").xp
+    return _cuda_module(filename, cupy.cuda.Device().id).get_function(name)
+
+
+def _grid(n: int, max_blocks: int | None) -> tuple[int]:
+    blocks = max(1, -(-n // THREADS_PER_BLOCK))
+    return (min(blocks, max_blocks or MAX_BLOCKS),)
+
+
+def _float_suffix(*arrays: Any, what: str) -> str:
+    dtype = arrays[0].dtype
+    if dtype not in _SUFFIX:
+        raise TypeError(f"{what} supports float32 and float64 arrays. Got {dtype} instead.")
+    for a in arrays[1:]:
+        if a.dtype != dtype:
+            raise TypeError(f"{what} needs all float arrays of one dtype. Got {dtype} and {a.dtype}.")
+    return _SUFFIX[dtype]
+
+
+def _check_contiguous(what: str, **arrays: Any) -> None:
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{what}: {name!r} must be C-contiguous.")
+
+
+def _check_same_backend(what: str, *arrays: Any) -> Any:
+    backend = backend_of(arrays[0])
+    if any(backend_of(a) is not backend for a in arrays[1:]):
+        raise TypeError(f"{what}: all arrays must live on one device ({backend.name}).")
+    return backend
+
+
+def _check_pattern(what: str, indptr: Any, indices: Any, n_rows: int, n_cols: int,
+                   check: bool) -> None:
+    if indptr.dtype != numpy.int32 or indices.dtype != numpy.int32:
+        raise TypeError(f"{what}: indptr and indices must be int32. "
+                        f"Got {indptr.dtype} and {indices.dtype} instead.")
+    if indptr.shape != (n_rows + 1,):
+        raise ValueError(f"{what}: indptr must have shape ({n_rows + 1},). Got {indptr.shape} instead.")
+    if check:
+        check_csr(indptr, indices, (n_rows, n_cols), what=what)
+
+
+def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
+          check: bool = True, max_blocks: int | None = None) -> Any:
+    """Weight gradient at the active entries: ``out[k] = dy[row(k)] . x[indices[k]]``.
+
+    Parameters
+    ----------
+    indptr : (n_rows + 1,) int32
+    indices : (nnz,) int32
+    dy : (n_rows, batch) float32 or float64, C-contiguous
+    x : (n_cols, batch) same dtype, C-contiguous
+    out : (nnz,) same dtype, optional
+    check : bool
+        Also check the CSR structure and index ranges (a pass over indices).
+    max_blocks : int, optional
+        Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
+
+    Returns
+    -------
+    (nnz,) array on the operands' device.
+    """
+    what = "sddmm"
+    backend = _check_same_backend(what, indptr, indices, dy, x)
+    suffix = _float_suffix(dy, x, *(() if out is None else (out,)), what=what)
+    if dy.ndim != 2 or x.ndim != 2 or dy.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: dy (n_rows, batch) and x (n_cols, batch) must share the batch "
+                         f"axis. Got {dy.shape} and {x.shape} instead.")
+    _check_contiguous(what, dy=dy, x=x)
+    _check_pattern(what, indptr, indices, dy.shape[0], x.shape[0], check)
+    nnz = int(indices.shape[0])
+    xp = backend.xp
+    if out is None:
+        out = xp.empty(nnz, dtype=dy.dtype)
+    elif out.shape != (nnz,):
+        raise ValueError(f"{what}: out must have shape ({nnz},). Got {out.shape} instead.")
+    if nnz == 0:
+        return out
+    if dy.shape[1] == 0:
+        out[...] = 0
+        return out
+    if backend.is_gpu:
+        kernel = cuda_function("sddmm.cu", f"sddmm_{suffix}")
+        kernel(_grid(nnz, max_blocks), (THREADS_PER_BLOCK,),
+               (indptr, indices, dy, x, out, numpy.int32(dy.shape[0]), numpy.int32(nnz),
+                numpy.int32(dy.shape[1])))
+    else:
+        from . import cpu
+
+        cpu.sddmm(indptr, indices, dy, x, out)
+    return out
+
+
+def adam(p: Any, g: Any, m: Any, v: Any, *, lr: float, b1: float, b2: float, eps: float,
+         bc1: float, bc2: float, max_blocks: int | None = None) -> None:
+    """Fused in-place Adam update of ``p``, ``m``, ``v`` from gradient ``g``.
+
+    All four arrays are flat, C-contiguous, of one float dtype and length.
+    ``bc1``/``bc2`` are the bias corrections 1 - b1**t and 1 - b2**t.
+    """
+    what = "adam"
+    backend = _check_same_backend(what, p, g, m, v)
+    suffix = _float_suffix(p, g, m, v, what=what)
+    _check_contiguous(what, p=p, g=g, m=m, v=v)
+    if not (p.shape == g.shape == m.shape == v.shape) or p.ndim != 1:
+        raise ValueError(f"{what}: p, g, m, v must be flat and of one length. "
+                         f"Got {p.shape}, {g.shape}, {m.shape}, {v.shape} instead.")
+    n = int(p.shape[0])
+    if n == 0:
+        return
+    t = p.dtype.type
+    scalars = tuple(t(s) for s in (lr, b1, b2, eps, bc1, bc2))
+    if backend.is_gpu:
+        kernel = cuda_function("adam.cu", f"adam_{suffix}")
+        kernel(_grid(n, max_blocks), (THREADS_PER_BLOCK,), (p, g, m, v, *scalars, numpy.int64(n)))
+    else:
+        from . import cpu
+
+        cpu.adam(p, g, m, v, *scalars)
+
+
+def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> Any:
+    sparse = backend_of(data).sparse
+    w = sparse.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    # Our CSR is canonical by construction (checked when the topology is set);
+    # saying so spares cuSPARSE's wrapper a check that synchronises the device.
+    w.has_canonical_format = True
+    return w
+
+
+def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True) -> Any:
+    """``W @ x`` for CSR ``W`` (n_rows, n_cols) and dense x (n_cols, batch).
+
+    cuSPARSE on the GPU, a row-parallel Numba kernel on the CPU.
+    Returns a C-contiguous (n_rows, batch) array.
+    """
+    what = "spmm"
+    backend = _check_same_backend(what, indptr, indices, data, x)
+    _float_suffix(data, x, what=what)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: x must be (n_cols, batch). Got shape {x.shape} instead.")
+    _check_contiguous(what, x=x)
+    n_rows = int(indptr.shape[0]) - 1
+    _check_pattern(what, indptr, indices, n_rows, x.shape[0], check)
+    if backend.is_gpu:
+        w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
+        return backend.xp.ascontiguousarray(w @ x)
+    from . import cpu
+
+    out = numpy.empty((n_rows, x.shape[1]), dtype=x.dtype)
+    cpu.spmm(indptr, indices, data, x, out)
+    return out
+
+
+def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
+           check: bool = True) -> Any:
+    """``W.T @ dy`` for CSR ``W`` (n_rows, n_cols) and dense dy (n_rows, batch).
+
+    cuSPARSE (transposed operand) on the GPU; on the CPU a Numba scatter that is
+    parallel over disjoint batch slices. Returns a C-contiguous (n_cols, batch) array.
+    """
+    what = "spmm_t"
+    backend = _check_same_backend(what, indptr, indices, data, dy)
+    _float_suffix(data, dy, what=what)
+    if dy.ndim != 2 or indptr.shape[0] != dy.shape[0] + 1:
+        raise ValueError(f"{what}: dy must be (n_rows, batch) with n_rows = len(indptr) - 1. "
+                         f"Got dy {dy.shape} and indptr {indptr.shape} instead.")
+    _check_contiguous(what, dy=dy)
+    _check_pattern(what, indptr, indices, dy.shape[0], n_cols, check)
+    if backend.is_gpu:
+        w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
+        return backend.xp.ascontiguousarray(w.T @ dy)
+    from . import cpu
+
+    out = numpy.empty((n_cols, dy.shape[1]), dtype=dy.dtype)
+    # Enough slices to keep both cores busy, each at least 16 samples wide.
+    n_chunks = max(1, min(numba_threads(), dy.shape[1] // 16))
+    cpu.spmm_t(indptr, indices, data, dy, out, n_chunks)
+    return out
+
+
+def numba_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())

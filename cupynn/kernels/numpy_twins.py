@@ -1,0 +1,73 @@
+"""NumPy twins of the CUDA kernels: the reference each kernel is tested against.
+
+Each function here has the name of a kernel family in a ``.cu`` file beside it
+and computes the same thing with plain NumPy, written for clarity rather than
+speed. They accept NumPy arrays only.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+
+def csr_rows(indptr: numpy.ndarray) -> numpy.ndarray:
+    """Row index of every nonzero of a CSR matrix, shape (nnz,), int64."""
+    counts = numpy.diff(indptr.astype(numpy.int64))
+    return numpy.repeat(numpy.arange(len(counts)), counts)
+
+
+def sddmm(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray,
+          x: numpy.ndarray, chunk: int = 65536) -> numpy.ndarray:
+    """Twin of ``sddmm.cu``: ``out[k] = dy[row(k)] . x[indices[k]]``.
+
+    Parameters
+    ----------
+    indptr, indices : (n_rows + 1,), (nnz,) int32
+    dy : (n_rows, batch) float
+    x : (n_cols, batch) float
+
+    Returns
+    -------
+    (nnz,) array of dy's dtype.
+    """
+    rows = csr_rows(indptr)
+    out = numpy.empty(len(indices), dtype=dy.dtype)
+    # Chunked so the (chunk, batch) gathers stay small.
+    for start in range(0, len(indices), chunk):
+        stop = start + chunk
+        out[start:stop] = numpy.einsum(
+            "kb,kb->k", dy[rows[start:stop]], x[indices[start:stop]])
+    return out
+
+
+def adam(p: numpy.ndarray, g: numpy.ndarray, m: numpy.ndarray, v: numpy.ndarray,
+         lr: float, b1: float, b2: float, eps: float, bc1: float, bc2: float) -> None:
+    """Twin of ``adam.cu``, in place on ``p``, ``m`` and ``v``.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    p <- p - lr (m / bc1) / (sqrt(v / bc2) + eps)
+    """
+    t = p.dtype.type
+    m *= t(b1)
+    m += t(1 - b1) * g
+    v *= t(b2)
+    v += t(1 - b2) * g * g
+    p -= t(lr) * (m / t(bc1)) / (numpy.sqrt(v / t(bc2)) + t(eps))
+
+
+def spmm(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
+         x: numpy.ndarray) -> numpy.ndarray:
+    """``W @ x`` for CSR ``W`` of shape (n_rows, len(x)); x is (n_cols, batch)."""
+    import scipy.sparse
+
+    w = scipy.sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, x.shape[0]))
+    return numpy.asarray(w @ x)
+
+
+def spmm_t(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
+           dy: numpy.ndarray, n_cols: int) -> numpy.ndarray:
+    """``W.T @ dy`` for CSR ``W`` of shape (len(dy), n_cols); dy is (n_rows, batch)."""
+    import scipy.sparse
+
+    w = scipy.sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_cols))
+    return numpy.asarray(w.T @ dy)

@@ -1,0 +1,303 @@
+"""Layers with hand-written forward and backward passes.
+
+Layout: activations are **feature-major**, shape ``(features, batch)``: sample
+``j`` is column ``j``. Each nonzero weight then works on a contiguous run of
+``batch`` values (forward, input gradient and SDDMM alike), which is what makes
+the sparse kernels fast. :class:`cupynn.MLP` converts from and to the usual
+``(batch, features)`` at its boundary.
+
+Each layer's ``forward`` keeps what its ``backward`` needs; ``backward(dy)``
+fills the parameter gradients and returns the input gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from . import init as _init
+from . import kernels
+from .backend import Backend, get_backend, resolve_dtype, to_numpy
+from .validation import check_choice, check_csr, check_int, check_real
+
+
+def _as_generator(seed: int | numpy.random.Generator | numpy.random.SeedSequence,
+                  owner: str) -> numpy.random.Generator:
+    if isinstance(seed, numpy.random.Generator):
+        return seed
+    if isinstance(seed, numpy.random.SeedSequence):
+        return numpy.random.default_rng(seed)
+    check_int(seed, "seed", owner, low=0)
+    return numpy.random.default_rng(seed)
+
+
+def _check_input(x: Any, features: int, dtype: numpy.dtype, backend: Backend, owner: str) -> None:
+    """Shape, dtype and device of a feature-major input (no sync)."""
+    if getattr(x, "ndim", None) != 2 or x.shape[0] != features:
+        raise ValueError(f"The input of {owner} must have shape ({features}, batch) "
+                         f"(feature-major). Got {getattr(x, 'shape', type(x).__name__)} instead.")
+    if x.dtype != dtype:
+        raise TypeError(f"The input of {owner} must be {dtype}. Got {x.dtype} instead.")
+    if not isinstance(x, backend.xp.ndarray):
+        raise TypeError(f"The input of {owner} must live on the layer's device ({backend.name}).")
+
+
+class Layer:
+    """Base class: a layer with named parameters and their gradients.
+
+    ``param_names`` lists the attributes the optimizer updates; the gradient of
+    parameter ``name`` is the attribute ``grad_<name>``, an array of the same
+    shape, filled by ``backward``.
+    """
+
+    param_names: tuple[str, ...] = ()
+    in_features: int
+    out_features: int
+
+    def forward(self, x: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, dy: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def parameters(self) -> list[tuple[str, Any, Any]]:
+        """``(name, value, gradient)`` for each parameter (gradient may be None)."""
+        return [(n, getattr(self, n), getattr(self, "grad_" + n)) for n in self.param_names]
+
+    @property
+    def n_parameters(self) -> int:
+        return int(sum(getattr(self, n).size for n in self.param_names))
+
+
+class SparseLinear(Layer):
+    """Sparse fully connected layer ``y = W x + b`` with ``W`` stored as CSR.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    density : float in (0, 1]
+        Each neuron gets ``max(1, round(density * in_features))`` inputs.
+    seed : int or numpy.random.Generator
+        Source of the topology and the initial values.
+    dtype : {"float32", "float64"}
+    device : {"auto", "cpu", "gpu"} or Backend
+    init : {"paper", "fan_in"}
+        See :mod:`cupynn.init`.
+
+    Attributes
+    ----------
+    indptr : (out_features + 1,) int32
+    indices : (nnz,) int32, sorted and unique within each row
+    data : (nnz,) float — the active weights, in CSR order
+    bias : (out_features,) float
+    grad_data, grad_bias : gradients of the last ``backward`` (same shapes), or None
+    topology_version : int
+        Incremented each time :meth:`set_topology` changes the pattern.
+    """
+
+    param_names = ("data", "bias")
+
+    def __init__(self, in_features: int, out_features: int, density: float = 0.1, *,
+                 seed: int | numpy.random.Generator = 0, dtype: str = "float32",
+                 device: str | Backend | None = "auto", init: str = "paper") -> None:
+        owner = type(self).__name__
+        self.in_features = check_int(in_features, "in_features", owner, low=1)
+        self.out_features = check_int(out_features, "out_features", owner, low=1)
+        self.density = check_real(density, "density", owner, 0.0, 1.0, closed="right")
+        self.init = check_choice(init, "init", owner, _init.INITS)
+        self.dtype = resolve_dtype(dtype, owner)
+        self.backend = get_backend(device)
+        rng = _as_generator(seed, owner)
+
+        n = _init.inputs_per_neuron(self.density, self.in_features)
+        indptr, indices = _init.partition_topology(self.in_features, self.out_features, n, rng)
+        data = _init.uniform(rng, indices.size, _init.weight_bound(n, self.init), self.dtype)
+        bias = _init.uniform(rng, self.out_features, _init.bias_bound(n), self.dtype)
+        xp = self.backend.xp
+        self.indptr, self.indices = xp.asarray(indptr), xp.asarray(indices)
+        self.data, self.bias = xp.asarray(data), xp.asarray(bias)
+        self.grad_data: Any = None
+        self.grad_bias: Any = None
+        self.topology_version = 0
+        self._x: Any = None
+
+    @classmethod
+    def from_csr(cls, indptr: Any, indices: Any, data: Any, bias: Any, shape: tuple[int, int], *,
+                 device: str | Backend | None = "auto") -> "SparseLinear":
+        """A layer with the given CSR weights (out, in) and bias (checked)."""
+        data_np = numpy.asarray(to_numpy(data))
+        layer = cls.__new__(cls)
+        owner = cls.__name__
+        layer.out_features = check_int(shape[0], "shape[0]", owner, low=1)
+        layer.in_features = check_int(shape[1], "shape[1]", owner, low=1)
+        layer.dtype = resolve_dtype(data_np.dtype, owner)
+        layer.backend = get_backend(device)
+        layer.init = "paper"
+        layer.grad_data = layer.grad_bias = layer._x = None
+        layer.topology_version = -1
+        xp = layer.backend.xp
+        bias = xp.asarray(bias, dtype=layer.dtype)
+        if bias.shape != (layer.out_features,):
+            raise ValueError(f"The 'bias' argument of {owner} must have shape "
+                             f"({layer.out_features},). Got {bias.shape} instead.")
+        layer.bias = bias
+        layer.set_topology(xp.asarray(indptr), xp.asarray(indices), xp.asarray(data))
+        layer.density = layer.nnz / (layer.in_features * layer.out_features)
+        return layer
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    def set_topology(self, indptr: Any, indices: Any, data: Any) -> None:
+        """Replace the CSR pattern and values (after checking they are canonical).
+
+        Gradients are dropped: they belong to the old pattern. Optimizer
+        moments must be re-mapped by the caller (``Adam.remap``).
+        """
+        check_csr(indptr, indices, self.shape, what=f"{type(self).__name__}.set_topology")
+        if data.shape != indices.shape or data.dtype != self.dtype:
+            raise ValueError(f"{type(self).__name__}.set_topology: data must be {self.dtype} with "
+                             f"shape {indices.shape}. Got {data.dtype} {data.shape} instead.")
+        self.indptr, self.indices, self.data = indptr, indices, data
+        self.grad_data = None
+        self.topology_version += 1
+
+    def forward(self, x: Any) -> Any:
+        """x (in_features, batch) -> y = W x + b, (out_features, batch)."""
+        _check_input(x, self.in_features, self.dtype, self.backend, type(self).__name__)
+        self._x = x
+        y = kernels.spmm(self.indptr, self.indices, self.data, x, check=False)
+        y += self.bias[:, None]
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        """dy (out_features, batch) -> dx (in_features, batch).
+
+        Sets ``grad_data`` (the SDDMM ``dy x^T`` at the active entries only)
+        and ``grad_bias`` (``dy`` summed over the batch).
+        """
+        if self._x is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
+        dy = self.backend.xp.ascontiguousarray(dy)
+        self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
+        self.grad_bias = dy.sum(axis=1)
+        return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
+                              check=False)
+
+    def to_dense(self) -> numpy.ndarray:
+        """The weight matrix as a dense NumPy array (out, in). For tests and small layers."""
+        dense = numpy.zeros(self.shape, dtype=self.dtype)
+        indptr, indices = to_numpy(self.indptr), to_numpy(self.indices)
+        rows = numpy.repeat(numpy.arange(self.out_features), numpy.diff(indptr))
+        dense[rows, indices] = to_numpy(self.data)
+        return dense
+
+    def __repr__(self) -> str:
+        return (f"SparseLinear({self.in_features}, {self.out_features}, nnz={self.nnz}, "
+                f"dtype={self.dtype.name}, device={self.backend.name!r})")
+
+
+class Linear(Layer):
+    """Dense fully connected layer ``y = W x + b``, W of shape (out, in).
+
+    Same parameters as :class:`SparseLinear` without ``density``.
+
+    Attributes
+    ----------
+    weight : (out_features, in_features) float
+    bias : (out_features,) float
+    grad_weight, grad_bias : gradients of the last ``backward``, or None
+    """
+
+    param_names = ("weight", "bias")
+
+    def __init__(self, in_features: int, out_features: int, *,
+                 seed: int | numpy.random.Generator = 0, dtype: str = "float32",
+                 device: str | Backend | None = "auto", init: str = "paper") -> None:
+        owner = type(self).__name__
+        self.in_features = check_int(in_features, "in_features", owner, low=1)
+        self.out_features = check_int(out_features, "out_features", owner, low=1)
+        self.init = check_choice(init, "init", owner, _init.INITS)
+        self.dtype = resolve_dtype(dtype, owner)
+        self.backend = get_backend(device)
+        rng = _as_generator(seed, owner)
+        k = self.in_features
+        weight = _init.uniform(rng, (self.out_features, k), _init.weight_bound(k, self.init),
+                               self.dtype)
+        bias = _init.uniform(rng, self.out_features, _init.bias_bound(k), self.dtype)
+        xp = self.backend.xp
+        self.weight, self.bias = xp.asarray(weight), xp.asarray(bias)
+        self.grad_weight: Any = None
+        self.grad_bias: Any = None
+        self._x: Any = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.weight.size)
+
+    def forward(self, x: Any) -> Any:
+        """x (in_features, batch) -> W x + b, (out_features, batch)."""
+        _check_input(x, self.in_features, self.dtype, self.backend, type(self).__name__)
+        self._x = x
+        y = self.weight @ x
+        y += self.bias[:, None]
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        """dy (out_features, batch) -> dx (in_features, batch); sets the gradients."""
+        if self._x is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
+        self.grad_weight = dy @ self._x.T
+        self.grad_bias = dy.sum(axis=1)
+        return self.weight.T @ dy
+
+    def to_dense(self) -> numpy.ndarray:
+        return to_numpy(self.weight).copy()
+
+    def __repr__(self) -> str:
+        return (f"Linear({self.in_features}, {self.out_features}, dtype={self.dtype.name}, "
+                f"device={self.backend.name!r})")
+
+
+class ReLU:
+    """max(x, 0); the derivative is taken from the forward output."""
+
+    def forward(self, x: Any) -> Any:
+        xp = get_backend_of(x)
+        self._y = xp.maximum(x, 0)
+        return self._y
+
+    def backward(self, dy: Any) -> Any:
+        return dy * (self._y > 0)
+
+
+class Sigmoid:
+    """1 / (1 + exp(-x)), overflow-free; derivative y (1 - y) from the output."""
+
+    def forward(self, x: Any) -> Any:
+        xp = get_backend_of(x)
+        e = xp.exp(-xp.abs(x))  # in (0, 1]: never overflows
+        self._y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        return self._y
+
+    def backward(self, dy: Any) -> Any:
+        return dy * self._y * (1 - self._y)
+
+
+def get_backend_of(x: Any) -> Any:
+    from .backend import backend_of
+
+    return backend_of(x).xp
+
+
+ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}

@@ -1,0 +1,105 @@
+"""Losses computed from logits, numerically stable, each returning (loss, grad).
+
+Both take batch-major logits (``(batch, classes)`` or ``(batch,)``), as
+:meth:`cupynn.MLP.forward` returns them, and give the mean loss over the batch
+as a 0-d array on the logits' device (``float(loss)`` reads it) together with
+the gradient of that mean with respect to the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import backend_of, to_numpy
+
+
+def _check_batch(logits: Any, labels: Any, owner: str) -> None:
+    if getattr(labels, "ndim", None) != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"The 'labels' argument of {owner} must have shape ({logits.shape[0]},). "
+                         f"Got {getattr(labels, 'shape', type(labels).__name__)} instead.")
+    if logits.dtype.kind != "f":
+        raise TypeError(f"The 'logits' argument of {owner} must be a float array. "
+                        f"Got {logits.dtype} instead.")
+
+
+def cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any, Any]:
+    """Softmax cross-entropy.
+
+    Parameters
+    ----------
+    logits : (batch, classes) float
+    labels : (batch,) int, values in [0, classes)
+    check : bool
+        Check the labels' range (one reduction; ``fit`` checks all labels once
+        up front and passes False).
+
+    Returns
+    -------
+    loss : 0-d array, mean over the batch of ``logsumexp(z) - z[label]``
+    grad : (batch, classes), ``(softmax(z) - onehot(label)) / batch``
+    """
+    owner = "cross_entropy"
+    if getattr(logits, "ndim", None) != 2:
+        raise ValueError(f"The 'logits' argument of {owner} must have shape (batch, classes). "
+                         f"Got {getattr(logits, 'shape', type(logits).__name__)} instead.")
+    _check_batch(logits, labels, owner)
+    xp = backend_of(logits).xp
+    labels = xp.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"The 'labels' argument of {owner} must be integers. Got {labels.dtype}.")
+    n, classes = logits.shape
+    if check and n:
+        lo, hi = to_numpy(xp.stack([labels.min(), labels.max()]).astype("int64"))
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"The 'labels' argument of {owner} must be in [0, {classes}). "
+                             f"Got values in [{lo}, {hi}] instead.")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = xp.arange(n)
+    loss = (xp.log(total[:, 0]) - shifted[rows, labels]).mean()
+    grad = exp / total
+    grad[rows, labels] -= 1
+    grad /= n
+    return loss, grad
+
+
+def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any, Any]:
+    """Binary cross-entropy of ``sigmoid(z)`` computed from the logits ``z``.
+
+    loss = mean(softplus(z) - y z) = mean(max(z, 0) - y z + log1p(exp(-|z|))),
+    which never overflows; grad = (sigmoid(z) - y) / batch.
+
+    Parameters
+    ----------
+    logits : (batch,) or (batch, 1) float
+    labels : (batch,) with values in [0, 1] (0/1 targets, or soft targets)
+    check : bool
+        Check the labels' range (one reduction).
+
+    Returns
+    -------
+    loss : 0-d array
+    grad : array of the logits' shape
+    """
+    owner = "binary_cross_entropy"
+    if getattr(logits, "ndim", None) not in (1, 2) or (logits.ndim == 2 and logits.shape[1] != 1):
+        raise ValueError(f"The 'logits' argument of {owner} must have shape (batch,) or (batch, 1). "
+                         f"Got {getattr(logits, 'shape', type(logits).__name__)} instead.")
+    _check_batch(logits, labels, owner)
+    xp = backend_of(logits).xp
+    z = logits.reshape(-1)
+    y = xp.asarray(labels).astype(z.dtype, copy=False)
+    if check and z.size:
+        lo, hi = to_numpy(xp.stack([y.min(), y.max()]))
+        if not (0 <= lo and hi <= 1):
+            raise ValueError(f"The 'labels' argument of {owner} must be in [0, 1]. "
+                             f"Got values in [{lo}, {hi}] instead.")
+    e = xp.exp(-xp.abs(z))  # in (0, 1]
+    loss = (xp.maximum(z, 0) - y * z + xp.log1p(e)).mean()
+    sigmoid = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    grad = (sigmoid - y) / z.shape[0]
+    return loss, grad.reshape(logits.shape)
+
+
+LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy}

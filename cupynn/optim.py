@@ -1,0 +1,127 @@
+"""Adam, hand-written, with moments aligned to each layer's parameter arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import kernels
+from .csr import match_entries
+from .layers import Layer, SparseLinear
+from .validation import check_real
+
+
+class Adam:
+    """Adam (Kingma & Ba) with bias correction.
+
+    At step ``t``, for every parameter ``p`` with gradient ``g``::
+
+        m <- b1 m + (1 - b1) g
+        v <- b2 v + (1 - b2) g**2
+        p <- p - lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)
+
+    One fused kernel per parameter array (``kernels/adam.cu`` on the GPU, its
+    Numba twin on the CPU). The moments of a sparse layer are flat arrays
+    aligned with its CSR ``data``; when redistribution changes a layer's
+    topology, :meth:`remap` carries the moments of kept entries over and starts
+    new entries at zero.
+
+    Parameters
+    ----------
+    model : MLP (or any object with a ``layers`` list of :class:`Layer`)
+    lr : float > 0
+    betas : (float, float), each in [0, 1)
+    eps : float > 0, representable in the model's dtype
+    """
+
+    def __init__(self, model: Any, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        owner = "Adam"
+        self.lr = check_real(lr, "lr", owner, 0.0, None, closed="neither")
+        if not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"The 'betas' parameter of {owner} must be a pair of floats. "
+                             f"Got {betas!r} instead.")
+        self.betas = tuple(check_real(b, "betas", owner, 0.0, 1.0, closed="left") for b in betas)
+        self.eps = check_real(eps, "eps", owner, 0.0, None, closed="neither")
+        self.model = model
+        self.layers: list[Layer] = list(model.layers)
+        dtypes = {layer.dtype for layer in self.layers}
+        for dtype in dtypes:
+            if dtype.type(self.eps) == 0:
+                raise ValueError(f"The 'eps' parameter of {owner} underflows to 0 in {dtype}. "
+                                 f"Got {eps!r} instead.")
+        self.t = 0
+        # state[layer index][name] = (m, v), flat arrays on the layer's device.
+        self.state: list[dict[str, tuple[Any, Any]]] = []
+        for layer in self.layers:
+            xp = layer.backend.xp
+            self.state.append({
+                name: (xp.zeros(value.size, dtype=value.dtype), xp.zeros(value.size, dtype=value.dtype))
+                for name, value, _ in layer.parameters()
+            })
+
+    def step(self) -> None:
+        """Apply one update from the gradients of the last backward pass."""
+        self.t += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.t
+        bc2 = 1.0 - b2 ** self.t
+        for index, layer in enumerate(self.layers):
+            for name, value, grad in layer.parameters():
+                if grad is None:
+                    raise RuntimeError(f"Adam.step: layer {index} has no gradient for {name!r}; "
+                                       f"call model.backward first.")
+                m, v = self.state[index][name]
+                if m.shape[0] != value.size:
+                    raise RuntimeError(f"Adam.step: the moments of layer {index} {name!r} have "
+                                       f"{m.shape[0]} entries for {value.size} values; the "
+                                       f"topology changed without Adam.remap.")
+                kernels.adam(value.reshape(-1), grad.reshape(-1), m, v, lr=self.lr, b1=b1, b2=b2,
+                             eps=self.eps, bc1=bc1, bc2=bc2)
+
+    def remap(self, layer: SparseLinear | int, mapping: Any) -> None:
+        """Re-align a sparse layer's ``data`` moments with a new topology.
+
+        Parameters
+        ----------
+        layer : SparseLinear or its index in ``model.layers``
+        mapping : (new_nnz,) int array
+            For each entry of the new ``data``, its position in the old one,
+            or -1 for a new entry (its moments start at 0).
+        """
+        index = layer if isinstance(layer, int) else self._index(layer)
+        target = self.layers[index]
+        xp = target.backend.xp
+        mapping = xp.asarray(mapping)
+        if mapping.shape != (target.nnz,):
+            raise ValueError(f"Adam.remap: mapping must have shape ({target.nnz},) (the layer's new "
+                             f"nnz). Got {mapping.shape} instead.")
+        kept = mapping >= 0
+        safe = xp.where(kept, mapping, 0)
+        m, v = self.state[index]["data"]
+        if m.shape[0] == 0:
+            new = (xp.zeros(target.nnz, dtype=m.dtype), xp.zeros(target.nnz, dtype=v.dtype))
+        else:
+            new = tuple(xp.where(kept, moment[safe], 0).astype(moment.dtype) for moment in (m, v))
+        self.state[index]["data"] = new
+
+    def remap_from_pattern(self, layer: SparseLinear, old_indptr: Any, old_indices: Any) -> Any:
+        """:meth:`remap` by matching the layer's new CSR pattern with its old one.
+
+        Returns the mapping used (new entry -> old position or -1).
+        """
+        mapping = match_entries(old_indptr, old_indices, layer.indptr, layer.indices,
+                                layer.in_features)
+        self.remap(layer, mapping)
+        return mapping
+
+    def _index(self, layer: Layer) -> int:
+        for i, candidate in enumerate(self.layers):
+            if candidate is layer:
+                return i
+        raise ValueError("Adam.remap: the layer is not one of this optimizer's model layers.")
+
+    def moments(self, layer: Layer | int, name: str) -> tuple[Any, Any]:
+        """The (m, v) arrays of a parameter, flat."""
+        index = layer if isinstance(layer, int) else self._index(layer)
+        return self.state[index][name]

@@ -1,0 +1,205 @@
+"""The training loop: seeded shuffles, mini-batches on the device, evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy
+
+from .backend import to_numpy
+from .losses import LOSSES
+from .validation import check_choice, check_finite, check_int
+
+EVAL_BATCH = 8192
+
+
+def _check_dataset(model: Any, data: Any, loss: str, name: str) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Validate an (x, y) pair of host arrays against the model and loss."""
+    owner = "fit"
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError(f"The {name!r} argument of {owner} must be a pair (x, y). "
+                         f"Got {type(data).__name__} instead.")
+    x, y = (numpy.asarray(to_numpy(a)) for a in data)
+    if x.ndim != 2 or x.shape[1] != model.sizes[0]:
+        raise ValueError(f"The {name!r} inputs of {owner} must have shape (n, {model.sizes[0]}). "
+                         f"Got {x.shape} instead.")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"The {name!r} labels of {owner} must have shape ({x.shape[0]},). "
+                         f"Got {y.shape} instead.")
+    if x.shape[0] == 0:
+        raise ValueError(f"The {name!r} data of {owner} is empty.")
+    if x.dtype.kind not in "fiub":
+        raise TypeError(f"The {name!r} inputs of {owner} must be numeric. Got {x.dtype} instead.")
+    check_finite(x, f"{name} x", owner)
+    if loss == "cross_entropy":
+        classes = model.sizes[-1]
+        if y.dtype.kind == "f" and numpy.all(numpy.isfinite(y)) and numpy.all(y == numpy.round(y)):
+            y = y.astype(numpy.int64)
+        if y.dtype.kind not in "iu":
+            raise TypeError(f"The {name!r} labels of {owner} must be integer class indices for "
+                            f"cross_entropy. Got {y.dtype} instead.")
+        if y.min() < 0 or y.max() >= classes:
+            raise ValueError(f"The {name!r} labels of {owner} must be in [0, {classes}) for a model "
+                             f"with {classes} outputs. Got values in [{y.min()}, {y.max()}] instead.")
+    else:
+        if model.sizes[-1] != 1:
+            raise ValueError(f"binary_cross_entropy needs a model with one output. "
+                             f"Got {model.sizes[-1]} outputs instead.")
+        check_finite(y.astype(numpy.float64), f"{name} y", owner)
+        if y.min() < 0 or y.max() > 1:
+            raise ValueError(f"The {name!r} labels of {owner} must be in [0, 1] for "
+                             f"binary_cross_entropy. Got values in [{y.min()}, {y.max()}] instead.")
+    return x, y
+
+
+def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
+             batch_size: int = EVAL_BATCH) -> dict[str, float]:
+    """Mean loss, accuracy and (for binary tasks) ROC AUC on a dataset.
+
+    Parameters
+    ----------
+    x : (n, sizes[0]) host array
+    y : (n,) labels
+    loss : {"cross_entropy", "binary_cross_entropy"}
+
+    Returns
+    -------
+    dict with ``loss``, ``accuracy`` and, for binary tasks, ``auc`` (NaN when
+    ``y`` holds one class only).
+    """
+    check_choice(loss, "loss", "evaluate", tuple(LOSSES))
+    x, y = _check_dataset(model, (x, y), loss, "test")
+    loss_fn = LOSSES[loss]
+    backend = model.backend
+    total, correct, scores = 0.0, 0, []
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        logits = model.forward(xb)
+        yd = backend.asarray(yb)
+        value, _ = loss_fn(logits, yd, check=False)
+        total += float(value) * len(yb)
+        if loss == "cross_entropy":
+            correct += int((logits.argmax(axis=1) == yd).sum())
+        else:
+            z = logits.reshape(-1)
+            correct += int(((z > 0) == (yd > 0.5)).sum())
+            scores.append(to_numpy(z))
+    n = x.shape[0]
+    result = {"loss": total / n, "accuracy": correct / n}
+    if loss == "binary_cross_entropy":
+        from sklearn.metrics import roc_auc_score
+
+        labels = y > 0.5
+        result["auc"] = (float(roc_auc_score(labels, numpy.concatenate(scores)))
+                         if 0 < labels.sum() < n else float("nan"))
+    return result
+
+
+def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any] | None = None,
+        *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
+        progress: bool = True, eval_batch_size: int = EVAL_BATCH,
+        on_epoch_end: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+    """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
+
+    Each epoch visits the training rows in a fresh permutation drawn from a
+    generator seeded by ``seed`` (so runs repeat exactly), in mini-batches of
+    ``batch_size`` (the last may be smaller) moved to the model's device.
+
+    Parameters
+    ----------
+    model : MLP
+    optimizer : Adam
+    train, test : (x, y) pairs of host (NumPy) or device arrays
+        x is (n, sizes[0]); y holds class indices (cross_entropy) or 0/1
+        targets (binary_cross_entropy). Both are checked up front.
+    epochs, batch_size : int >= 1
+    loss : {"cross_entropy", "binary_cross_entropy"}
+    seed : int >= 0
+    progress : bool
+        tqdm bars for epochs and batches.
+    on_epoch_end : callable, optional
+        Called with each epoch's metrics dict; returning False stops training.
+
+    Returns
+    -------
+    list of dict, one per epoch: ``epoch`` (1-based), ``train_loss`` (mean of
+    the batch losses), ``train_seconds``, ``n_batches``, ``nnz`` (per layer)
+    and, with ``test``, ``test_loss``, ``test_accuracy``, ``eval_seconds``
+    (and ``test_auc`` for binary_cross_entropy).
+
+    Raises
+    ------
+    FloatingPointError
+        When a batch loss is NaN or infinite; names the epoch and batch.
+    """
+    owner = "fit"
+    check_choice(loss, "loss", owner, tuple(LOSSES))
+    epochs = check_int(epochs, "epochs", owner, low=1)
+    batch_size = check_int(batch_size, "batch_size", owner, low=1)
+    seed = check_int(seed, "seed", owner, low=0)
+    eval_batch_size = check_int(eval_batch_size, "eval_batch_size", owner, low=1)
+    if getattr(optimizer, "model", model) is not model:
+        raise ValueError("The optimizer of fit was built for another model.")
+    x_train, y_train = _check_dataset(model, train, loss, "train")
+    if test is not None:
+        x_test, y_test = _check_dataset(model, test, loss, "test")
+
+    from tqdm.auto import tqdm
+
+    loss_fn = LOSSES[loss]
+    backend = model.backend
+    xp = backend.xp
+    rng = numpy.random.default_rng(seed)
+    n = x_train.shape[0]
+    n_batches = -(-n // batch_size)
+    history: list[dict[str, Any]] = []
+    epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, unit="epoch")
+    for epoch in epoch_bar:
+        order = rng.permutation(n)
+        batch_losses = xp.empty(n_batches, dtype=numpy.float64)
+        backend.synchronize()
+        start = time.perf_counter()
+        batch_bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False,
+                         disable=not progress, unit="batch")
+        for b in batch_bar:
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            xb = backend.asarray(x_train[idx], dtype=model.dtype)
+            yb = backend.asarray(y_train[idx])
+            logits = model.forward(xb)
+            value, grad = loss_fn(logits, yb, check=False)
+            model.backward(grad)
+            optimizer.step()
+            batch_losses[b] = value
+            if progress and b % 50 == 0:
+                batch_bar.set_postfix(loss=f"{float(value):.4f}")
+        host_losses = to_numpy(batch_losses)  # one sync per epoch
+        backend.synchronize()
+        train_seconds = time.perf_counter() - start
+        bad = numpy.flatnonzero(~numpy.isfinite(host_losses))
+        if bad.size:
+            raise FloatingPointError(
+                f"The training loss became {host_losses[bad[0]]} at epoch {epoch}, batch "
+                f"{int(bad[0]) + 1} of {n_batches}. Try a smaller learning rate.")
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(host_losses.mean()),
+            "train_seconds": train_seconds,
+            "n_batches": n_batches,
+            "nnz": model.nnz,
+        }
+        if test is not None:
+            start = time.perf_counter()
+            result = evaluate(model, x_test, y_test, loss, eval_batch_size)
+            metrics["test_loss"] = result["loss"]
+            metrics["test_accuracy"] = result["accuracy"]
+            if "auc" in result:
+                metrics["test_auc"] = result["auc"]
+            metrics["eval_seconds"] = time.perf_counter() - start
+        history.append(metrics)
+        epoch_bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("train_loss", "test_accuracy")
+                               if k in metrics})
+        if on_epoch_end is not None and on_epoch_end(metrics) is False:
+            break
+    return history
