@@ -22,7 +22,7 @@ def check_real(value: Any, name: str, owner: str, low: float | None = None,
     """
     lo_br = "[" if closed in ("both", "left") else "("
     hi_br = "]" if closed in ("both", "right") else ")"
-    interval = f"{lo_br}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_br}"
+    interval = f"{lo_br}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi_br}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(value):
         raise ValueError(f"The {name!r} parameter of {owner} must be a real number in {interval}. "
                          f"Got {value!r} instead.")
