@@ -1,0 +1,7 @@
+"""CPU emulation of CUDA kernels for the tests: see :mod:`.emulate` and ``cuda_host.h``."""
+
+from .emulate import (HEADER, HostCompileError, HostCompilerMissing, compile_cu, host_compiler,
+                      launch, pointer)
+
+__all__ = ["HEADER", "HostCompileError", "HostCompilerMissing", "compile_cu", "host_compiler",
+           "launch", "pointer"]

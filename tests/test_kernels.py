@@ -1,0 +1,765 @@
+"""Tests of the sparse kernels against their NumPy twins.
+
+Every custom CUDA kernel (``cupynn/kernels/*.cu``) has a NumPy twin in
+:mod:`cupynn.kernels.numpy_twins`. Here each implementation is compared with
+its twin on the same cases (empty rows, an all-empty matrix, batch 1, more
+nonzeros than threads, a larger random matrix):
+
+1. the CUDA sources compile for the GPU (nvcc, else NVRTC through CuPy);
+2. the CUDA sources compile as host C++ (``tests/cuda_host/cuda_host.h``) and
+   their kernels, run on the CPU one (block, thread) at a time, match the
+   twins -- so the CUDA code itself is checked on machines without a GPU;
+3. the Numba CPU kernels, through the public dispatchers, match the twins;
+4. the dispatchers reject bad input with the documented errors;
+5. with a working GPU, the CUDA kernels through the dispatchers match the twins.
+
+Where a toolchain is missing, its tests skip with the reason, except under
+``CI=true``, where they fail: CI must run them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+import pytest
+
+import cupynn
+from cupynn import kernels
+from cupynn.backend import get_backend, to_numpy
+from cupynn.kernels import CUDA_SOURCES, THREADS_PER_BLOCK, numpy_twins as twins
+
+try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
+    from cuda_host import HostCompileError, HostCompilerMissing, compile_cu, launch, pointer
+except ModuleNotFoundError:  # tests/ became a package
+    from tests.cuda_host import HostCompileError, HostCompilerMissing, compile_cu, launch, pointer
+
+DTYPES = [numpy.float32, numpy.float64]
+# Relative to the same sum taken over absolute values (see assert_close).
+RTOL = {numpy.float32: 1e-5, numpy.float64: 1e-12}
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+gpu = pytest.mark.skipif(
+    not cupynn.gpu_available(),
+    reason="needs a CUDA GPU that runs kernels (cupynn.gpu_available() is False)")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose toolchain is missing; fail instead under CI=true."""
+    if IN_CI:
+        pytest.fail(f"{reason} CI=true, so this test must run.")
+    pytest.skip(reason)
+
+
+def kernel_names(source: Path) -> list[str]:
+    """The ``extern "C" __global__`` kernels a ``.cu`` file defines."""
+    return re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)', source.read_text())
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """A CSR pattern with dense operands: (n_rows, n_cols) weights, ``batch`` samples.
+
+    Rows in ``empty_rows`` have no nonzeros; every other row has at least one.
+    """
+
+    name: str
+    n_rows: int
+    n_cols: int
+    batch: int
+    density: float
+    empty_rows: tuple[int, ...] = ()
+    seed: int = 0
+
+    def arrays(self, dtype: type) -> dict[str, numpy.ndarray]:
+        rng = numpy.random.default_rng(self.seed)
+        indptr = [0]
+        columns = []
+        for r in range(self.n_rows):
+            count = 0 if r in self.empty_rows else max(1, rng.binomial(self.n_cols, self.density))
+            columns.append(numpy.sort(rng.choice(self.n_cols, size=count, replace=False)))
+            indptr.append(indptr[-1] + count)
+        indices = numpy.concatenate(columns) if columns else numpy.empty(0)
+        nnz = indptr[-1]
+        return {
+            "indptr": numpy.asarray(indptr, dtype=numpy.int32),
+            "indices": indices.astype(numpy.int32),
+            "data": rng.standard_normal(nnz).astype(dtype),
+            "dy": rng.standard_normal((self.n_rows, self.batch)).astype(dtype),
+            "x": rng.standard_normal((self.n_cols, self.batch)).astype(dtype),
+        }
+
+
+CASES = [
+    # Empty rows first, in the middle and last, two of them in a row at each end.
+    Case("empty_rows", 9, 11, 5, 0.4, empty_rows=(0, 1, 4, 7, 8)),
+    Case("all_empty", 6, 7, 3, 0.5, empty_rows=tuple(range(6))),
+    Case("no_rows", 0, 5, 4, 0.5),
+    Case("batch_1", 12, 10, 1, 0.3, empty_rows=(5,)),
+    Case("batch_0", 5, 6, 0, 0.5, empty_rows=(2,)),
+    Case("one_row", 1, 20, 4, 0.5),
+    Case("one_column", 8, 1, 3, 1.0, empty_rows=(2, 5)),
+    # nnz > 2 * THREADS_PER_BLOCK: strides with max_blocks=2 on the GPU and
+    # with the emulated grid=2, block=32 (about 13 nonzeros per thread).
+    Case("grid_stride", 40, 60, 7, 0.35, empty_rows=(0, 20, 39)),
+    Case("large", 300, 500, 37, 0.05, empty_rows=(0, 150, 299)),
+]
+case_params = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+dtype_params = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+
+
+def test_cases_cover_what_they_claim():
+    grid_stride = next(c for c in CASES if c.name == "grid_stride").arrays(numpy.float64)
+    assert len(grid_stride["indices"]) > 2 * THREADS_PER_BLOCK
+    empty = next(c for c in CASES if c.name == "empty_rows").arrays(numpy.float64)
+    counts = numpy.diff(empty["indptr"])
+    assert list(numpy.flatnonzero(counts == 0)) == [0, 1, 4, 7, 8]
+    all_empty = next(c for c in CASES if c.name == "all_empty").arrays(numpy.float64)
+    assert len(all_empty["indices"]) == 0
+
+
+def assert_close(actual, expected: numpy.ndarray, bound: numpy.ndarray, dtype: type,
+                 extra: numpy.ndarray | float = 0.0) -> None:
+    """Check ``|actual - expected| <= rtol * bound + extra`` entrywise.
+
+    ``bound`` is the same sum of products taken over absolute values, the scale
+    of the rounding error of any summation order (plain relative tolerance
+    fails where a sum cancels to nearly zero). ``extra`` is a known, explained
+    difference between the two computations (see ``adam_reference``).
+    """
+    actual = to_numpy(actual)
+    assert actual.dtype == expected.dtype == numpy.dtype(dtype)
+    assert actual.shape == expected.shape
+    err = numpy.abs(actual.astype(numpy.float64) - expected)
+    tol = RTOL[dtype] * bound.astype(numpy.float64) + extra + numpy.finfo(dtype).tiny
+    tol = numpy.broadcast_to(tol, err.shape)
+    bad = ~(err <= tol)  # NaN (an entry never written) counts as a difference
+    if bad.any():
+        excess = numpy.where(numpy.isnan(err), numpy.inf, err - tol)
+        worst = numpy.unravel_index(numpy.argmax(excess), err.shape)
+        pytest.fail(f"{int(bad.sum())} of {bad.size} entries differ; the worst, at "
+                    f"{tuple(int(i) for i in worst)}, is {float(actual[worst])!r} for "
+                    f"{float(expected[worst])!r} (tolerance {float(tol[worst]):.3g})")
+
+
+def sddmm_reference(a: dict) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Twin result and its error scale for the SDDMM of case arrays ``a``."""
+    expected = twins.sddmm(a["indptr"], a["indices"], a["dy"], a["x"])
+    bound = twins.sddmm(a["indptr"], a["indices"], numpy.abs(a["dy"]), numpy.abs(a["x"]))
+    return expected, bound
+
+
+ADAM = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def adam_state(n: int, dtype: type, seed: int = 1) -> dict[str, numpy.ndarray]:
+    rng = numpy.random.default_rng(seed)
+    g = rng.standard_normal(n).astype(dtype)
+    g[::7] = 0  # a zero gradient leaves m and v decaying
+    return {"p": rng.standard_normal(n).astype(dtype), "g": g,
+            "m": (0.1 * rng.standard_normal(n)).astype(dtype),
+            "v": (0.01 * rng.random(n)).astype(dtype)}
+
+
+def adam_hyper(step: int) -> dict[str, float]:
+    return dict(ADAM, bc1=1 - ADAM["b1"] ** step, bc2=1 - ADAM["b2"] ** step)
+
+
+def one_minus_gap(b: float, dtype: type) -> float:
+    """|fl(1 - b) - (1 - fl(b))| in ``dtype``: the twin's decay complement vs the kernels'.
+
+    The twin rounds ``1 - b`` computed in double; the kernels get ``b`` rounded
+    to ``dtype`` and subtract there. In float32 that moves ``1 - b2`` (b2=0.999)
+    by 1.3e-5 relative, more than RTOL, so the Adam checks allow exactly this
+    gap on the terms it multiplies. In float64 it is 0.
+    """
+    t = numpy.dtype(dtype).type
+    return abs(float(t(1 - b)) - float(t(1) - t(b)))
+
+
+def adam_reference(s: dict, step: int) -> dict[str, numpy.ndarray]:
+    """Twin's (p, m, v) after one step from state ``s``, with error scales."""
+    p, m, v = s["p"].copy(), s["m"].copy(), s["v"].copy()
+    twins.adam(p, s["g"], m, v, **adam_hyper(step))
+    b1, b2 = ADAM["b1"], ADAM["b2"]
+    g = s["g"].astype(numpy.float64)
+    v_extra = one_minus_gap(b2, p.dtype) * g * g
+    # v enters p through sqrt(v): a relative change r of v moves the update by r / 2.
+    p_extra = 0.5 * v_extra / numpy.maximum(numpy.abs(v), numpy.finfo(p.dtype).tiny) \
+        * numpy.abs(s["p"] - p)
+    return {"p": p, "m": m, "v": v,
+            "p_bound": numpy.abs(s["p"]) + numpy.abs(s["p"] - p),
+            "m_bound": b1 * numpy.abs(s["m"]) + (1 - b1) * numpy.abs(s["g"]),
+            "v_bound": numpy.abs(v),
+            "m_extra": one_minus_gap(b1, p.dtype) * numpy.abs(g),
+            "v_extra": v_extra, "p_extra": p_extra}
+
+
+def assert_adam_step(p, m, v, ref: dict, dtype: type) -> None:
+    assert_close(m, ref["m"], ref["m_bound"], dtype, ref["m_extra"])
+    assert_close(v, ref["v"], ref["v_bound"], dtype, ref["v_extra"])
+    assert_close(p, ref["p"], ref["p_bound"], dtype, ref["p_extra"])
+
+
+def test_adam_twin_gap_is_small_and_float32_only():
+    assert one_minus_gap(ADAM["b2"], numpy.float64) == 0.0
+    assert one_minus_gap(ADAM["b1"], numpy.float64) == 0.0
+    assert 0 < one_minus_gap(ADAM["b2"], numpy.float32) / (1 - ADAM["b2"]) < 2e-5
+
+
+ADAM_SIZES = [0, 1, 7, 1000]
+STEPS = (1, 2, 10)  # bias corrections of the first steps and a later one
+
+# ------------------------------------------------------------ 1. GPU compilation
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_arch(nvcc: str) -> str:
+    """sm_70 (Volta, the oldest GPU targeted) or, where dropped, the oldest left."""
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True)
+    archs = [int(a) for a in re.findall(r"compute_(\d+)", listed.stdout)]
+    return f"sm_{70 if not archs or 70 in archs else min(archs)}"
+
+
+def nvrtc_ptx(source: Path) -> str:
+    """PTX of ``source`` from NVRTC (through CuPy's bindings), as cupynn compiles it."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # no CuPy, or no libnvrtc
+        skip_or_fail("nvcc is not on PATH and NVRTC cannot be loaded through CuPy "
+                     f"({type(exc).__name__}: {exc}).")
+    supported = getattr(nvrtc, "getSupportedArchs", lambda: (70,))
+    archs = [int(a) for a in supported()]
+    arch = 70 if 70 in archs else min(archs)
+    program = nvrtc.createProgram(source.read_text(), source.name, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(program, ("--std=c++14", f"-arch=compute_{arch}"))
+        except nvrtc.NVRTCError:
+            pytest.fail(f"NVRTC rejects {source.name}:\n{nvrtc.getProgramLog(program)}")
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+
+def test_cuda_sources_are_found():
+    names = {p.name for p in CUDA_SOURCES}
+    assert {"sddmm.cu", "adam.cu"} <= names
+    for source in CUDA_SOURCES:
+        assert kernel_names(source), f"{source.name} defines no extern \"C\" __global__ kernel"
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_cuda_source_compiles_for_gpu(source, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        ptx_path = tmp_path / f"{source.stem}.ptx"
+        cmd = [nvcc, "--ptx", f"-arch={nvcc_arch(nvcc)}", "--std=c++14", str(source),
+               "-o", str(ptx_path)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}{result.stderr}"
+        ptx = ptx_path.read_text()
+    else:
+        ptx = nvrtc_ptx(source)
+    for name in kernel_names(source):
+        assert re.search(rf"\.entry\s+{name}\s*\(", ptx), f"no PTX entry for {name}"
+
+
+# ------------------------------------------------- 2. CUDA kernels emulated on the CPU
+
+
+def host_library(source: str | Path) -> ctypes.CDLL:
+    """``source`` (a path, or a file name in cupynn/kernels) built for the CPU."""
+    try:
+        return compile_cu(kernels.KERNEL_DIR / source)
+    except HostCompilerMissing as exc:
+        skip_or_fail(str(exc))
+
+
+# Launch configurations: the one the dispatcher uses, a small grid that makes
+# every thread loop, and a single thread that does all the work.
+LAUNCHES = {
+    "dispatcher_grid": None,
+    "grid2_block32": ((2,), (32,)),
+    "one_thread": ((1,), (1,)),
+}
+launch_params = pytest.mark.parametrize("config", list(LAUNCHES), ids=str)
+
+
+def grid_and_block(config: str, n: int) -> tuple[tuple[int], tuple[int]]:
+    if LAUNCHES[config] is None:
+        return kernels._grid(n, None), (THREADS_PER_BLOCK,)
+    return LAUNCHES[config]
+
+
+GUARD = 5  # NaN cells after each output: a kernel must not write past n
+
+
+def guarded(values: numpy.ndarray) -> numpy.ndarray:
+    out = numpy.full(len(values) + GUARD, numpy.nan, dtype=values.dtype)
+    out[:len(values)] = values
+    return out
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_cuda_source_compiles_as_host_cpp(source):
+    lib = host_library(source)
+    for name in kernel_names(source):
+        assert hasattr(lib, name), f"{source.name} built for the CPU lacks {name}"
+
+
+EMULATED_FAMILIES = ("sddmm", "adam", "fisher_update", "packed_matvec")
+
+
+def test_every_kernel_is_emulated_in_these_tests():
+    """A new kernel needs a NumPy twin and emulation tests here before it is trusted."""
+    defined = {name for source in CUDA_SOURCES for name in kernel_names(source)}
+    families = {re.sub(r"_f(32|64)$", "", name) for name in defined}
+    untested = sorted(families - set(EMULATED_FAMILIES))
+    assert not untested, f"kernel families without CPU-emulation tests here: {untested}"
+    for family in families:
+        assert callable(getattr(twins, family, None)), f"kernel family {family} has no NumPy twin"
+        assert {f"{family}_f32", f"{family}_f64"} <= defined, f"{family} lacks a float variant"
+
+
+def test_host_header_rejects_block_cooperation(tmp_path):
+    source = tmp_path / "reduce.cu"
+    source.write_text(
+        'extern "C" __global__ void block_sum(const float* x, float* out) {\n'
+        "    __shared__ float tile[32];\n"
+        "    tile[threadIdx.x] = x[threadIdx.x];\n"
+        "    __syncthreads();\n"
+        "    if (threadIdx.x == 0) out[blockIdx.x] = tile[0] + tile[31];\n"
+        "}\n")
+    try:
+        compile_cu(source)
+    except HostCompilerMissing as exc:
+        skip_or_fail(str(exc))
+    except HostCompileError as exc:
+        message = str(exc)
+        assert "__shared__ needs threads that run together" in message
+        assert "__syncthreads needs threads that run together" in message
+    else:
+        pytest.fail("cuda_host.h let a kernel with __shared__ and __syncthreads compile")
+
+
+def test_launch_sets_every_thread_index(tmp_path):
+    source = tmp_path / "ids.cu"
+    source.write_text(
+        'extern "C" __global__ void ids(int* out, int n) {\n'
+        "    int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "    if (i < n) out[i] = 1000 * (int)gridDim.x + 100 * (int)blockDim.x + i;\n"
+        "}\n")
+    lib = host_library(source)
+    out = numpy.full(3 * 4 + 1, -1, dtype=numpy.int32)
+    launch(lib, "ids", (3,), 4, [pointer(numpy.int32), ctypes.c_int], [out, 12])
+    assert list(out[:12]) == [3400 + i for i in range(12)]
+    assert out[12] == -1
+    with pytest.raises(TypeError, match="takes c_int\\* but the array is float64"):
+        launch(lib, "ids", 1, 1, [pointer(numpy.int32), ctypes.c_int], [numpy.zeros(2), 2])
+    with pytest.raises(ValueError, match="1-D launches only"):
+        launch(lib, "ids", (2, 2), 1, [pointer(numpy.int32), ctypes.c_int], [out, 2])
+    with pytest.raises(AttributeError, match="no extern \"C\" kernel 'missing'"):
+        launch(lib, "missing", 1, 1, [], [])
+
+
+def sddmm_argtypes(dtype: type) -> list:
+    real = pointer(dtype)
+    return [pointer(numpy.int32), pointer(numpy.int32), real, real, real,
+            ctypes.c_int, ctypes.c_int, ctypes.c_int]
+
+
+@case_params
+@dtype_params
+@launch_params
+def test_emulated_sddmm_matches_twin(case, dtype, config):
+    lib = host_library("sddmm.cu")
+    a = case.arrays(dtype)
+    nnz = len(a["indices"])
+    out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
+    grid, block = grid_and_block(config, nnz)
+    suffix = "f32" if dtype == numpy.float32 else "f64"
+    launch(lib, f"sddmm_{suffix}", grid, block, sddmm_argtypes(dtype),
+           [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, nnz, case.batch])
+    expected, bound = sddmm_reference(a)
+    assert_close(out[:nnz], expected, bound, dtype)
+    assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+
+
+def adam_argtypes(dtype: type) -> list:
+    real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
+    return [pointer(dtype)] * 4 + [real] * 6 + [ctypes.c_longlong]
+
+
+@pytest.mark.parametrize("n", ADAM_SIZES)
+@dtype_params
+@launch_params
+def test_emulated_adam_matches_twin(n, dtype, config):
+    lib = host_library("adam.cu")
+    state = adam_state(n, dtype)
+    p, g, m, v = (guarded(state[k]) for k in "pgmv")
+    grid, block = grid_and_block(config, n)
+    suffix = "f32" if dtype == numpy.float32 else "f64"
+    for step in STEPS:
+        ref = adam_reference({"p": p[:n], "g": g[:n], "m": m[:n], "v": v[:n]}, step)
+        h = adam_hyper(step)
+        launch(lib, f"adam_{suffix}", grid, block, adam_argtypes(dtype),
+               [p, g, m, v, h["lr"], h["b1"], h["b2"], h["eps"], h["bc1"], h["bc2"], n])
+        assert_adam_step(p[:n], m[:n], v[:n], ref, dtype)
+        for buffer in (p, m, v):
+            assert numpy.isnan(buffer[n:]).all(), "the kernel wrote past n"
+
+
+# fisher.cu: a packed block-diagonal inverse Fisher. (n_blocks, B) pairs: B = 1
+# (P = 1), a few small blocks, and more blocks than the 64 threads of
+# grid2_block32 (fisher_update runs one thread per block).
+FISHER_SHAPES = [(1, 1), (5, 1), (1, 4), (5, 3), (70, 8)]
+fisher_params = pytest.mark.parametrize("n_blocks, block_size", FISHER_SHAPES,
+                                        ids=[f"{n}x{b}" for n, b in FISHER_SHAPES])
+
+
+def fisher_state(n_blocks: int, block_size: int, dtype: type, seed: int = 2) -> dict:
+    """Packed inverses of random SPD blocks (lambda I + Q Q^T / B), a gradient and a vector."""
+    rng = numpy.random.default_rng(seed)
+    q = rng.standard_normal((n_blocks, block_size, block_size))
+    blocks = 0.5 * numpy.eye(block_size) + q @ q.transpose(0, 2, 1) / block_size
+    n = n_blocks * block_size
+    return {"finv": twins.pack(numpy.linalg.inv(blocks)).astype(dtype),
+            "g": rng.standard_normal(n).astype(dtype), "v": rng.standard_normal(n).astype(dtype)}
+
+
+def packed_abs_matvec(finv: numpy.ndarray, v: numpy.ndarray, block_size: int) -> numpy.ndarray:
+    """|F| |v| blockwise, in float64: the error scale of F v."""
+    return twins.packed_matvec(numpy.abs(finv.astype(numpy.float64)),
+                               numpy.abs(v.astype(numpy.float64)), block_size)
+
+
+@fisher_params
+@dtype_params
+@launch_params
+def test_emulated_packed_matvec_matches_twin(n_blocks, block_size, dtype, config):
+    lib = host_library("fisher.cu")
+    s = fisher_state(n_blocks, block_size, dtype)
+    n = n_blocks * block_size
+    out = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
+    grid, block = grid_and_block(config, n)
+    suffix = "f32" if dtype == numpy.float32 else "f64"
+    launch(lib, f"packed_matvec_{suffix}", grid, block,
+           [pointer(dtype)] * 3 + [ctypes.c_int] * 2,
+           [s["finv"], s["v"], out, n_blocks, block_size])
+    expected = twins.packed_matvec(s["finv"], s["v"], block_size)
+    assert_close(out[:n], expected, packed_abs_matvec(s["finv"], s["v"], block_size), dtype)
+    assert numpy.isnan(out[n:]).all(), "the kernel wrote past n_blocks * B"
+
+
+@fisher_params
+@dtype_params
+@launch_params
+def test_emulated_fisher_update_matches_twin(n_blocks, block_size, dtype, config):
+    lib = host_library("fisher.cu")
+    s = fisher_state(n_blocks, block_size, dtype)
+    n, packed = n_blocks * block_size, s["finv"].shape[1]
+    m = 10.0
+    finv = numpy.full(n_blocks * packed + GUARD, numpy.nan, dtype=dtype)
+    finv[:n_blocks * packed] = s["finv"].reshape(-1)
+    work = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
+    expected = s["finv"].copy()
+    twins.fisher_update(expected, s["g"], m, block_size)
+    # Error scale: |F| + w w^T / den with w = |F| |g| (u = F g is a sum of products).
+    w = packed_abs_matvec(s["finv"], s["g"], block_size).reshape(n_blocks, block_size)
+    f64 = s["finv"].astype(numpy.float64)
+    u = twins.packed_matvec(f64, s["g"].astype(numpy.float64), block_size).reshape(n_blocks, -1)
+    den = m + numpy.einsum("bi,bi->b", s["g"].reshape(n_blocks, -1), u)
+    bound = numpy.abs(f64) + twins.pack(w[:, :, None] * w[:, None, :] / den[:, None, None])
+
+    grid, block = grid_and_block(config, n_blocks)
+    suffix = "f32" if dtype == numpy.float32 else "f64"
+    real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
+    launch(lib, f"fisher_update_{suffix}", grid, block,
+           [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int],
+           [finv, s["g"], work, m, n_blocks, block_size])
+    assert_close(finv[:n_blocks * packed].reshape(n_blocks, packed), expected, bound, dtype)
+    assert_close(work[:n], u.reshape(-1).astype(dtype), w.reshape(-1), dtype)  # work holds u
+    assert numpy.isnan(finv[n_blocks * packed:]).all(), "the kernel wrote past finv"
+    assert numpy.isnan(work[n:]).all(), "the kernel wrote past work"
+
+
+# --------------------------------------------------- 3. Numba kernels (dispatchers)
+
+
+@case_params
+@dtype_params
+def test_cpu_sddmm_matches_twin(case, dtype):
+    a = case.arrays(dtype)
+    result = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"])
+    expected, bound = sddmm_reference(a)
+    assert_close(result, expected, bound, dtype)
+
+
+@dtype_params
+def test_cpu_sddmm_fills_the_given_out(dtype):
+    a = next(c for c in CASES if c.name == "empty_rows").arrays(dtype)
+    out = numpy.full(len(a["indices"]), numpy.nan, dtype=dtype)
+    result = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"], out=out)
+    assert result is out
+    expected, bound = sddmm_reference(a)
+    assert_close(out, expected, bound, dtype)
+
+
+@case_params
+@dtype_params
+def test_cpu_spmm_matches_twin(case, dtype):
+    a = case.arrays(dtype)
+    result = kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"])
+    assert result.flags.c_contiguous
+    expected = twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype)
+    bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
+    assert_close(result, expected, bound, dtype)
+
+
+@case_params
+@dtype_params
+def test_cpu_spmm_t_matches_twin(case, dtype):
+    a = case.arrays(dtype)
+    result = kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
+    assert result.flags.c_contiguous
+    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
+    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
+                         case.n_cols)
+    assert_close(result, expected.astype(dtype), bound, dtype)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 3, 5, 8, 40])
+@dtype_params
+def test_cpu_spmm_t_batch_slices(n_chunks, dtype):
+    """Batch 37 split into slices that do not divide it, and more slices than samples."""
+    from cupynn.kernels import cpu
+
+    case = next(c for c in CASES if c.name == "large")
+    a = case.arrays(dtype)
+    out = numpy.full((case.n_cols, case.batch), numpy.nan, dtype=dtype)
+    cpu.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], out, n_chunks)
+    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
+    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
+                         case.n_cols)
+    assert_close(out, expected.astype(dtype), bound, dtype)
+
+
+@pytest.mark.parametrize("n", ADAM_SIZES + [100_003])
+@dtype_params
+def test_cpu_adam_matches_twin(n, dtype):
+    state = adam_state(n, dtype)
+    p, g, m, v = (state[k].copy() for k in "pgmv")
+    for step in STEPS:
+        ref = adam_reference({"p": p, "g": g, "m": m, "v": v}, step)
+        kernels.adam(p, g, m, v, **adam_hyper(step))
+        assert_adam_step(p, m, v, ref, dtype)
+
+
+@dtype_params
+def test_check_false_skips_the_index_pass(dtype):
+    """check=False trusts the pattern: unsorted columns pass, and SDDMM needs no order."""
+    a = next(c for c in CASES if c.name == "grid_stride").arrays(dtype)
+    indptr, indices = a["indptr"], a["indices"].copy()
+    for r in range(len(indptr) - 1):
+        indices[indptr[r]:indptr[r + 1]] = indices[indptr[r]:indptr[r + 1]][::-1]
+    with pytest.raises(ValueError, match="sorted and unique within each row"):
+        kernels.sddmm(indptr, indices, a["dy"], a["x"])
+    result = kernels.sddmm(indptr, indices, a["dy"], a["x"], check=False)
+    expected, bound = sddmm_reference(dict(a, indices=indices))
+    assert_close(result, expected, bound, dtype)
+
+
+# ------------------------------------------------------------ 4. dispatcher errors
+
+
+@pytest.fixture
+def small():
+    """A valid 3 x 4 pattern with batch 5 (float64), to break one thing at a time."""
+    return {
+        "indptr": numpy.array([0, 2, 2, 3], dtype=numpy.int32),
+        "indices": numpy.array([0, 3, 1], dtype=numpy.int32),
+        "data": numpy.array([1.0, -2.0, 0.5]),
+        "dy": numpy.ones((3, 5)),
+        "x": numpy.ones((4, 5)),
+        "flat": numpy.ones(6),
+    }
+
+
+def call_sddmm(s, **change):
+    a = dict(s, **change)
+    return kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"], **a.get("kw", {}))
+
+
+def call_spmm(s, **change):
+    a = dict(s, **change)
+    return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"])
+
+
+def call_spmm_t(s, **change):
+    a = dict(s, **change)
+    return kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], a["x"].shape[0])
+
+
+def call_adam(s, **change):
+    a = {k: s["flat"].copy() for k in "pgmv"}
+    a.update(change)
+    kernels.adam(a["p"], a["g"], a["m"], a["v"], **adam_hyper(1))
+
+
+def test_valid_inputs_pass(small):
+    """The baseline every error case below breaks one thing of."""
+    assert call_sddmm(small).shape == (3,)
+    assert call_spmm(small).shape == (3, 5)
+    assert call_spmm_t(small).shape == (4, 5)
+    call_adam(small)
+
+
+I32 = numpy.int32
+BAD_INPUTS = [
+    # wrong dtypes
+    ("sddmm_int_operands", call_sddmm, dict(dy=numpy.ones((3, 5), dtype=numpy.int64)),
+     TypeError, "supports float32 and float64 arrays. Got int64"),
+    ("sddmm_mixed_floats", call_sddmm, dict(x=numpy.ones((4, 5), dtype=numpy.float32)),
+     TypeError, "one dtype. Got float64 and float32"),
+    ("sddmm_int64_indptr", call_sddmm, dict(indptr=numpy.array([0, 2, 2, 3])),
+     TypeError, "indptr and indices must be int32. Got int64 and int32"),
+    ("sddmm_out_dtype", call_sddmm, dict(kw=dict(out=numpy.empty(3, dtype=numpy.float32))),
+     TypeError, "one dtype"),
+    ("spmm_float16_data", call_spmm, dict(data=numpy.ones(3, dtype=numpy.float16)),
+     TypeError, "supports float32 and float64 arrays. Got float16"),
+    ("spmm_t_int64_indices", call_spmm_t, dict(indices=numpy.array([0, 3, 1])),
+     TypeError, "must be int32"),
+    ("adam_int", call_adam, dict(g=numpy.ones(6, dtype=numpy.int32)),
+     TypeError, "one dtype"),
+    ("adam_all_float16", call_adam, {k: numpy.ones(6, dtype=numpy.float16) for k in "pgmv"},
+     TypeError, "supports float32 and float64"),
+    # non-contiguous operands
+    ("sddmm_strided_dy", call_sddmm, dict(dy=numpy.ones((3, 10))[:, ::2]),
+     ValueError, "'dy' must be C-contiguous"),
+    ("sddmm_fortran_x", call_sddmm, dict(x=numpy.asfortranarray(numpy.ones((4, 5)))),
+     ValueError, "'x' must be C-contiguous"),
+    ("spmm_strided_x", call_spmm, dict(x=numpy.ones((4, 10))[:, ::2]),
+     ValueError, "'x' must be C-contiguous"),
+    ("spmm_t_strided_dy", call_spmm_t, dict(dy=numpy.ones((3, 10))[:, ::2]),
+     ValueError, "'dy' must be C-contiguous"),
+    ("adam_strided_g", call_adam, dict(g=numpy.ones(12)[::2]),
+     ValueError, "'g' must be C-contiguous"),
+    # mismatched shapes
+    ("sddmm_batch_mismatch", call_sddmm, dict(x=numpy.ones((4, 6))),
+     ValueError, r"must share the batch axis. Got \(3, 5\) and \(4, 6\)"),
+    ("sddmm_flat_dy", call_sddmm, dict(dy=numpy.ones(15)),
+     ValueError, "must share the batch axis"),
+    ("sddmm_out_shape", call_sddmm, dict(kw=dict(out=numpy.empty(4))),
+     ValueError, r"out must have shape \(3,\). Got \(4,\)"),
+    ("spmm_flat_x", call_spmm, dict(x=numpy.ones(4)),
+     ValueError, r"x must be \(n_cols, batch\)"),
+    ("adam_lengths", call_adam, dict(m=numpy.ones(5)),
+     ValueError, "flat and of one length"),
+    ("adam_2d", call_adam, {k: numpy.ones((2, 3)) for k in "pgmv"},
+     ValueError, "flat and of one length"),
+    # indptr of the wrong length
+    ("sddmm_short_indptr", call_sddmm, dict(indptr=numpy.array([0, 2, 3], dtype=I32)),
+     ValueError, r"indptr must have shape \(4,\). Got \(3,\)"),
+    ("sddmm_long_indptr", call_sddmm, dict(indptr=numpy.array([0, 2, 2, 3, 3], dtype=I32)),
+     ValueError, r"indptr must have shape \(4,\). Got \(5,\)"),
+    ("spmm_t_short_indptr", call_spmm_t, dict(indptr=numpy.array([0, 2, 3], dtype=I32)),
+     ValueError, "n_rows = len\\(indptr\\) - 1"),
+    ("spmm_indptr_too_long_for_nnz", call_spmm, dict(indptr=numpy.array([0, 2, 2], dtype=I32)),
+     ValueError, "indptr must start at 0 and end at nnz=3. Got 0 and 2"),
+    # malformed patterns (check=True)
+    ("sddmm_index_too_large", call_sddmm, dict(indices=numpy.array([0, 4, 1], dtype=I32)),
+     ValueError, r"column indices must be in \[0, 4\). Got values in \[0, 4\]"),
+    ("spmm_negative_index", call_spmm, dict(indices=numpy.array([0, 3, -1], dtype=I32)),
+     ValueError, r"column indices must be in \[0, 4\). Got values in \[-1, 3\]"),
+    ("spmm_t_index_too_large", call_spmm_t, dict(indices=numpy.array([0, 9, 1], dtype=I32)),
+     ValueError, r"column indices must be in \[0, 4\)"),
+    ("sddmm_unsorted_row", call_sddmm, dict(indices=numpy.array([3, 0, 1], dtype=I32)),
+     ValueError, "sorted and unique within each row"),
+    ("spmm_duplicate_in_row", call_spmm, dict(indices=numpy.array([3, 3, 1], dtype=I32)),
+     ValueError, "sorted and unique within each row"),
+    ("spmm_t_decreasing_indptr", call_spmm_t, dict(indptr=numpy.array([0, 2, 1, 3], dtype=I32)),
+     ValueError, "indptr must be non-decreasing"),
+    ("sddmm_indptr_not_at_zero", call_sddmm, dict(indptr=numpy.array([1, 2, 2, 3], dtype=I32)),
+     ValueError, "indptr must start at 0 and end at nnz=3. Got 1 and 3"),
+]
+
+
+@pytest.mark.parametrize("call, change, error, message",
+                         [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_dispatcher_rejects_bad_input(small, call, change, error, message):
+    with pytest.raises(error, match=message):
+        call(small, **change)
+
+
+# ------------------------------------------------------- 5. CUDA kernels on a GPU
+
+
+def to_gpu(arrays: dict) -> dict:
+    xp = get_backend("gpu").xp
+    return {k: xp.asarray(v) for k, v in arrays.items()}
+
+
+@gpu
+@pytest.mark.parametrize("max_blocks", [None, 2], ids=["full_grid", "max_blocks_2"])
+@case_params
+@dtype_params
+def test_gpu_sddmm_matches_twin(case, dtype, max_blocks):
+    a = case.arrays(dtype)
+    d = to_gpu(a)
+    result = kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], max_blocks=max_blocks)
+    assert type(result) is type(d["dy"])
+    expected, bound = sddmm_reference(a)
+    assert_close(result, expected, bound, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("max_blocks", [None, 2], ids=["full_grid", "max_blocks_2"])
+@pytest.mark.parametrize("n", ADAM_SIZES + [3000])
+@dtype_params
+def test_gpu_adam_matches_twin(n, dtype, max_blocks):
+    d = to_gpu(adam_state(n, dtype))
+    for step in STEPS:
+        ref = adam_reference({k: to_numpy(d[k]) for k in "pgmv"}, step)
+        kernels.adam(d["p"], d["g"], d["m"], d["v"], max_blocks=max_blocks, **adam_hyper(step))
+        assert_adam_step(d["p"], d["m"], d["v"], ref, dtype)
+
+
+@gpu
+@case_params
+@dtype_params
+def test_gpu_spmm_matches_twin(case, dtype):
+    a = case.arrays(dtype)
+    d = to_gpu(a)
+    result = kernels.spmm(d["indptr"], d["indices"], d["data"], d["x"])
+    assert result.flags.c_contiguous
+    expected = twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype)
+    bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
+    assert_close(result, expected, bound, dtype)
+
+
+@gpu
+@case_params
+@dtype_params
+def test_gpu_spmm_t_matches_twin(case, dtype):
+    a = case.arrays(dtype)
+    d = to_gpu(a)
+    result = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols)
+    assert result.flags.c_contiguous
+    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
+    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
+                         case.n_cols)
+    assert_close(result, expected.astype(dtype), bound, dtype)
