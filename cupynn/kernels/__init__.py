@@ -1,7 +1,8 @@
 """Sparse kernels, dispatched on the array's backend.
 
 Each operation here runs a CUDA ``RawKernel`` (``*.cu`` beside this file) or
-cuSPARSE on the GPU, and a compiled Numba kernel (:mod:`.cpu`) on the CPU.
+cuSPARSE on the GPU, and a compiled Numba kernel (:mod:`.cpu`, :mod:`.cpu_fisher`)
+on the CPU.
 Every custom CUDA kernel has a NumPy twin of the same name in
 :mod:`.numpy_twins`; the tests compare all of them.
 
@@ -227,3 +228,127 @@ def numba_threads() -> int:
     import numba
 
     return int(numba.get_num_threads())
+
+
+def _check_fisher_blocks(what: str, finv: Any, block_size: int, **vectors: Any) -> int:
+    """Check a packed inverse Fisher ``finv`` against flat ``vectors``; return n_blocks."""
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, numpy.integer)) \
+            or block_size < 1:
+        raise ValueError(f"{what}: block_size must be a positive int. Got {block_size!r} instead.")
+    b = int(block_size)
+    packed = b * (b + 1) // 2
+    if finv.ndim != 2 or finv.shape[1] != packed:
+        raise ValueError(f"{what}: finv must have shape (n_blocks, {packed}) for block_size={b} "
+                         f"(the packed upper triangle, B(B+1)/2 values). Got {finv.shape} instead.")
+    n_blocks = int(finv.shape[0])
+    if n_blocks * b > 2**31 - 1:
+        raise ValueError(f"{what}: n_blocks * block_size must fit int32. Got {n_blocks} * {b}.")
+    for name, a in vectors.items():
+        if a.shape != (n_blocks * b,):
+            raise ValueError(f"{what}: {name} must have shape ({n_blocks * b},) = n_blocks * "
+                             f"block_size (pad the last block with zeros). Got {a.shape} instead.")
+    _check_contiguous(what, finv=finv, **vectors)
+    return n_blocks
+
+
+def _check_no_overlap(what: str, xp: Any, written: str, arrays: dict[str, Any]) -> None:
+    for name, a in arrays.items():
+        if name != written and xp.may_share_memory(arrays[written], a):
+            raise ValueError(f"{what}: {written} must not overlap {name} (it is written while "
+                             f"{name} is read).")
+
+
+def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = None,
+                  max_blocks: int | None = None) -> None:
+    """Sherman-Morrison rank-1 update of a packed block-diagonal inverse Fisher, in place.
+
+    For every block b: ``u = F_b^{-1} g_b``, ``den = m + g_b . u``,
+    ``F_b^{-1} <- F_b^{-1} - u u^T / den``: the inverse of ``F_b + g_b g_b^T / m``.
+    Starting from ``finv = I / lambda`` and applying the m gradients of a batch
+    gives ``inv(lambda I + G^T G / m)`` per block (the WoodFisher estimate).
+
+    Parameters
+    ----------
+    finv : (n_blocks, P) float32 or float64, C-contiguous, P = B (B + 1) / 2
+        Upper triangles, row-major, of the symmetric blocks (see ``fisher.cu``).
+    g : (n_blocks * B,) same dtype, C-contiguous
+        One gradient, the last block padded with zeros.
+    m : float > 0
+        The number of gradients the Fisher averages over.
+    block_size : int
+        B.
+    work : (n_blocks * B,) same dtype, optional
+        Scratch for u (allocated when not given); must not overlap finv or g.
+        On return it holds u = F_b^{-1} g_b of the blocks before the step.
+        Passing one saves an allocation per call.
+    max_blocks : int, optional
+        Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
+    """
+    what = "fisher_update"
+    arrays = {"finv": finv, "g": g, **({} if work is None else {"work": work})}
+    backend = _check_same_backend(what, *arrays.values())
+    suffix = _float_suffix(*arrays.values(), what=what)
+    n_blocks = _check_fisher_blocks(what, finv, block_size, **{k: a for k, a in arrays.items()
+                                                               if k != "finv"})
+    m = float(m)
+    if not (m > 0 and numpy.isfinite(m)):
+        raise ValueError(f"{what}: m must be a positive finite number. Got {m!r} instead.")
+    xp = backend.xp
+    if work is None:
+        work = xp.empty(n_blocks * block_size, dtype=finv.dtype)
+    else:
+        _check_no_overlap(what, xp, "work", arrays)
+    if n_blocks == 0:
+        return
+    t = finv.dtype.type
+    if backend.is_gpu:
+        kernel = cuda_function("fisher.cu", f"fisher_update_{suffix}")
+        kernel(_grid(n_blocks, max_blocks), (THREADS_PER_BLOCK,),
+               (finv, g, work, t(m), numpy.int32(n_blocks), numpy.int32(block_size)))
+    else:
+        from . import cpu_fisher
+
+        cpu_fisher.fisher_update(finv, g, work, t(m), int(block_size))
+
+
+def packed_matvec(finv: Any, v: Any, *, block_size: int, out: Any = None,
+                  max_blocks: int | None = None) -> Any:
+    """``out_b = F_b^{-1} v_b`` for a packed block-diagonal ``finv`` (see :func:`fisher_update`).
+
+    Parameters
+    ----------
+    finv : (n_blocks, P) float32 or float64, C-contiguous, P = B (B + 1) / 2
+    v : (n_blocks * B,) same dtype, C-contiguous
+    block_size : int
+        B.
+    out : (n_blocks * B,) same dtype, optional; must not overlap finv or v.
+    max_blocks : int, optional
+        Cap on the CUDA grid.
+
+    Returns
+    -------
+    (n_blocks * B,) array on the operands' device.
+    """
+    what = "packed_matvec"
+    arrays = {"finv": finv, "v": v, **({} if out is None else {"out": out})}
+    backend = _check_same_backend(what, *arrays.values())
+    suffix = _float_suffix(*arrays.values(), what=what)
+    n_blocks = _check_fisher_blocks(what, finv, block_size, **{k: a for k, a in arrays.items()
+                                                               if k != "finv"})
+    xp = backend.xp
+    if out is None:
+        out = xp.empty(n_blocks * block_size, dtype=finv.dtype)
+    else:
+        _check_no_overlap(what, xp, "out", arrays)
+    n = n_blocks * int(block_size)
+    if n == 0:
+        return out
+    if backend.is_gpu:
+        kernel = cuda_function("fisher.cu", f"packed_matvec_{suffix}")
+        kernel(_grid(n, max_blocks), (THREADS_PER_BLOCK,),
+               (finv, v, out, numpy.int32(n_blocks), numpy.int32(block_size)))
+    else:
+        from . import cpu_fisher
+
+        cpu_fisher.packed_matvec(finv, v, out, int(block_size))
+    return out

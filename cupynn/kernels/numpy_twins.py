@@ -71,3 +71,49 @@ def spmm_t(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
 
     w = scipy.sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_cols))
     return numpy.asarray(w.T @ dy)
+
+
+def packed_size(block_size: int) -> int:
+    """Values of one packed symmetric block: P = B (B + 1) / 2."""
+    return block_size * (block_size + 1) // 2
+
+
+def pack(dense: numpy.ndarray) -> numpy.ndarray:
+    """Upper triangles, row-major, of (n_blocks, B, B) matrices: (n_blocks, P).
+
+    Entry (i, j), i <= j, lands at ``i*B - i*(i-1)/2 + (j - i)``, the layout of
+    ``fisher.cu``. The lower triangle is ignored (the blocks are symmetric).
+    """
+    b = dense.shape[-1]
+    rows, cols = numpy.triu_indices(b)  # row-major order of the upper triangle
+    return numpy.ascontiguousarray(dense[:, rows, cols])
+
+
+def unpack(finv: numpy.ndarray, block_size: int) -> numpy.ndarray:
+    """The symmetric (n_blocks, B, B) matrices of packed blocks (n_blocks, P)."""
+    b = block_size
+    rows, cols = numpy.triu_indices(b)
+    dense = numpy.zeros((finv.shape[0], b, b), dtype=finv.dtype)
+    dense[:, rows, cols] = finv
+    dense[:, cols, rows] = finv
+    return dense
+
+
+def fisher_update(finv: numpy.ndarray, g: numpy.ndarray, m: float, block_size: int) -> None:
+    """Twin of ``fisher_update_*`` in ``fisher.cu``: Sherman-Morrison, in place on ``finv``.
+
+    For every block b, with F^{-1} the block's inverse Fisher and g_b its slice of g:
+    u = F^{-1} g_b;  den = m + g_b . u;  F^{-1} <- F^{-1} - u u^T / den.
+    """
+    dense = unpack(finv, block_size)
+    gb = g.reshape(-1, block_size)
+    u = numpy.einsum("bij,bj->bi", dense, gb)
+    den = m + numpy.einsum("bi,bi->b", gb, u)
+    dense -= u[:, :, None] * u[:, None, :] / den[:, None, None]
+    finv[...] = pack(dense)
+
+
+def packed_matvec(finv: numpy.ndarray, v: numpy.ndarray, block_size: int) -> numpy.ndarray:
+    """Twin of ``packed_matvec_*`` in ``fisher.cu``: out_b = F_b^{-1} v_b, flat (n_blocks*B,)."""
+    dense = unpack(finv, block_size)
+    return numpy.einsum("bij,bj->bi", dense, v.reshape(-1, block_size)).reshape(-1)
