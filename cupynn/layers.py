@@ -97,6 +97,9 @@ class SparseLinear(Layer):
     """
 
     param_names = ("data", "bias")
+    # Redistribution's gradient probe asks backward to keep dy (out, batch).
+    keep_output_grad = False
+    _dy: Any = None
 
     def __init__(self, in_features: int, out_features: int, density: float = 0.1, *,
                  seed: int | numpy.random.Generator = 0, dtype: str = "float32",
@@ -185,6 +188,8 @@ class SparseLinear(Layer):
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
         dy = self.backend.xp.ascontiguousarray(dy)
+        if self.keep_output_grad:
+            self._dy = dy
         self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
         self.grad_bias = dy.sum(axis=1)
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,

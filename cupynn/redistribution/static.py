@@ -1,0 +1,19 @@
+"""``static``: the fixed-topology baseline; moves nothing."""
+
+from __future__ import annotations
+
+from .base import Drop, Redistributor
+
+
+class Static(Redistributor):
+    """Keeps every connection; a redistribution is a no-op (counts are 0)."""
+
+    name = "static"
+
+    def drop(self, model, fraction, probe):
+        xp = model.backend.xp
+        return [Drop(xp.ones(layer.nnz, dtype=bool)) for layer in model.sparse_layers]
+
+    def grow(self, model, drops, kept_keys, probe):
+        xp = model.backend.xp
+        return [xp.empty(0, dtype=xp.int64) for _ in kept_keys]

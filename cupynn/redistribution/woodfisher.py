@@ -1,0 +1,144 @@
+"""``woodfisher`` and ``woodtaylor``: second-order (OBS) removal, random growth.
+
+Parameters are the active weights of all sparse layers, concatenated in CSR
+order and cut into consecutive blocks of ``block_size`` B. The block-diagonal
+empirical Fisher ``F_b = λI + (1/m) Σ_i g_i g_i^T`` over the m mini-batch
+gradients of the epoch before a redistribution is inverted on the fly:
+:meth:`observe` applies one Sherman–Morrison step per gradient as it arrives
+(:class:`cupynn.redistribution.fisher.BlockFisherInverse`), so the extra
+memory is the packed blocks (B(B+1)/2 floats per B weights), not the gradients.
+
+Removal is global, by the OBS statistic (``r = w`` for woodfisher,
+``r = w − F⁻¹ḡ`` for woodtaylor, ḡ the mean of the epoch's gradients)::
+
+    ρ_q = r_q² / (2 [F⁻¹]_qq)
+
+the round(α·nnz) smallest go. Survivors take the OBS update
+``δw = −F⁻¹ s`` (woodtaylor: ``δw = −F⁻¹ḡ − F⁻¹ s``) with ``s_q = r_q / [F⁻¹]_qq``
+for removed q and 0 otherwise — the sum of the single-weight updates; with
+``joint=True`` the exact joint update inside each block,
+``δw = −F⁻¹[:, Q] (F⁻¹[Q, Q])⁻¹ r_Q`` (plus ``−F⁻¹ḡ``). Removed weights are
+set to exactly 0 and leave the CSR.
+
+Growth: the removed count is shared among layers in proportion to their size
+(out × in possible connections, largest remainder; a layer too full to take
+its share gives the surplus to the others) and added uniformly at random.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import check_int, check_real
+from .base import Drop, Redistributor
+from .fisher import BlockFisherInverse
+from .selection import allocate, bottom_k, round_half_up, sample_inactive
+
+
+class WoodFisher(Redistributor):
+    """See the module doc.
+
+    Parameters
+    ----------
+    seed : int
+    block_size : int >= 1
+        B, the Fisher block size (default 34, as in the paper).
+    damp : float > 0
+        λ, the dampening (default 1e-4).
+    joint : bool
+        Exact joint OBS update inside each block instead of the sum of
+        single-weight updates.
+    """
+
+    name = "woodfisher"
+    is_global = True
+    taylor = False
+    default_damp = 1e-4
+
+    def __init__(self, *, seed: int = 0, block_size: int = 34, damp: float | None = None,
+                 joint: bool = False) -> None:
+        super().__init__(seed=seed)
+        owner = type(self).__name__
+        self.block_size = check_int(block_size, "block_size", owner, low=1)
+        self.damp = check_real(self.default_damp if damp is None else damp, "damp", owner, 0.0,
+                               None, closed="neither")
+        if not isinstance(joint, bool):
+            raise TypeError(f"The 'joint' parameter of {owner} must be a bool. Got {joint!r}.")
+        self.joint = joint
+        self.fisher: BlockFisherInverse | None = None
+        self._grad_sum: Any = None
+
+    def start_epoch(self, model: Any, n_batches: int, will_redistribute: bool) -> None:
+        """Start a fresh Fisher inverse when this epoch ends in a redistribution."""
+        self.fisher = None
+        self._grad_sum = None
+        if will_redistribute:
+            n_params = sum(layer.nnz for layer in model.sparse_layers)
+            self.fisher = BlockFisherInverse(model.backend.xp, n_params, self.block_size,
+                                             self.damp, model.dtype, n_batches)
+            if self.taylor:
+                self._grad_sum = model.backend.xp.zeros(n_params, dtype=model.dtype)
+
+    def observe(self, model: Any) -> None:
+        """One Sherman–Morrison step with the gradient of the last backward pass."""
+        if self.fisher is None:
+            return
+        g = self.fisher.update([layer.grad_data for layer in model.sparse_layers])
+        if self._grad_sum is not None:
+            self._grad_sum += g
+
+    def drop(self, model, fraction, probe):
+        fisher = self.fisher
+        layers = model.sparse_layers
+        if fisher is None or fisher.count == 0:
+            raise RuntimeError(
+                f"{self.name} removes by the Fisher of the epoch before the redistribution: call "
+                f"start_epoch(model, n_batches, True) and observe(model) after every backward "
+                f"pass of that epoch (cupynn.fit does this).")
+        xp = model.backend.xp
+        w = xp.concatenate([layer.data for layer in layers])
+        if w.shape[0] != fisher.n_params:
+            raise RuntimeError(f"{self.name}: the topology changed since the Fisher was started.")
+        diag = fisher.diagonal()
+        newton = fisher.matvec(self._grad_sum / fisher.count) if self.taylor else None
+        r = w if newton is None else w - newton
+        rho = r * r / (2 * diag)
+        removed = bottom_k(rho, round_half_up(fraction * w.shape[0]))
+        if self.joint:
+            delta = -fisher.joint_obs_step(removed, r)
+        else:
+            s = xp.zeros_like(w)
+            s[removed] = r[removed] / diag[removed]
+            delta = -fisher.matvec(s)
+        if newton is not None:
+            delta -= newton
+        values = w + delta
+        values[removed] = 0  # exactly zero, and gone from the CSR below
+        keep = xp.ones(w.shape[0], dtype=bool)
+        keep[removed] = False
+        self.fisher = None  # the blocks are freed as soon as they are used
+        self._grad_sum = None
+        drops, start = [], 0
+        for layer in layers:
+            stop = start + layer.nnz
+            drops.append(Drop(keep[start:stop], values[start:stop]))
+            start = stop
+        return drops
+
+    def grow(self, model, drops, kept_keys, probe):
+        layers = model.sparse_layers
+        sizes = [layer.out_features * layer.in_features for layer in layers]
+        removed = sum(layer.nnz - int(kept.shape[0]) for layer, kept in zip(layers, kept_keys))
+        capacity = [size - int(kept.shape[0]) for size, kept in zip(sizes, kept_keys)]
+        counts = allocate(removed, sizes, capacity)
+        return [sample_inactive(self.rng, layer.backend.xp, kept, size, int(count))
+                for layer, kept, size, count in zip(layers, kept_keys, sizes, counts)]
+
+
+class WoodTaylor(WoodFisher):
+    """WoodFisher with the gradient term (see the module doc); default λ = 1,
+    which the paper found much better for woodtaylor on KMNIST."""
+
+    name = "woodtaylor"
+    taylor = True
+    default_damp = 1.0
