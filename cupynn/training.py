@@ -10,7 +10,8 @@ import numpy
 
 from .backend import to_numpy
 from .losses import LOSSES
-from .validation import check_choice, check_finite, check_int
+from .redistribution.schedule import fraction_at
+from .validation import check_choice, check_finite, check_int, check_real
 
 EVAL_BATCH = 8192
 
@@ -100,6 +101,8 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
 def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any] | None = None,
         *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
         progress: bool = True, eval_batch_size: int = EVAL_BATCH,
+        redistribution: Any = None, alpha: float = 0.5, redistribute_every: int = 1,
+        end_fraction: float = 0.75, growth_batches: int = 1,
         on_epoch_end: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
 
@@ -119,6 +122,14 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
     seed : int >= 0
     progress : bool
         tqdm bars for epochs and batches.
+    redistribution : str, Redistributor or None
+        A name of :data:`cupynn.redistribution.NAMES` (built with ``seed``) or
+        a redistributor. After epoch e it moves the fraction
+        ``fraction_at(e, epochs, alpha, redistribute_every, end_fraction)`` of
+        the active weights, using the last ``growth_batches`` mini-batches of
+        the epoch for gradients; its ``observe`` runs after every backward pass.
+    alpha, redistribute_every, end_fraction : the schedule (SPEC §3)
+    growth_batches : int >= 1
     on_epoch_end : callable, optional
         Called with each epoch's metrics dict; returning False stops training.
 
@@ -127,7 +138,10 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
     list of dict, one per epoch: ``epoch`` (1-based), ``train_loss`` (mean of
     the batch losses), ``train_seconds``, ``n_batches``, ``nnz`` (per layer)
     and, with ``test``, ``test_loss``, ``test_accuracy``, ``eval_seconds``
-    (and ``test_auc`` for binary_cross_entropy).
+    (and ``test_auc`` for binary_cross_entropy), ``redistribution_seconds``
+    and, after a redistribution, ``fraction``, ``induced_loss_before`` /
+    ``induced_loss_after`` (training loss on a fixed batch of training rows
+    just before and after it) and ``redistribution`` (per-layer counts).
 
     Raises
     ------
@@ -140,6 +154,11 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
     batch_size = check_int(batch_size, "batch_size", owner, low=1)
     seed = check_int(seed, "seed", owner, low=0)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", owner, low=1)
+    check_real(alpha, "alpha", owner, 0.0, 1.0)
+    check_int(redistribute_every, "redistribute_every", owner, low=1)
+    check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
+    growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
+    redistributor = _redistributor(redistribution, seed)
     if getattr(optimizer, "model", model) is not model:
         raise ValueError("The optimizer of fit was built for another model.")
     x_train, y_train = _check_dataset(model, train, loss, "train")
@@ -155,9 +174,16 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
     n = x_train.shape[0]
     n_batches = -(-n // batch_size)
     history: list[dict[str, Any]] = []
+    # A fixed batch of training rows for the induced loss, from its own stream.
+    probe_rows = numpy.sort(numpy.random.default_rng((seed, 1)).choice(
+        n, size=min(batch_size, n), replace=False))
     epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, unit="epoch")
     for epoch in epoch_bar:
         order = rng.permutation(n)
+        fraction = (fraction_at(epoch, epochs, alpha, redistribute_every, end_fraction)
+                    if redistributor is not None else 0.0)
+        if redistributor is not None:
+            redistributor.start_epoch(model, n_batches, fraction > 0)
         batch_losses = xp.empty(n_batches, dtype=numpy.float64)
         backend.synchronize()
         start = time.perf_counter()
@@ -170,6 +196,8 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
             logits = model.forward(xb)
             value, grad = loss_fn(logits, yb, check=False)
             model.backward(grad)
+            if redistributor is not None:
+                redistributor.observe(model)
             optimizer.step()
             batch_losses[b] = value
             if progress and b % 50 == 0:
@@ -187,8 +215,14 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
             "train_loss": float(host_losses.mean()),
             "train_seconds": train_seconds,
             "n_batches": n_batches,
-            "nnz": model.nnz,
+            "redistribution_seconds": 0.0,
         }
+        if fraction > 0:
+            rows = order[max(0, n_batches - growth_batches) * batch_size:]
+            metrics.update(_redistribute(model, optimizer, redistributor, fraction,
+                                         (x_train[rows], y_train[rows]),
+                                         (x_train[probe_rows], y_train[probe_rows]), loss))
+        metrics["nnz"] = model.nnz
         if test is not None:
             start = time.perf_counter()
             result = evaluate(model, x_test, y_test, loss, eval_batch_size)
@@ -203,3 +237,34 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
         if on_epoch_end is not None and on_epoch_end(metrics) is False:
             break
     return history
+
+
+def _redistributor(redistribution: Any, seed: int) -> Any:
+    from .redistribution import Redistributor, create
+
+    if redistribution is None or isinstance(redistribution, Redistributor):
+        return redistribution
+    if isinstance(redistribution, str):
+        return create(redistribution, seed=seed)
+    raise TypeError(f"The 'redistribution' parameter of fit must be a name, a Redistributor or "
+                    f"None. Got {type(redistribution).__name__} instead.")
+
+
+def _probe_loss(model: Any, batch: tuple[numpy.ndarray, numpy.ndarray], loss: str) -> float:
+    value, _ = LOSSES[loss](model.forward(batch[0]), model.backend.asarray(batch[1]), check=False)
+    return float(value)
+
+
+def _redistribute(model: Any, optimizer: Any, redistributor: Any, fraction: float,
+                  growth: tuple[numpy.ndarray, numpy.ndarray],
+                  probe: tuple[numpy.ndarray, numpy.ndarray], loss: str) -> dict[str, Any]:
+    """One scheduled redistribution, timed, with the induced loss around it."""
+    before = _probe_loss(model, probe, loss)
+    model.backend.synchronize()
+    start = time.perf_counter()
+    counts = redistributor.redistribute(model, optimizer, fraction, growth[0], growth[1], loss)
+    model.backend.synchronize()
+    seconds = time.perf_counter() - start
+    return {"fraction": fraction, "redistribution_seconds": seconds,
+            "induced_loss_before": before, "induced_loss_after": _probe_loss(model, probe, loss),
+            "redistribution": counts}
