@@ -446,7 +446,7 @@ FISHER_BAD = [
     ("update_int_g", call_update, dict(g=numpy.ones(6, dtype=numpy.int64)),
      TypeError, "one dtype. Got float64 and int64"),
     ("update_float16", call_update, dict(finv=_F.astype(numpy.float16), g=_G.astype(numpy.float16)),
-     TypeError, "supports float32 and float64 arrays. Got float16"),
+     TypeError, "float arrays must be float32 or float64. Got float16"),
     ("update_mixed", call_update, dict(g=numpy.ones(6, dtype=numpy.float32)),
      TypeError, "one dtype. Got float64 and float32"),
     ("update_work_dtype", call_update, dict(kw=dict(work=numpy.ones(6, dtype=numpy.float32))),

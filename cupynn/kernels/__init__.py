@@ -54,10 +54,11 @@ def _grid(n: int, max_blocks: int | None) -> tuple[int]:
 def _float_suffix(*arrays: Any, what: str) -> str:
     dtype = arrays[0].dtype
     if dtype not in _SUFFIX:
-        raise TypeError(f"{what} supports float32 and float64 arrays. Got {dtype} instead.")
+        raise TypeError(f"{what}: float arrays must be float32 or float64. Got {dtype} instead.")
     for a in arrays[1:]:
         if a.dtype != dtype:
-            raise TypeError(f"{what} needs all float arrays of one dtype. Got {dtype} and {a.dtype}.")
+            raise TypeError(f"{what}: all float arrays must have one dtype. "
+                            f"Got {dtype} and {a.dtype} instead.")
     return _SUFFIX[dtype]
 
 
@@ -75,14 +76,37 @@ def _check_same_backend(what: str, *arrays: Any) -> Any:
 
 
 def _check_pattern(what: str, indptr: Any, indices: Any, n_rows: int, n_cols: int,
-                   check: bool) -> None:
+                   check: bool, data: Any = None) -> None:
+    """dtypes, shapes and contiguity of a CSR pattern (and its values); with
+    ``check`` also the canonical structure and index ranges (a pass over indices).
+
+    Kernels see raw pointers only, so a strided or mis-sized array would be read
+    at the wrong places without any error: these checks are what stands between.
+    """
     if indptr.dtype != numpy.int32 or indices.dtype != numpy.int32:
         raise TypeError(f"{what}: indptr and indices must be int32. "
                         f"Got {indptr.dtype} and {indices.dtype} instead.")
     if indptr.shape != (n_rows + 1,):
         raise ValueError(f"{what}: indptr must have shape ({n_rows + 1},). Got {indptr.shape} instead.")
+    if indices.ndim != 1:
+        raise ValueError(f"{what}: indices must be flat. Got shape {indices.shape} instead.")
+    arrays = {"indptr": indptr, "indices": indices}
+    if data is not None:
+        if data.shape != indices.shape:
+            raise ValueError(f"{what}: data must have the shape of indices {indices.shape}. "
+                             f"Got {data.shape} instead.")
+        arrays["data"] = data
+    _check_contiguous(what, **arrays)
     if check:
         check_csr(indptr, indices, (n_rows, n_cols), what=what)
+
+
+def _rows_of(what: str, indptr: Any) -> int:
+    """n_rows of a CSR indptr, which must be flat and non-empty."""
+    if indptr.ndim != 1 or indptr.shape[0] < 1:
+        raise ValueError(f"{what}: indptr must be flat with n_rows + 1 >= 1 entries. "
+                         f"Got shape {indptr.shape} instead.")
+    return int(indptr.shape[0]) - 1
 
 
 def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
@@ -119,6 +143,8 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
         out = xp.empty(nnz, dtype=dy.dtype)
     elif out.shape != (nnz,):
         raise ValueError(f"{what}: out must have shape ({nnz},). Got {out.shape} instead.")
+    else:
+        _check_contiguous(what, out=out)
     if nnz == 0:
         return out
     if dy.shape[1] == 0:
@@ -185,8 +211,8 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True) ->
     if x.ndim != 2:
         raise ValueError(f"{what}: x must be (n_cols, batch). Got shape {x.shape} instead.")
     _check_contiguous(what, x=x)
-    n_rows = int(indptr.shape[0]) - 1
-    _check_pattern(what, indptr, indices, n_rows, x.shape[0], check)
+    n_rows = _rows_of(what, indptr)
+    _check_pattern(what, indptr, indices, n_rows, x.shape[0], check, data)
     if backend.is_gpu:
         w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
         return backend.xp.ascontiguousarray(w @ x)
@@ -207,11 +233,11 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     what = "spmm_t"
     backend = _check_same_backend(what, indptr, indices, data, dy)
     _float_suffix(data, dy, what=what)
-    if dy.ndim != 2 or indptr.shape[0] != dy.shape[0] + 1:
+    if dy.ndim != 2 or _rows_of(what, indptr) != dy.shape[0]:
         raise ValueError(f"{what}: dy must be (n_rows, batch) with n_rows = len(indptr) - 1. "
                          f"Got dy {dy.shape} and indptr {indptr.shape} instead.")
     _check_contiguous(what, dy=dy)
-    _check_pattern(what, indptr, indices, dy.shape[0], n_cols, check)
+    _check_pattern(what, indptr, indices, dy.shape[0], n_cols, check, data)
     if backend.is_gpu:
         w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
         return backend.xp.ascontiguousarray(w.T @ dy)
