@@ -648,7 +648,7 @@ BAD_INPUTS = [
     ("spmm_t_2d_data", call_spmm_t, dict(data=numpy.ones((3, 1))),
      ValueError, "data must have the shape of indices"),
     ("spmm_empty_indptr", call_spmm, dict(indptr=numpy.array([], dtype=numpy.int32)),
-     ValueError, "indptr must be flat with n_rows \+ 1 >= 1 entries"),
+     ValueError, r"indptr must be flat with n_rows \+ 1 >= 1 entries"),
     ("spmm_strided_data", call_spmm, dict(data=numpy.ones(6)[::2]),
      ValueError, "'data' must be C-contiguous"),
     ("spmm_t_strided_indptr", call_spmm_t,
