@@ -103,6 +103,55 @@ class MLP:
         """Total trainable values: stored weights plus biases."""
         return int(sum(layer.n_parameters for layer in self.layers))
 
+    # ---------------------------------------------------------------- state
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-able), enough to rebuild the architecture."""
+        return {"sizes": list(self.sizes), "density": list(self.densities),
+                "dense_layers": list(self.dense_layers), "seed": self.seed,
+                "dtype": self.dtype.name, "init": self.init, "activation": self.activation}
+
+    def state_dict(self) -> dict[str, numpy.ndarray]:
+        """Every array of the model as host copies, keyed ``"<layer>.<name>"``.
+
+        Sparse layers give ``indptr``, ``indices``, ``data``, ``bias``; dense
+        ones ``weight``, ``bias``.
+        """
+        from .backend import to_numpy
+
+        state = {}
+        for i, layer in enumerate(self.layers):
+            names = (("indptr", "indices", "data", "bias") if isinstance(layer, SparseLinear)
+                     else ("weight", "bias"))
+            for name in names:
+                state[f"{i}.{name}"] = numpy.array(to_numpy(getattr(layer, name)))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore arrays from :meth:`state_dict` (topologies are checked)."""
+        xp = self.backend.xp
+        for i, layer in enumerate(self.layers):
+            try:
+                bias = numpy.asarray(state[f"{i}.bias"])
+                if isinstance(layer, SparseLinear):
+                    indptr, indices, data = (numpy.asarray(state[f"{i}.{n}"])
+                                             for n in ("indptr", "indices", "data"))
+                else:
+                    weight = numpy.asarray(state[f"{i}.weight"])
+            except KeyError as exc:
+                raise ValueError(f"MLP.load_state_dict: the state has no {exc.args[0]!r}.") from None
+            if bias.shape != layer.bias.shape or bias.dtype != self.dtype:
+                raise ValueError(f"MLP.load_state_dict: layer {i} bias must be {self.dtype} "
+                                 f"{layer.bias.shape}. Got {bias.dtype} {bias.shape} instead.")
+            if isinstance(layer, SparseLinear):
+                layer.set_topology(xp.asarray(indptr), xp.asarray(indices),
+                                   xp.asarray(data, dtype=self.dtype))
+            else:
+                if weight.shape != layer.weight.shape:
+                    raise ValueError(f"MLP.load_state_dict: layer {i} weight must have shape "
+                                     f"{layer.weight.shape}. Got {weight.shape} instead.")
+                layer.weight = xp.asarray(weight, dtype=self.dtype)
+            layer.bias = xp.asarray(bias)
+
     # ---------------------------------------------------------------- passes
     def _input(self, x: Any) -> Any:
         """Check a (batch, in) input; return it feature-major on the device."""

@@ -60,6 +60,35 @@ class Adam:
                 for name, value, _ in layer.parameters()
             })
 
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, hyper-parameters and every moment (host copies).
+
+        Moments are keyed ``"<layer>.<name>.m"`` / ``".v"``.
+        """
+        from .backend import to_numpy
+
+        state: dict[str, Any] = {"t": self.t, "lr": self.lr, "betas": list(self.betas),
+                                 "eps": self.eps}
+        for index, moments in enumerate(self.state):
+            for name, (m, v) in moments.items():
+                state[f"{index}.{name}.m"] = to_numpy(m).copy()
+                state[f"{index}.{name}.v"] = to_numpy(v).copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; moments must match the parameters' sizes."""
+        self.t = int(state["t"])
+        self.lr, self.betas, self.eps = float(state["lr"]), tuple(state["betas"]), float(state["eps"])
+        for index, layer in enumerate(self.layers):
+            xp = layer.backend.xp
+            for name, value, _ in layer.parameters():
+                m, v = (state[f"{index}.{name}.{k}"] for k in ("m", "v"))
+                if m.shape != (value.size,) or v.shape != (value.size,):
+                    raise ValueError(f"Adam.load_state_dict: moments of layer {index} {name!r} "
+                                     f"must have shape ({value.size},). Got {m.shape} instead.")
+                self.state[index][name] = (xp.asarray(m, dtype=value.dtype),
+                                           xp.asarray(v, dtype=value.dtype))
+
     def step(self) -> None:
         """Apply one update from the gradients of the last backward pass."""
         self.t += 1

@@ -98,11 +98,191 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
     return result
 
 
-def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any] | None = None,
+class Trainer:
+    """The training loop, with its state, so that it can stop and resume exactly.
+
+    :func:`fit` is ``Trainer(...).run()``. The trainer owns the random streams
+    (shuffle and sampling; augmentation), the epoch counter and the history;
+    :meth:`state_dict` / :meth:`load_state_dict` with the model's and the
+    optimizer's make a checkpoint (:mod:`cupynn.checkpoint`) from which
+    :meth:`run` continues with exactly the result of an uninterrupted run on
+    the same backend.
+
+    Parameters are those of :func:`fit`; ``train`` may also be an object with
+    ``sample_epoch(rng) -> (x, y)`` that draws each epoch's training rows (as
+    the HIGGS loader does), and ``augment`` a callable ``(x_batch, rng) ->
+    x_batch`` applied on the device to every training batch.
+    """
+
+    def __init__(self, model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = None,
+                 *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
+                 progress: bool = True, eval_batch_size: int = EVAL_BATCH,
+                 redistribution: Any = None, alpha: float = 0.5, redistribute_every: int = 1,
+                 end_fraction: float = 0.75, growth_batches: int = 1,
+                 augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
+                 track_memory: Any = False,
+                 on_epoch_end: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        owner = "fit"
+        self.loss = check_choice(loss, "loss", owner, tuple(LOSSES))
+        self.epochs = check_int(epochs, "epochs", owner, low=1)
+        self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
+        self.seed = check_int(seed, "seed", owner, low=0)
+        self.eval_batch_size = check_int(eval_batch_size, "eval_batch_size", owner, low=1)
+        self.alpha = check_real(alpha, "alpha", owner, 0.0, 1.0)
+        self.redistribute_every = check_int(redistribute_every, "redistribute_every", owner, low=1)
+        self.end_fraction = check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
+        self.growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
+        if augment is not None and not callable(augment):
+            raise TypeError(f"The 'augment' parameter of {owner} must be callable. Got {augment!r}.")
+        self.redistributor = _redistributor(redistribution, self.seed)
+        if getattr(optimizer, "model", model) is not model:
+            raise ValueError("The optimizer of fit was built for another model.")
+        self.model, self.optimizer = model, optimizer
+        self.progress, self.augment, self.on_epoch_end = progress, augment, on_epoch_end
+        from .memory import MemoryTracker
+
+        if isinstance(track_memory, MemoryTracker):
+            self.memory, self._owns_memory = track_memory.start(), False
+        else:
+            self.memory = MemoryTracker(model.backend).start() if track_memory else None
+            self._owns_memory = self.memory is not None
+        self.sampler = None if isinstance(train, (tuple, list)) else train
+        if self.sampler is not None and not callable(getattr(train, "sample_epoch", None)):
+            raise TypeError(f"The 'train' argument of {owner} must be a pair (x, y) or have a "
+                            f"sample_epoch(rng) method. Got {type(train).__name__} instead.")
+        self.train = None if self.sampler is not None else _check_dataset(model, train, loss, "train")
+        self.test = None if test is None else _check_dataset(model, test, loss, "test")
+        self.rng = numpy.random.default_rng(self.seed)
+        self.augment_rng = numpy.random.default_rng((self.seed, 2))
+        # A fixed batch of training rows for the induced loss, from its own stream.
+        probe_source = self.train or _check_dataset(
+            model, self.sampler.sample_epoch(numpy.random.default_rng((self.seed, 1))), loss, "train")
+        rows = numpy.sort(numpy.random.default_rng((self.seed, 1)).choice(
+            probe_source[0].shape[0], size=min(self.batch_size, probe_source[0].shape[0]),
+            replace=False))
+        self.probe = (probe_source[0][rows], probe_source[1][rows])
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state of the loop (the model and optimizer keep their own)."""
+        state = {"epoch": self.epoch, "rng": self.rng.bit_generator.state,
+                 "augment_rng": self.augment_rng.bit_generator.state,
+                 "history": self.history}
+        if self.redistributor is not None:
+            state["redistributor"] = self.redistributor.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.rng.bit_generator.state = state["rng"]
+        self.augment_rng.bit_generator.state = state["augment_rng"]
+        self.history = list(state["history"])
+        if self.redistributor is not None:
+            self.redistributor.load_state_dict(state["redistributor"])
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; return the whole history."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.epoch + 1, self.epochs + 1), desc="epochs", unit="epoch",
+                   disable=not self.progress, initial=self.epoch, total=self.epochs)
+        try:
+            for epoch in bar:
+                metrics = self._epoch(epoch)
+                self.epoch = epoch
+                self.history.append(metrics)
+                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("train_loss", "test_accuracy")
+                                 if k in metrics})
+                if self.on_epoch_end is not None and self.on_epoch_end(metrics) is False:
+                    break
+        finally:
+            if self._owns_memory:
+                self.memory.stop()
+        return self.history
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        model, backend, batch_size = self.model, self.model.backend, self.batch_size
+        loss_fn = LOSSES[self.loss]
+        if self.sampler is not None:
+            x_train, y_train = _check_dataset(model, self.sampler.sample_epoch(self.rng), self.loss,
+                                              "train")
+        else:
+            x_train, y_train = self.train
+        n = x_train.shape[0]
+        n_batches = -(-n // batch_size)
+        order = self.rng.permutation(n)
+        redistributor = self.redistributor
+        fraction = (fraction_at(epoch, self.epochs, self.alpha, self.redistribute_every,
+                                self.end_fraction) if redistributor is not None else 0.0)
+        if redistributor is not None:
+            redistributor.start_epoch(model, n_batches, fraction > 0)
+        if self.memory is not None:
+            self.memory.reset_peak()
+        batch_losses = backend.xp.empty(n_batches, dtype=numpy.float64)
+        backend.synchronize()
+        start = time.perf_counter()
+        batch_bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False,
+                         disable=not self.progress, unit="batch")
+        for b in batch_bar:
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            xb = backend.asarray(x_train[idx], dtype=model.dtype)
+            if self.augment is not None:
+                xb = self.augment(xb, self.augment_rng)
+            yb = backend.asarray(y_train[idx])
+            logits = model.forward(xb)
+            value, grad = loss_fn(logits, yb, check=False)
+            model.backward(grad)
+            if redistributor is not None:
+                redistributor.observe(model)
+            self.optimizer.step()
+            batch_losses[b] = value
+            if self.progress and b % 50 == 0:
+                batch_bar.set_postfix(loss=f"{float(value):.4f}")
+        host_losses = to_numpy(batch_losses)  # one sync per epoch
+        backend.synchronize()
+        train_seconds = time.perf_counter() - start
+        bad = numpy.flatnonzero(~numpy.isfinite(host_losses))
+        if bad.size:
+            raise FloatingPointError(
+                f"The training loss became {host_losses[bad[0]]} at epoch {epoch}, batch "
+                f"{int(bad[0]) + 1} of {n_batches}. Try a smaller learning rate.")
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(host_losses.mean()),
+            "train_seconds": train_seconds,
+            "n_batches": n_batches,
+            "redistribution_seconds": 0.0,
+        }
+        if fraction > 0:
+            rows = order[max(0, n_batches - self.growth_batches) * batch_size:]
+            metrics.update(_redistribute(model, self.optimizer, redistributor, fraction,
+                                         (x_train[rows], y_train[rows]), self.probe, self.loss))
+        metrics["nnz"] = model.nnz
+        if self.memory is not None:
+            metrics["peak_memory_bytes"] = self.memory.peak()
+        if self.test is not None:
+            start = time.perf_counter()
+            result = evaluate(model, *self.test, self.loss, self.eval_batch_size)
+            metrics["test_loss"] = result["loss"]
+            metrics["test_accuracy"] = result["accuracy"]
+            if "auc" in result:
+                metrics["test_auc"] = result["auc"]
+            metrics["eval_seconds"] = time.perf_counter() - start
+        return metrics
+
+
+def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = None,
         *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
         progress: bool = True, eval_batch_size: int = EVAL_BATCH,
         redistribution: Any = None, alpha: float = 0.5, redistribute_every: int = 1,
         end_fraction: float = 0.75, growth_batches: int = 1,
+        augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
+        track_memory: Any = False,
         on_epoch_end: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
 
@@ -114,7 +294,9 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
     ----------
     model : MLP
     optimizer : Adam
-    train, test : (x, y) pairs of host (NumPy) or device arrays
+    train : (x, y) pair of host (NumPy) or device arrays, or an object with
+        ``sample_epoch(rng) -> (x, y)`` drawing each epoch's rows
+    test : (x, y) pair, optional
         x is (n, sizes[0]); y holds class indices (cross_entropy) or 0/1
         targets (binary_cross_entropy). Both are checked up front.
     epochs, batch_size : int >= 1
@@ -130,6 +312,13 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
         the epoch for gradients; its ``observe`` runs after every backward pass.
     alpha, redistribute_every, end_fraction : the schedule (SPEC §3)
     growth_batches : int >= 1
+    augment : callable ``(x_batch, rng) -> x_batch``, optional
+        Applied on the device to every training batch, with a generator of
+        its own seeded from ``seed``.
+    track_memory : bool or cupynn.memory.MemoryTracker
+        Record each epoch's ``peak_memory_bytes`` (see :mod:`cupynn.memory`).
+        ``True`` counts only what is allocated from the start of training; pass
+        a tracker started before building the model to include the model.
     on_epoch_end : callable, optional
         Called with each epoch's metrics dict; returning False stops training.
 
@@ -148,95 +337,12 @@ def fit(model: Any, optimizer: Any, train: tuple[Any, Any], test: tuple[Any, Any
     FloatingPointError
         When a batch loss is NaN or infinite; names the epoch and batch.
     """
-    owner = "fit"
-    check_choice(loss, "loss", owner, tuple(LOSSES))
-    epochs = check_int(epochs, "epochs", owner, low=1)
-    batch_size = check_int(batch_size, "batch_size", owner, low=1)
-    seed = check_int(seed, "seed", owner, low=0)
-    eval_batch_size = check_int(eval_batch_size, "eval_batch_size", owner, low=1)
-    check_real(alpha, "alpha", owner, 0.0, 1.0)
-    check_int(redistribute_every, "redistribute_every", owner, low=1)
-    check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
-    growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
-    redistributor = _redistributor(redistribution, seed)
-    if getattr(optimizer, "model", model) is not model:
-        raise ValueError("The optimizer of fit was built for another model.")
-    x_train, y_train = _check_dataset(model, train, loss, "train")
-    if test is not None:
-        x_test, y_test = _check_dataset(model, test, loss, "test")
-
-    from tqdm.auto import tqdm
-
-    loss_fn = LOSSES[loss]
-    backend = model.backend
-    xp = backend.xp
-    rng = numpy.random.default_rng(seed)
-    n = x_train.shape[0]
-    n_batches = -(-n // batch_size)
-    history: list[dict[str, Any]] = []
-    # A fixed batch of training rows for the induced loss, from its own stream.
-    probe_rows = numpy.sort(numpy.random.default_rng((seed, 1)).choice(
-        n, size=min(batch_size, n), replace=False))
-    epoch_bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, unit="epoch")
-    for epoch in epoch_bar:
-        order = rng.permutation(n)
-        fraction = (fraction_at(epoch, epochs, alpha, redistribute_every, end_fraction)
-                    if redistributor is not None else 0.0)
-        if redistributor is not None:
-            redistributor.start_epoch(model, n_batches, fraction > 0)
-        batch_losses = xp.empty(n_batches, dtype=numpy.float64)
-        backend.synchronize()
-        start = time.perf_counter()
-        batch_bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False,
-                         disable=not progress, unit="batch")
-        for b in batch_bar:
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            xb = backend.asarray(x_train[idx], dtype=model.dtype)
-            yb = backend.asarray(y_train[idx])
-            logits = model.forward(xb)
-            value, grad = loss_fn(logits, yb, check=False)
-            model.backward(grad)
-            if redistributor is not None:
-                redistributor.observe(model)
-            optimizer.step()
-            batch_losses[b] = value
-            if progress and b % 50 == 0:
-                batch_bar.set_postfix(loss=f"{float(value):.4f}")
-        host_losses = to_numpy(batch_losses)  # one sync per epoch
-        backend.synchronize()
-        train_seconds = time.perf_counter() - start
-        bad = numpy.flatnonzero(~numpy.isfinite(host_losses))
-        if bad.size:
-            raise FloatingPointError(
-                f"The training loss became {host_losses[bad[0]]} at epoch {epoch}, batch "
-                f"{int(bad[0]) + 1} of {n_batches}. Try a smaller learning rate.")
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": float(host_losses.mean()),
-            "train_seconds": train_seconds,
-            "n_batches": n_batches,
-            "redistribution_seconds": 0.0,
-        }
-        if fraction > 0:
-            rows = order[max(0, n_batches - growth_batches) * batch_size:]
-            metrics.update(_redistribute(model, optimizer, redistributor, fraction,
-                                         (x_train[rows], y_train[rows]),
-                                         (x_train[probe_rows], y_train[probe_rows]), loss))
-        metrics["nnz"] = model.nnz
-        if test is not None:
-            start = time.perf_counter()
-            result = evaluate(model, x_test, y_test, loss, eval_batch_size)
-            metrics["test_loss"] = result["loss"]
-            metrics["test_accuracy"] = result["accuracy"]
-            if "auc" in result:
-                metrics["test_auc"] = result["auc"]
-            metrics["eval_seconds"] = time.perf_counter() - start
-        history.append(metrics)
-        epoch_bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("train_loss", "test_accuracy")
-                               if k in metrics})
-        if on_epoch_end is not None and on_epoch_end(metrics) is False:
-            break
-    return history
+    return Trainer(model, optimizer, train, test, epochs=epochs, batch_size=batch_size, loss=loss,
+                   seed=seed, progress=progress, eval_batch_size=eval_batch_size,
+                   redistribution=redistribution, alpha=alpha,
+                   redistribute_every=redistribute_every, end_fraction=end_fraction,
+                   growth_batches=growth_batches, augment=augment, track_memory=track_memory,
+                   on_epoch_end=on_epoch_end).run()
 
 
 def _redistributor(redistribution: Any, seed: int) -> Any:

@@ -122,6 +122,16 @@ class Redistributor:
         self.seed = check_int(seed, "seed", type(self).__name__, low=0)
         self.rng = numpy.random.default_rng(self.seed)
 
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state between epochs (the random stream)."""
+        return {"name": self.name, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"A {state.get('name')!r} state cannot be loaded into {self.name!r}.")
+        self.rng.bit_generator.state = state["rng"]
+
     # -------------------------------------------------------------- hooks
     def start_epoch(self, model: Any, n_batches: int, will_redistribute: bool) -> None:
         """Called by the training loop before each epoch (no-op by default)."""
