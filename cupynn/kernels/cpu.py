@@ -1,13 +1,30 @@
 """Compiled, parallel CPU twins of the sparse kernels (Numba).
 
 SciPy's sparse products run on one thread and NumPy has no SDDMM, so the CPU
-backend uses these. Each computes exactly what its NumPy twin in
-:mod:`cupynn.kernels.numpy_twins` computes; the tests compare them. All
-outputs are allocated by the caller with NumPy, so that ``tracemalloc`` sees
-every byte the training step uses.
+backend uses these. Each computes what its NumPy twin in
+:mod:`cupynn.kernels.numpy_twins` computes, up to the rounding of a different
+summation order; the tests compare them. All outputs are allocated by the
+caller with NumPy, so that ``tracemalloc`` sees every byte the training step
+uses.
 
 Layout: activations are feature-major, ``x[feature, sample]``, so each nonzero
-of a CSR weight works on a contiguous run of ``batch`` values.
+of a CSR weight works on a contiguous run of ``batch`` values: a row of 512
+float32 samples is 2 KiB, too big for many of them to stay in L1. The inner
+loops over the batch must vectorise, and the kernels limit how often such
+rows travel between cache levels (measurements in ``docs/benchmarks.md``):
+
+* ``spmm`` takes a row's nonzeros four at a time, so its accumulator row is
+  read and written once per four input rows instead of once per input row;
+* ``spmm_t`` scatters into bands of output rows small enough to stay in a
+  core's L2 cache, instead of into whole output columns spread over the L3;
+* ``sddmm`` lets the compiler reassociate its dot products (``reassoc``),
+  which is what lets them vectorise (otherwise each is a chain of dependent
+  scalar adds), and computes two of them per pass over the ``dy`` row.
+
+Floating point: kernels may fuse multiply-adds (``fastmath`` ``contract``)
+and ``sddmm`` may reassociate its sums (``reassoc``). Neither touches NaN or
+infinity handling; the results differ from a strictly sequential loop by
+rounding only, well within the tests' tolerance.
 """
 
 from __future__ import annotations
@@ -16,26 +33,115 @@ import numba
 import numpy
 
 _JIT = dict(nogil=True, cache=True)
+_FMA = {"contract"}
+_FMA_REASSOC = {"contract", "reassoc"}
+
+# spmm_t: bands of output rows of at most this many bytes, so a band (written
+# once per nonzero that lands in it) stays in a core's L2 cache (1 MiB on the
+# Zen 4 EPYC these were tuned on; 256 KiB leaves room for the rows read).
+BAND_BYTES = 1 << 18
+# ... and at least this many bands per worker, so narrow outputs still keep
+# every worker busy and the static split of bands over threads stays even.
+BANDS_PER_WORKER = 4
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(parallel=True, fastmath=_FMA, **_JIT)
 def spmm(indptr, indices, data, x, out):  # pragma: no cover - compiled
-    """out[r, :] = sum_k data[k] * x[indices[k], :] over row r; rows in parallel."""
+    """out[r, :] = sum_k data[k] * x[indices[k], :] over row r; rows in parallel.
+
+    Any column order within a row works (duplicates too).
+    """
     n_rows = out.shape[0]
     batch = out.shape[1]
     for r in numba.prange(n_rows):
         acc = out[r]
         acc[:] = 0
-        for k in range(indptr[r], indptr[r + 1]):
-            a = data[k]
-            src = x[indices[k]]
+        k = indptr[r]
+        end = indptr[r + 1]
+        while k + 3 < end:  # four nonzeros per pass over acc
+            a0 = data[k]
+            a1 = data[k + 1]
+            a2 = data[k + 2]
+            a3 = data[k + 3]
+            s0 = x[indices[k]]
+            s1 = x[indices[k + 1]]
+            s2 = x[indices[k + 2]]
+            s3 = x[indices[k + 3]]
             for j in range(batch):
-                acc[j] += a * src[j]
+                acc[j] += (a0 * s0[j] + a1 * s1[j]) + (a2 * s2[j] + a3 * s3[j])
+            k += 4
+        while k < end:
+            a0 = data[k]
+            s0 = x[indices[k]]
+            for j in range(batch):
+                acc[j] += a0 * s0[j]
+            k += 1
+
+
+@numba.njit(inline="always", **_JIT)
+def _lower_bound(indices, lo, hi, value):  # pragma: no cover - compiled
+    """First position k in [lo, hi) with indices[k] >= value (sorted run)."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if indices[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @numba.njit(parallel=True, **_JIT)
-def spmm_t(indptr, indices, data, dy, out, n_chunks):  # pragma: no cover - compiled
-    """out = W.T @ dy. Scatter over rows; parallel over disjoint batch slices.
+def _rows_sorted(indptr, indices):  # pragma: no cover - compiled
+    """True when the column indices of every row are non-decreasing."""
+    n_rows = indptr.shape[0] - 1
+    unsorted = 0
+    for r in numba.prange(n_rows):
+        for k in range(indptr[r] + 1, indptr[r + 1]):
+            if indices[k] < indices[k - 1]:
+                unsorted += 1
+    return unsorted == 0
+
+
+@numba.njit(parallel=True, fastmath=_FMA, **_JIT)
+def _spmm_t_bands(indptr, indices, data, dy, out, workers):  # pragma: no cover - compiled
+    """out = W.T @ dy for rows with sorted columns; parallel over bands of out rows.
+
+    A band is a range [c0, c1) of output rows (input features). Its worker
+    zeroes it, then scans every CSR row: a binary search finds the row's first
+    nonzero in the band, and the nonzeros up to c1 add ``data[k] * dy[r]``
+    into the band, which stays in cache. Every output value sums its terms in
+    row order, as a plain scatter does; bands are disjoint, so no atomics.
+    """
+    n_rows = dy.shape[0]
+    batch = dy.shape[1]
+    n_cols = out.shape[0]
+    band = max(1, BAND_BYTES // max(1, batch * out.itemsize))
+    pieces = BANDS_PER_WORKER * max(1, workers)
+    band = min(band, max(1, (n_cols + pieces - 1) // pieces))
+    n_bands = (n_cols + band - 1) // band
+    for b in numba.prange(n_bands):
+        c0 = b * band
+        c1 = min(n_cols, c0 + band)
+        for c in range(c0, c1):
+            dst = out[c]
+            for j in range(batch):
+                dst[j] = 0
+        for r in range(n_rows):
+            end = indptr[r + 1]
+            k = _lower_bound(indices, indptr[r], end, c0)
+            if k < end and indices[k] < c1:
+                src = dy[r]
+                while k < end and indices[k] < c1:
+                    a = data[k]
+                    dst = out[indices[k]]
+                    for j in range(batch):
+                        dst[j] += a * src[j]
+                    k += 1
+
+
+@numba.njit(parallel=True, fastmath=_FMA, **_JIT)
+def _spmm_t_slices(indptr, indices, data, dy, out, n_chunks):  # pragma: no cover - compiled
+    """out = W.T @ dy for any column order; parallel over disjoint batch slices.
 
     Each worker owns columns [lo, hi) of ``out``, so the scatter needs no
     atomics and no transposed copy of the CSR structure.
@@ -48,25 +154,62 @@ def spmm_t(indptr, indices, data, dy, out, n_chunks):  # pragma: no cover - comp
         hi = min(batch, lo + step)
         if lo >= hi:
             continue
+        width = hi - lo
         out[:, lo:hi] = 0
         for r in range(n_rows):
-            src = dy[r]
+            # Slices indexed from 0 (not range(lo, hi)) let LLVM vectorise.
+            src = dy[r, lo:hi]
             for k in range(indptr[r], indptr[r + 1]):
                 a = data[k]
-                dst = out[indices[k]]
-                for j in range(lo, hi):
+                dst = out[indices[k], lo:hi]
+                for j in range(width):
                     dst[j] += a * src[j]
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)
+def spmm_t(indptr, indices, data, dy, out, n_chunks):  # pragma: no cover - compiled
+    """out = W.T @ dy, a scatter of each nonzero's ``data[k] * dy[r]``.
+
+    ``n_chunks`` is the number of workers to split the work over. Rows with
+    sorted columns (the canonical CSR of every layer) take the cache-friendly
+    band kernel, with at least ``BANDS_PER_WORKER * n_chunks`` bands where
+    there are enough output rows; otherwise (``check=False`` on an unsorted
+    pattern) the scatter runs over ``n_chunks`` disjoint batch slices.
+    Checking the order costs one parallel pass over ``indices``.
+    """
+    if _rows_sorted(indptr, indices):
+        _spmm_t_bands(indptr, indices, data, dy, out, n_chunks)
+    else:
+        _spmm_t_slices(indptr, indices, data, dy, out, max(1, n_chunks))
+
+
+@numba.njit(parallel=True, fastmath=_FMA_REASSOC, **_JIT)
 def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
-    """out[k] = dy[row(k)] . x[indices[k]]; rows in parallel."""
+    """out[k] = dy[row(k)] . x[indices[k]]; rows in parallel, any column order.
+
+    Two nonzeros per pass share the loads of the ``dy`` row; ``reassoc``
+    lets each dot product be summed in vector lanes.
+    """
     n_rows = dy.shape[0]
     batch = dy.shape[1]
     zero = out.dtype.type(0)
     for r in numba.prange(n_rows):
         a = dy[r]
-        for k in range(indptr[r], indptr[r + 1]):
+        k = indptr[r]
+        end = indptr[r + 1]
+        while k + 1 < end:
+            b0 = x[indices[k]]
+            b1 = x[indices[k + 1]]
+            acc0 = zero
+            acc1 = zero
+            for j in range(batch):
+                aj = a[j]
+                acc0 += aj * b0[j]
+                acc1 += aj * b1[j]
+            out[k] = acc0
+            out[k + 1] = acc1
+            k += 2
+        if k < end:
             b = x[indices[k]]
             acc = zero
             for j in range(batch):
