@@ -1,4 +1,4 @@
-"""Dataset layer: KMNIST and HIGGS loaders, downloads, checks, splits.
+"""Dataset layer: KMNIST and HIGGS loaders, downloads, checks, splits, augmentation.
 
 Small files in each official layout are written into ``tmp_path``; the network
 is never used (``fetch_url`` is replaced for every test). The real files under
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cupynn.data import (Dataset, DownloadError, download, download_file, find_higgs, higgs,
-                         kmnist, load_digits, load_higgs, load_kmnist, read_higgs_csv,
-                         stratified_split)
+from cupynn import to_numpy
+from cupynn.data import (Dataset, DownloadError, RandomAffine, affine_transform, download,
+                         download_file, find_higgs, higgs, kmnist, load_digits, load_higgs,
+                         load_kmnist, read_higgs_csv, stratified_split)
 from cupynn.data.download import checksum_problem
 from cupynn.data.kmnist import LAYOUTS, OfficialFile
 
@@ -610,3 +611,102 @@ def test_higgs_real_sample(tmp_path):
     x2, y2 = data.sample_epoch(numpy.random.default_rng(1))
     numpy.testing.assert_array_equal(x1, x2)
     numpy.testing.assert_array_equal(y1, y2)
+
+
+# -- augmentation -------------------------------------------------------------------------------
+
+def images_batch(n=4, shape=(28, 28), dtype=numpy.float32, seed=0):
+    return numpy.random.default_rng(seed).random((n, shape[0] * shape[1])).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_affine_identity_returns_the_input_exactly(backend, dtype):
+    x = backend.asarray(images_batch(dtype=dtype))
+    off = RandomAffine(rotation=0, translation=0, scale=(1, 1))
+    assert off.is_identity and off(x, numpy.random.default_rng(0)) is x
+    same = affine_transform(x, (28, 28), numpy.zeros(4), numpy.zeros((4, 2)), numpy.ones(4))
+    assert same.dtype == dtype
+    numpy.testing.assert_array_equal(to_numpy(same), to_numpy(x))
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (7, 7), (6, 6)])
+def test_affine_quarter_turns_match_rot90(backend, shape):
+    x = images_batch(n=3, shape=shape)
+    for angle, k in ((90, 1), (-90, -1), (180, 2)):
+        out = affine_transform(backend.asarray(x), shape, numpy.full(3, angle), numpy.zeros((3, 2)),
+                               numpy.ones(3))
+        expected = numpy.rot90(x.reshape(3, *shape), k=k, axes=(1, 2)).reshape(3, -1)
+        numpy.testing.assert_allclose(to_numpy(out), expected, atol=1e-5)
+
+
+def test_affine_integer_shift_matches_roll_with_zeros(backend):
+    shape = (6, 10)
+    x = images_batch(n=2, shape=shape)
+    out = affine_transform(backend.asarray(x), shape, numpy.zeros(2),
+                           numpy.array([[2.0, -3.0], [-1.0, 4.0]]), numpy.ones(2))
+    images = x.reshape(2, *shape)
+    expected = numpy.zeros_like(images)
+    expected[0, 2:, :-3] = images[0, :-2, 3:]       # 2 rows down, 3 columns left
+    expected[1, :-1, 4:] = images[1, 1:, :-4]       # 1 row up, 4 columns right
+    numpy.testing.assert_allclose(to_numpy(out), expected.reshape(2, -1), atol=1e-6)
+
+
+def test_affine_scale_two_magnifies_about_the_centre(backend):
+    image = numpy.zeros((5, 5), numpy.float32)
+    image[2, 2], image[2, 3] = 1.0, 0.5            # the centre pixel and its right neighbour
+    out = affine_transform(backend.asarray(image.reshape(1, -1)), (5, 5), numpy.zeros(1),
+                           numpy.zeros((1, 2)), numpy.array([2.0]))
+    out = to_numpy(out).reshape(5, 5)
+    # the output column 4 reads the input at column 3 (centre 2 + 2/2): a half-way point is 0.75
+    assert out[2, 2] == 1.0 and out[2, 4] == 0.5 and out[2, 3] == 0.75
+
+
+def test_affine_random_draws_are_reproducible_and_stay_in_range(backend):
+    x = backend.asarray(images_batch(n=16))
+    augment = RandomAffine()
+    assert repr(augment) == ("RandomAffine(rotation=10, translation=2, scale=(0.9, 1.1), "
+                             "image_shape=(28, 28))")
+    a = to_numpy(augment(x, numpy.random.default_rng(3)))
+    b = to_numpy(augment(x, numpy.random.default_rng(3)))
+    c = to_numpy(augment(x, numpy.random.default_rng(4)))
+    numpy.testing.assert_array_equal(a, b)
+    assert not numpy.allclose(a, c) and not numpy.allclose(a, to_numpy(x))
+    assert a.shape == (16, 784) and a.dtype == numpy.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0 + 1e-6      # bilinear blends of values in [0, 1]
+    # the same draws on the host give the same result (so CPU and GPU agree)
+    angles, shifts, scales = augment.sample(16, numpy.random.default_rng(3))
+    assert numpy.all(numpy.abs(angles) <= 10) and numpy.all(numpy.abs(shifts) <= 2)
+    assert numpy.all((0.9 <= scales) & (scales <= 1.1))
+    host = affine_transform(to_numpy(x), (28, 28), angles, shifts, scales)
+    numpy.testing.assert_allclose(a, host, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"rotation": -1}, ValueError, r"The 'rotation' parameter of RandomAffine must be in "
+                                   r"\[0, 180\]\. Got -1\.0 instead\."),
+    ({"translation": float("inf")}, ValueError, r"The 'translation' parameter of RandomAffine"),
+    ({"scale": (1.1, 0.9)}, ValueError, r"The 'scale' parameter of RandomAffine must be a pair "
+                                        r"\(low, high\) with 0 < low <= high\. Got \(1\.1, 0\.9\)"),
+    ({"scale": 1.0}, ValueError, r"The 'scale' parameter of RandomAffine"),
+    ({"image_shape": (28,)}, ValueError, r"The 'image_shape' parameter of RandomAffine must be a "
+                                         r"pair of positive ints"),
+])
+def test_affine_bad_parameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        RandomAffine(**kwargs)
+
+
+def test_affine_bad_inputs():
+    augment = RandomAffine()
+    rng = numpy.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"The 'x' parameter of RandomAffine must have shape "
+                                         r"\(batch, 784\) for images of shape \(28, 28\)\. "
+                                         r"Got \(2, 64\) instead\."):
+        augment(numpy.zeros((2, 64), numpy.float32), rng)
+    with pytest.raises(TypeError, match=r"must be a float array\. Got uint8 instead\."):
+        augment(numpy.zeros((2, 784), numpy.uint8), rng)
+    with pytest.raises(TypeError, match=r"The 'rng' parameter of RandomAffine must be a "
+                                        r"numpy\.random\.Generator\. Got int instead\."):
+        augment(numpy.zeros((2, 784), numpy.float32), 0)
+    with pytest.raises(ValueError, match=r"must have shapes \(2,\), \(2, 2\) and \(2,\)"):
+        affine_transform(numpy.zeros((2, 784)), (28, 28), [0], [[0, 0]], [1])
