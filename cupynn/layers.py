@@ -58,7 +58,7 @@ class Layer:
     def forward(self, x: Any) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def backward(self, dy: Any) -> Any:  # pragma: no cover - interface
+    def backward(self, dy: Any, need_input_grad: bool = True) -> Any:  # pragma: no cover
         raise NotImplementedError
 
     def parameters(self) -> list[tuple[str, Any, Any]]:
@@ -179,11 +179,13 @@ class SparseLinear(Layer):
         y += self.bias[:, None]
         return y
 
-    def backward(self, dy: Any) -> Any:
-        """dy (out_features, batch) -> dx (in_features, batch).
+    def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
+        """dy (out_features, batch) -> dx (in_features, batch), or None.
 
         Sets ``grad_data`` (the SDDMM ``dy x^T`` at the active entries only)
-        and ``grad_bias`` (``dy`` summed over the batch).
+        and ``grad_bias`` (``dy`` summed over the batch). With
+        ``need_input_grad=False`` (the first layer in training) the input
+        gradient, a third sparse product, is skipped.
         """
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
@@ -192,6 +194,8 @@ class SparseLinear(Layer):
             self._dy = dy
         self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
         self.grad_bias = dy.sum(axis=1)
+        if not need_input_grad:
+            return None
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
                               check=False)
 
@@ -258,13 +262,14 @@ class Linear(Layer):
         y += self.bias[:, None]
         return y
 
-    def backward(self, dy: Any) -> Any:
-        """dy (out_features, batch) -> dx (in_features, batch); sets the gradients."""
+    def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
+        """dy (out_features, batch) -> dx (in_features, batch), or None without
+        ``need_input_grad``; sets the gradients."""
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
         self.grad_weight = dy @ self._x.T
         self.grad_bias = dy.sum(axis=1)
-        return self.weight.T @ dy
+        return self.weight.T @ dy if need_input_grad else None
 
     def to_dense(self) -> numpy.ndarray:
         return to_numpy(self.weight).copy()

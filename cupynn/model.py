@@ -189,17 +189,19 @@ class MLP:
 
     __call__ = forward
 
-    def backward(self, grad_logits: Any) -> Any:
+    def backward(self, grad_logits: Any, need_input_grad: bool = True) -> Any:
         """Back-propagate the loss gradient of the last ``forward``.
 
         Parameters
         ----------
         grad_logits : (batch, sizes[-1]) array (``(batch,)`` for one output)
+        need_input_grad : bool
+            False skips the input gradient (training never uses it).
 
         Returns
         -------
-        (batch, sizes[0]) gradient with respect to the input. Every layer's
-        ``grad_*`` attributes are set.
+        (batch, sizes[0]) gradient with respect to the input, or None. Every
+        layer's ``grad_*`` attributes are set.
         """
         xp = self.backend.xp
         g = xp.asarray(grad_logits, dtype=self.dtype)
@@ -212,8 +214,8 @@ class MLP:
         for i in range(len(self.layers) - 1, -1, -1):
             if i < len(self.activations):
                 g = self.activations[i].backward(g)
-            g = self.layers[i].backward(g)
-        return xp.ascontiguousarray(g.T)
+            g = self.layers[i].backward(g, need_input_grad=i > 0 or need_input_grad)
+        return xp.ascontiguousarray(g.T) if need_input_grad else None
 
     def predict(self, x: Any, batch_size: int = 4096) -> Any:
         """Logits for many rows, computed in batches; a NumPy array."""

@@ -236,7 +236,7 @@ class Trainer:
             yb = backend.asarray(y_train[idx])
             logits = model.forward(xb)
             value, grad = loss_fn(logits, yb, check=False)
-            model.backward(grad)
+            model.backward(grad, need_input_grad=False)
             if redistributor is not None:
                 redistributor.observe(model)
             self.optimizer.step()

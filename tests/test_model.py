@@ -95,3 +95,17 @@ def test_set_topology_rejects_non_canonical_csr(backend):
                                xp.asarray(indices, dtype=xp.int32), data)
     with pytest.raises(TypeError, match="must be int32"):
         layer.set_topology(xp.asarray([0, 2, 3]), xp.asarray([0, 1, 2]), data)
+
+
+def test_backward_without_input_gradient_gives_the_same_parameter_gradients(backend, rng):
+    model = cupynn.MLP([12, 9, 4], density=0.3, dtype="float64", device=backend)
+    x = rng.standard_normal((5, 12))
+    g = backend.asarray(rng.standard_normal((5, 4)))
+    model.forward(x)
+    model.backward(g)
+    full = [to_numpy(grad).copy() for layer in model.layers for _, _, grad in layer.parameters()]
+    model.forward(x)
+    assert model.backward(g, need_input_grad=False) is None
+    for a, layer_grads in zip(full, [to_numpy(grad) for layer in model.layers
+                                     for _, _, grad in layer.parameters()]):
+        numpy.testing.assert_array_equal(a, layer_grads)

@@ -180,7 +180,9 @@ def adam(p: Any, g: Any, m: Any, v: Any, *, lr: float, b1: float, b2: float, eps
     if n == 0:
         return
     t = p.dtype.type
-    scalars = tuple(t(s) for s in (lr, b1, b2, eps, bc1, bc2))
+    # 1 - b computed in double, then rounded (as the twin does): in float32,
+    # 1 - float32(0.999) is 0.00099998713, not 0.001.
+    scalars = tuple(t(s) for s in (lr, b1, b2, 1.0 - b1, 1.0 - b2, eps, bc1, bc2))
     if backend.is_gpu:
         kernel = cuda_function("adam.cu", f"adam_{suffix}")
         kernel(_grid(n, max_blocks), (THREADS_PER_BLOCK,), (p, g, m, v, *scalars, numpy.int64(n)))
@@ -227,8 +229,10 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
            check: bool = True) -> Any:
     """``W.T @ dy`` for CSR ``W`` (n_rows, n_cols) and dense dy (n_rows, batch).
 
-    cuSPARSE (transposed operand) on the GPU; on the CPU a Numba scatter that is
-    parallel over disjoint batch slices. Returns a C-contiguous (n_cols, batch) array.
+    cuSPARSE (transposed operand) on the GPU; on the CPU a Numba kernel that
+    works on cache-sized bands of output rows in parallel (rows with sorted
+    columns), or scatters over disjoint batch slices (unsorted rows). Returns a
+    C-contiguous (n_cols, batch) array.
     """
     what = "spmm_t"
     backend = _check_same_backend(what, indptr, indices, data, dy)
@@ -244,9 +248,8 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     from . import cpu
 
     out = numpy.empty((n_cols, dy.shape[1]), dtype=dy.dtype)
-    # Enough slices to keep both cores busy, each at least 16 samples wide.
-    n_chunks = max(1, min(numba_threads(), dy.shape[1] // 16))
-    cpu.spmm_t(indptr, indices, data, dy, out, n_chunks)
+    # The number of workers to plan for (bands, or batch slices when unsorted).
+    cpu.spmm_t(indptr, indices, data, dy, out, numba_threads())
     return out
 
 

@@ -218,13 +218,12 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, **_JIT)
-def adam(p, g, m, v, lr, b1, b2, eps, bc1, bc2):  # pragma: no cover - compiled
+def adam(p, g, m, v, lr, b1, b2, c1, c2, eps, bc1, bc2):  # pragma: no cover - compiled
     """The fused Adam update of adam.cu, in place, elements in parallel."""
-    one = p.dtype.type(1)
     for i in numba.prange(p.size):
         gi = g[i]
-        mi = b1 * m[i] + (one - b1) * gi
-        vi = b2 * v[i] + (one - b2) * gi * gi
+        mi = b1 * m[i] + c1 * gi
+        vi = b2 * v[i] + c2 * gi * gi
         m[i] = mi
         v[i] = vi
         p[i] -= lr * (mi / bc1) / (numpy.sqrt(vi / bc2) + eps)

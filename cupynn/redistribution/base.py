@@ -62,7 +62,7 @@ class GradientProbe:
         try:
             logits = model.forward(x)
             value, grad = LOSSES[loss](logits, xp.asarray(y), check=False)
-            model.backward(grad)
+            model.backward(grad, need_input_grad=False)
         finally:
             for layer in layers:
                 layer.keep_output_grad = False
