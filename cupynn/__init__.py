@@ -4,16 +4,18 @@ Sparse weights are CSR arrays on the device from the first step to the last;
 forward and backward passes are hand-written; Adam is hand-written.
 """
 
-from . import losses
+from . import data, losses, redistribution
 from .backend import Backend, get_backend, gpu_available, to_numpy
 from .layers import Linear, ReLU, Sigmoid, SparseLinear
 from .model import MLP
+from .memory import MemoryTracker
 from .optim import Adam
-from .training import evaluate, fit
+from .training import Trainer, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam", "Backend", "Linear", "MLP", "ReLU", "Sigmoid", "SparseLinear", "evaluate", "fit",
-    "get_backend", "gpu_available", "losses", "to_numpy", "__version__",
+    "Adam", "Backend", "Linear", "MLP", "MemoryTracker", "ReLU", "Sigmoid", "SparseLinear",
+    "Trainer", "data", "evaluate", "fit", "get_backend", "gpu_available", "losses",
+    "redistribution", "to_numpy", "__version__",
 ]
