@@ -282,6 +282,8 @@ class Linear(Layer):
 class ReLU:
     """max(x, 0); the derivative is taken from the forward output."""
 
+    _y: Any = None
+
     def forward(self, x: Any) -> Any:
         xp = get_backend_of(x)
         self._y = xp.maximum(x, 0)
@@ -293,6 +295,8 @@ class ReLU:
 
 class Sigmoid:
     """1 / (1 + exp(-x)), overflow-free; derivative y (1 - y) from the output."""
+
+    _y: Any = None
 
     def forward(self, x: Any) -> Any:
         xp = get_backend_of(x)

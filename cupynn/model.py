@@ -217,12 +217,23 @@ class MLP:
             g = self.layers[i].backward(g, need_input_grad=i > 0 or need_input_grad)
         return xp.ascontiguousarray(g.T) if need_input_grad else None
 
+    def clear_cache(self) -> None:
+        """Drop the activations kept for ``backward`` (after evaluation, say),
+        so they do not hold memory until the next forward pass."""
+        for layer in self.layers:
+            layer._x = None
+            if isinstance(layer, SparseLinear):
+                layer._dy = None
+        for activation in self.activations:
+            activation._y = None
+
     def predict(self, x: Any, batch_size: int = 4096) -> Any:
         """Logits for many rows, computed in batches; a NumPy array."""
         from .backend import to_numpy
 
         check_int(batch_size, "batch_size", "MLP.predict", low=1)
         outs = [to_numpy(self.forward(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+        self.clear_cache()
         if not outs:
             return numpy.empty((0, self.sizes[-1]), dtype=self.dtype)
         return numpy.concatenate(outs)

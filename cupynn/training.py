@@ -87,6 +87,7 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
             z = logits.reshape(-1)
             correct += int(((z > 0) == (yd > 0.5)).sum())
             scores.append(to_numpy(z))
+    model.clear_cache()
     n = x.shape[0]
     result = {"loss": total / n, "accuracy": correct / n}
     if loss == "binary_cross_entropy":
@@ -244,6 +245,7 @@ class Trainer:
             if self.progress and b % 50 == 0:
                 batch_bar.set_postfix(loss=f"{float(value):.4f}")
         host_losses = to_numpy(batch_losses)  # one sync per epoch
+        model.clear_cache()
         backend.synchronize()
         train_seconds = time.perf_counter() - start
         bad = numpy.flatnonzero(~numpy.isfinite(host_losses))
