@@ -1,0 +1,8 @@
+"""Report on a grid of runs: ``python scripts/report.py runs/grid`` (see ``--help``)."""
+
+import sys
+
+from cupynn.report import main
+
+if __name__ == "__main__":
+    sys.exit(main())
