@@ -75,8 +75,8 @@ def test_kmnist_dense_baselines(tmp_path, baseline, width):
     assert metrics[0]["nnz"] == [784 * width, width * width, width * 10]
 
 
-@pytest.mark.parametrize("extra", [("--algorithm", "gradient-global"), ("--algorithm", "woodtaylor"),
-                                   ("--baseline", "parameter")])
+@pytest.mark.parametrize("extra", [("--algorithm", name) for name in NAMES]
+                         + [("--baseline", "neuron"), ("--baseline", "parameter")])
 def test_higgs_runs_and_reports_auc(tmp_path, extra):
     out = tmp_path / "higgs"
     assert run(HIGGS, _higgs_args(out, *extra)) == 0
@@ -86,10 +86,14 @@ def test_higgs_runs_and_reports_auc(tmp_path, extra):
     for m in metrics:
         assert EPOCH_KEYS | {"test_auc"} <= set(m) and 0 <= m["test_auc"] <= 1
         assert m["n_batches"] == -(-3000 // 128)
-    if extra[0] == "--baseline":
+    if extra == ("--baseline", "parameter"):
         assert config["sizes"] == [21, 79, 79, 79, 1]
+    elif extra == ("--baseline", "neuron"):
+        assert config["sizes"] == [21, 256, 256, 256, 1] and config["dense_layers"] == [0, 1, 2, 3]
     else:
         assert config["dense_layers"] == [-1] and metrics[0]["nnz"][-1] == 256
+        assert "induced_loss_before" in metrics[0]
+        assert sum(metrics[-1]["nnz"]) == config["n_weights"]
 
 
 def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
