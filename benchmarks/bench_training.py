@@ -1,12 +1,18 @@
-"""Training-step time and peak memory of sparse vs dense MLPs, side by side.
+"""Training-step time and peak memory of sparse vs dense MLPs, and of the masked-dense peer.
 
 One training step is what :func:`cupynn.fit` does per mini-batch: forward,
 softmax cross-entropy, backward and ``Adam.step()``, all through the public
 API. For every list of layer sizes the script builds
 
 * one **dense** model: ``density=1.0`` with every layer in ``dense_layers``,
-  so every layer is a :class:`cupynn.Linear` (plain GEMMs), and
+  so every layer is a :class:`cupynn.Linear` (plain GEMMs),
 * one **sparse** model per density: every layer a :class:`cupynn.SparseLinear`,
+* when PyTorch can be imported (``--peer torch``, the default then; ``--no-peer``
+  turns it off), one **peer** per density: the same sparse model trained the
+  way most dynamic-sparse-training code does it, as dense weights times a 0/1
+  mask in PyTorch (``benchmarks/torch_peer.py``), starting from the sparse
+  model's topology and values, with ``torch.optim.Adam`` of the same settings,
+  on the same device and with as many threads as Numba,
 
 and times them in the same run, so that a busy machine slows all of them
 alike. The timing runs in rounds; in each round every model, in an order that
@@ -15,16 +21,39 @@ model's BLAS threads stop spinning), runs one untimed step (which brings its
 arrays back into cache), then ``--per-round`` timed steps. Warm-up steps
 before the first round absorb the Numba JIT and CUDA compilation. Each
 reported time is the median over ``--steps`` timed steps; a phase (forward +
-loss, backward, Adam) ends with a device synchronisation.
+loss, backward, Adam) ends with a device synchronisation. An **epoch** time
+is that median times the steps of one epoch (``ceil(--epoch-samples /
+batch)``: 118 for KMNIST's 60 000 images at batch 512): extrapolated, not
+measured.
 
-Peak memory is measured in a separate pass, because tracing allocations slows
-them down: :class:`cupynn.memory.MemoryTracker` gives the peak bytes in use
-while building the model and its optimizer and running one full training
-step. On the CPU that is the ``tracemalloc`` peak (NumPy reports its array
-buffers to ``tracemalloc``, and the Numba kernels write into NumPy-allocated
-arrays; BLAS workspaces are not counted); on the GPU, the peak of bytes in use
-from CuPy's memory pool, followed by a CuPy memory hook. The input batch is
-created before the window and is not counted.
+Peak memory is measured twice, in separate passes, because tracing
+allocations slows them down:
+
+* ``peak MiB`` (cupynn only): :class:`cupynn.memory.MemoryTracker` gives the
+  peak bytes in use while building the model and its optimizer and running
+  one full training step. On the CPU that is the ``tracemalloc`` peak (NumPy
+  reports its array buffers to ``tracemalloc``, and the Numba kernels write
+  into NumPy-allocated arrays; BLAS workspaces are not counted); on the GPU,
+  the peak of bytes in use from CuPy's memory pool, followed by a CuPy memory
+  hook.
+* ``proc MiB`` (every model, the same way for cupynn and the peer, since
+  ``tracemalloc`` does not see PyTorch's allocations): each model in a fresh
+  Python process, which imports everything, builds the input batch (and, for
+  the peer, the host copy of the topology and initial values it starts from),
+  warms up with two steps of a model of the same kind with 16-wide hidden
+  layers, then takes its current resident set size (``VmRSS``) as the
+  baseline, resets the kernel's high-water mark (``/proc/self/clear_refs``),
+  builds the model and its optimizer and runs one step; the result is the
+  high-water mark (``VmHWM``) minus the baseline. glibc's mmap threshold is
+  fixed at its default (``MALLOC_MMAP_THRESHOLD_=131072``) so that freed large
+  blocks go back to the OS and the mark follows live memory. On the GPU it is
+  the peak of bytes in use from each library's own allocator (CuPy's pool
+  through the hook above; ``torch.cuda.max_memory_allocated``).
+
+The input batch is created before every window and is not counted.
+
+``--higgs-epoch`` measures instead one epoch of the paper's HIGGS set-up,
+end to end through :func:`cupynn.fit` (see :func:`higgs_epochs`).
 
 Run ``python benchmarks/bench_training.py --help`` for the options, and see
 ``benchmarks/README.md`` and ``docs/benchmarks.md``.
@@ -34,29 +63,48 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
 
 import numpy
 
-# Benchmark the checkout this script lives in, installed or not.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Benchmark the checkout this script lives in, installed or not; the peer module sits beside it.
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(1, HERE)
 
 import cupynn  # noqa: E402
+from cupynn.backend import to_numpy  # noqa: E402
 from cupynn.losses import cross_entropy  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
+from cupynn.redistribution.schedule import fraction_at  # noqa: E402
 
 PHASES = ("forward", "backward", "adam")  # "forward" includes the loss
 DEFAULT_SIZES = "784-256-256-10,784-4096-4096-10"
 DEFAULT_DENSITIES = "0.1,0.06,0.03"
-# Settings of the thread pools (Numba's OpenMP, OpenBLAS) that change the timings.
+DEFAULT_BATCH = 512
+# The paper's HIGGS set-up (SPEC §6) and its time per epoch on a GPU at density 0.1 with
+# gradient-global redistribution (SPEC §7), the number --higgs-epoch compares with.
+HIGGS_SIZES = "21-256-256-256-1"
+HIGGS_DENSITIES = "0.1"
+HIGGS_BATCH = 128
+HIGGS_SAMPLES = 500_000
+HIGGS_SCHEDULE_EPOCHS = 80  # the schedule's length: epoch 1 moves fraction_at(1, 80)
+PAPER_HIGGS_EPOCH_S = 22.2
+# Settings of the thread pools (Numba's OpenMP, OpenBLAS, PyTorch's OpenMP) that change the timings.
 THREAD_ENV = ("NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
               "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS")
+WARMUP_WIDTH = 16  # hidden width of the model that warms up a memory-measuring process
 
 
 # ----------------------------------------------------------------- arguments
@@ -85,12 +133,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
-                   help="cupynn backend to benchmark")
-    p.add_argument("--sizes", type=parse_sizes, default=DEFAULT_SIZES,
-                   help="comma-separated layer-size lists, input first")
-    p.add_argument("--densities", type=parse_densities, default=DEFAULT_DENSITIES,
-                   help="comma-separated densities of the sparse models")
-    p.add_argument("--batch", type=int, default=512, help="mini-batch size")
+                   help="cupynn backend to benchmark (the peer runs on the same device)")
+    p.add_argument("--sizes", type=parse_sizes, default=None,
+                   help=f"comma-separated layer-size lists, input first (default {DEFAULT_SIZES}; "
+                        f"with --higgs-epoch {HIGGS_SIZES}, output layer dense)")
+    p.add_argument("--densities", type=parse_densities, default=None,
+                   help=f"comma-separated densities of the sparse models (default "
+                        f"{DEFAULT_DENSITIES}; with --higgs-epoch {HIGGS_DENSITIES})")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"mini-batch size (default {DEFAULT_BATCH}; with --higgs-epoch "
+                        f"{HIGGS_BATCH})")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (median reported)")
     p.add_argument("--per-round", type=int, default=2,
                    help="timed steps per model per round (each round adds one untimed step)")
@@ -99,25 +151,91 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to sleep before each model's turn in a round, so that the "
                         "previous model's BLAS threads stop spinning (OpenBLAS busy-waits "
                         "about 0.1 s after each call) and do not steal its cores")
+    p.add_argument("--epoch-samples", type=int, default=60_000,
+                   help="training samples per epoch: the epoch time is the median step times "
+                        "ceil(this / batch) steps (KMNIST: 60000)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (both libraries)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models and the batch")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--no-memory", action="store_true", help="skip both peak-memory passes")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--peer", choices=("torch",), default=None,
+                      help="also run the masked-dense peer in this library (default: torch "
+                           "when `import torch` works; naming it makes a missing torch an error)")
+    peer.add_argument("--no-peer", action="store_true", help="do not run the masked-dense peer")
+    p.add_argument("--peer-adam", default="default", choices=("default", "foreach", "fused"),
+                   help="the peer's torch.optim.Adam implementation: PyTorch's default for the "
+                        "device (on the CPU the per-tensor loop, as most code runs it), or "
+                        "foreach=True / fused=True")
+    p.add_argument("--higgs-epoch", action="store_true",
+                   help="instead of the step table, time one HIGGS epoch end to end: "
+                        f"{HIGGS_SIZES} with a dense output layer, batch {HIGGS_BATCH}, "
+                        "binary cross-entropy, then one gradient-global redistribution; "
+                        "cupynn.fit against the peer and the paper's "
+                        f"{PAPER_HIGGS_EPOCH_S} s (a GPU number)")
+    p.add_argument("--samples", type=int, default=HIGGS_SAMPLES,
+                   help="--higgs-epoch: training rows per epoch (synthetic, seeded); fewer "
+                        "for a smoke test")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="--higgs-epoch: timed epochs per library, alternating which goes first")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: sizes 784-256-256-10, densities 0.1,0.03, batch 64, "
                         "2 timed steps after 1 warm-up step (overrides those options)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    # Internal: measure one model's process peak in this (fresh) process; print JSON.
+    p.add_argument("--process-peak-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
+    higgs = args.higgs_epoch
+    if args.sizes is None:
+        args.sizes = parse_sizes(HIGGS_SIZES if higgs else DEFAULT_SIZES)
+    if args.densities is None:
+        args.densities = parse_densities(HIGGS_DENSITIES if higgs else DEFAULT_DENSITIES)
+    if args.batch is None:
+        args.batch = HIGGS_BATCH if higgs else DEFAULT_BATCH
+    if args.quick and not higgs:
         args.sizes = [(784, 256, 256, 10)]
         args.densities = [0.1, 0.03]
         args.batch, args.steps, args.per_round, args.warmup = 64, 2, 1, 1
-    for name in ("batch", "steps", "per_round"):
+    for name in ("batch", "steps", "per_round", "epoch_samples", "samples", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.pause < 0:
         p.error("--warmup and --pause must be >= 0")
+    if higgs and any(len(s) < 3 for s in args.sizes):
+        p.error("--higgs-epoch needs at least one hidden layer (the output layer is dense)")
     return args
+
+
+# ----------------------------------------------------------------- the peer
+@dataclass
+class Peer:
+    """The masked-dense peer's module (``torch_peer``) and its device."""
+
+    module: Any
+    device: Any
+
+    def describe(self) -> str:
+        return self.module.describe(self.device)
+
+
+def load_peer(args: argparse.Namespace, backend: Any) -> tuple[Peer | None, str]:
+    """The peer, or None and why not. Only here is PyTorch imported."""
+    if args.no_peer:
+        return None, "turned off (--no-peer)"
+    try:
+        import torch_peer
+    except ImportError as exc:
+        if args.peer:
+            raise SystemExit(f"error: --peer {args.peer}: cannot import it ({exc}); on a CPU "
+                             f"machine: pip install torch==2.13.0")
+        return None, f"not run: `import torch` failed ({exc})"
+    device, why = torch_peer.device_for(backend.is_gpu)
+    if device is None:
+        if args.peer:
+            raise SystemExit(f"error: --peer {args.peer}: {why}")
+        return None, f"not run: {why}"
+    torch_peer.set_threads(numba_threads() or os.cpu_count() or 1)
+    return Peer(torch_peer, device), ""
 
 
 # ----------------------------------------------------------------- the machine
@@ -141,7 +259,17 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine_info(backend: Any) -> dict[str, Any]:
+def numba_threads() -> int | None:
+    try:
+        import numba
+
+        return int(numba.get_num_threads())
+    except ImportError:
+        return None
+
+
+def machine_info(backend: Any, peer: Peer | None, peer_note: str,
+                 args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": cpu_model(),
@@ -168,40 +296,90 @@ def machine_info(backend: Any) -> dict[str, Any]:
         import numba
 
         info["numba"] = numba.__version__
-        info["numba_threads"] = int(numba.get_num_threads())
     except ImportError:
-        info["numba"] = info["numba_threads"] = None
+        info["numba"] = None
+    info["numba_threads"] = numba_threads()
     if backend.is_gpu:
         info["cupy"] = backend.xp.__version__
+    info["peer"] = peer.describe() if peer else None
+    info["peer_adam"] = args.peer_adam if peer else None
+    info["peer_note"] = peer_note
     info["thread_env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
     return info
 
 
+def finish_info(info: dict[str, Any], load_before: list[float] | None) -> None:
+    """What is known only after the run: the load average, Numba's threading layer."""
+    info["load_average_before"] = load_before
+    info["load_average_after"] = load_average()
+    try:  # known once a parallel Numba kernel has run
+        import numba
+
+        info["numba_threading_layer"] = numba.threading_layer()
+    except Exception:
+        info["numba_threading_layer"] = None
+
+
 # ----------------------------------------------------------------- models
+@dataclass
+class Config:
+    """One model of the table: ``kind`` is "dense", "sparse" or "peer"."""
+
+    kind: str
+    density: float  # 1.0 for the dense model
+
+    @property
+    def cupynn_density(self) -> float | None:
+        return None if self.kind == "dense" else self.density
+
+
+@dataclass
+class Runner:
+    """A built model with its optimizer and batch; ``step()`` returns seconds per phase."""
+
+    config: Config
+    step: Callable[[], dict[str, float]]
+    n_weights: int
+    model: Any = field(repr=False)
+
+
 def build(sizes: tuple[int, ...], density: float | None, args: argparse.Namespace,
-          backend: Any) -> tuple[Any, Any]:
-    """A model and its Adam. ``density=None`` means the dense baseline."""
+          backend: Any, dense_layers: tuple[int, ...] | None = None) -> tuple[Any, Any]:
+    """A cupynn model and its Adam. ``density=None`` means the dense baseline;
+    ``dense_layers`` (default: none) keeps those layers of a sparse model dense."""
     n_layers = len(sizes) - 1
     if density is None:
         model = cupynn.MLP(sizes, density=1.0, dense_layers=tuple(range(n_layers)),
                            seed=args.seed, dtype=args.dtype, device=backend)
-        expected = cupynn.Linear
+        expected = {cupynn.Linear.__name__}
     else:
-        model = cupynn.MLP(sizes, density=density, dense_layers=(), seed=args.seed,
+        model = cupynn.MLP(sizes, density=density, dense_layers=dense_layers or (), seed=args.seed,
                            dtype=args.dtype, device=backend)
-        expected = cupynn.SparseLinear
+        expected = {cupynn.SparseLinear.__name__}
+        if dense_layers:
+            expected.add(cupynn.Linear.__name__)
     kinds = {type(layer).__name__ for layer in model.layers}
-    if kinds != {expected.__name__}:
-        raise AssertionError(f"expected only {expected.__name__} layers, got {sorted(kinds)}")
+    if not kinds <= expected:
+        raise AssertionError(f"expected only {sorted(expected)} layers, got {sorted(kinds)}")
     return model, cupynn.Adam(model, lr=args.lr)
 
 
-def make_batch(sizes: tuple[int, ...], args: argparse.Namespace, backend: Any) -> tuple[Any, Any]:
-    """One fixed batch on the device: inputs in [0, 1) like MNIST pixels, random labels."""
+def build_peer(peer: Peer, state: dict[str, numpy.ndarray], sizes: tuple[int, ...],
+               args: argparse.Namespace, loss: str = "cross_entropy") -> Any:
+    """The masked-dense copy of the cupynn model whose ``state_dict()`` is ``state``,
+    with torch.optim.Adam of cupynn.Adam's settings."""
+    adam = inspect.signature(cupynn.Adam).parameters  # betas and eps: cupynn's defaults
+    return peer.module.MaskedDensePeer(state, sizes, peer.device, args.dtype, loss, lr=args.lr,
+                                       betas=tuple(adam["betas"].default), eps=adam["eps"].default,
+                                       adam=args.peer_adam)
+
+
+def make_host_batch(sizes: tuple[int, ...], args: argparse.Namespace) -> tuple[Any, Any]:
+    """One fixed batch on the host: inputs in [0, 1) like MNIST pixels, random labels."""
     rng = numpy.random.default_rng(args.seed + 1)
     x = rng.random((args.batch, sizes[0])).astype(args.dtype)
     y = rng.integers(0, sizes[-1], size=args.batch)
-    return backend.asarray(x), backend.asarray(y)
+    return x, y
 
 
 def train_step(model: Any, optimizer: Any, x: Any, y: Any) -> dict[str, float]:
@@ -222,38 +400,77 @@ def train_step(model: Any, optimizer: Any, x: Any, y: Any) -> dict[str, float]:
     return {"forward": t1 - t0, "backward": t2 - t1, "adam": t3 - t2, "step": t3 - t0}
 
 
+def make_runner(config: Config, sizes: tuple[int, ...], args: argparse.Namespace, backend: Any,
+                peer: Peer | None, host_batch: tuple[Any, Any],
+                state: dict[str, numpy.ndarray] | None = None) -> Runner:
+    """Build one model of the table. A peer copies ``state`` (a sparse cupynn model's
+    ``state_dict()``), or that of a fresh one with the same seed."""
+    if config.kind == "peer":
+        if state is None:
+            state = build(sizes, config.density, args, backend)[0].state_dict()
+        model = build_peer(peer, state, sizes, args)
+        step = partial(model.step, *model.batch(*host_batch))
+        return Runner(config, step, model.n_weights, model)
+    model, opt = build(sizes, config.cupynn_density, args, backend)
+    x, y = (backend.asarray(a) for a in host_batch)
+    return Runner(config, partial(train_step, model, opt, x, y), model.n_weights, model)
+
+
 # ----------------------------------------------------------------- measurements
-def time_models(configs: list[float | None], sizes: tuple[int, ...], args: argparse.Namespace,
-                backend: Any) -> list[dict[str, Any]]:
-    """Per config: median seconds per phase, all step times, and the weight count."""
-    x, y = make_batch(sizes, args, backend)
-    built = [build(sizes, d, args, backend) for d in configs]
-    for model, opt in built:
+def time_models(configs: list[Config], sizes: tuple[int, ...], args: argparse.Namespace,
+                backend: Any, peer: Peer | None) -> list[dict[str, Any]]:
+    """Per config: median seconds per phase, all step times, the weight count, and
+    for a peer how far its weights are from the sparse model's after the warm-up."""
+    host_batch = make_host_batch(sizes, args)
+    runners: list[Runner] = []
+    for config in configs:
+        twin = next((r for r in runners if r.config == Config("sparse", config.density)), None)
+        state = twin.model.state_dict() if config.kind == "peer" and twin else None
+        runners.append(make_runner(config, sizes, args, backend, peer, host_batch, state))
+    for runner in runners:
         for _ in range(args.warmup):
-            train_step(model, opt, x, y)
+            runner.step()
+    checks = [peer_check(r, runners, args.warmup) for r in runners]
     samples: list[list[dict[str, float]]] = [[] for _ in configs]
     n = len(configs)
     rounds = -(-args.steps // args.per_round)
     for r in range(rounds):
         for i in [(r + k) % n for k in range(n)]:  # rotate who goes first
             time.sleep(args.pause)
-            train_step(*built[i], x, y)  # untimed: re-warm after the other models
+            runners[i].step()  # untimed: re-warm after the other models
             for _ in range(min(args.per_round, args.steps - len(samples[i]))):
-                samples[i].append(train_step(*built[i], x, y))
+                samples[i].append(runners[i].step())
     results = [{"median": {k: statistics.median(s[k] for s in runs) for k in (*PHASES, "step")},
                 "min_step": min(s["step"] for s in runs),
                 "steps": [s["step"] for s in runs],
-                "n_weights": model.n_weights}
-               for runs, (model, _) in zip(samples, built)]
-    del built
+                "n_weights": runner.n_weights,
+                "check": check}
+               for runs, runner, check in zip(samples, runners, checks)]
+    del runners
     gc.collect()
     return results
 
 
+def peer_check(runner: Runner, runners: list[Runner], steps: int) -> dict[str, Any] | None:
+    """For a peer: the largest |w_peer - w_cupynn| over the active weights after both took
+    the same ``steps`` on the same batch from the same start (they compute the same thing)."""
+    twin = next((r for r in runners if r.config == Config("sparse", runner.config.density)), None)
+    if runner.config.kind != "peer" or twin is None:
+        return None
+    diff = scale = 0.0
+    for i, layer in enumerate(twin.model.layers):
+        ours = to_numpy(layer.data)
+        theirs = runner.model.sparse_values(i, to_numpy(layer.indptr), to_numpy(layer.indices))
+        diff = max(diff, float(numpy.abs(ours - theirs).max()))
+        scale = max(scale, float(numpy.abs(ours).max()))
+    return {"steps": steps, "max_abs_diff": diff, "max_abs_weight": scale}
+
+
 def peak_memory(density: float | None, sizes: tuple[int, ...], args: argparse.Namespace,
                 backend: Any) -> int:
-    """Peak bytes in use over: building the model and its Adam, then one training step."""
-    x, y = make_batch(sizes, args, backend)
+    """Peak bytes in use (tracemalloc / CuPy pool) over: building the model and its
+    Adam, then one training step."""
+    x, y = (backend.asarray(a) for a in make_host_batch(sizes, args))
     gc.collect()
     with MemoryTracker(backend) as tracker:
         model, opt = build(sizes, density, args, backend)
@@ -264,91 +481,401 @@ def peak_memory(density: float | None, sizes: tuple[int, ...], args: argparse.Na
     return peak
 
 
-# ----------------------------------------------------------------- report
+def _proc_status_bytes(name: str) -> int | None:
+    """A ``/proc/self/status`` field such as VmRSS or VmHWM, in bytes (Linux only)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class ProcessPeak:
+    """Peak growth of this process's memory over a window, the same way for any library.
+
+    CPU: resident set size. :meth:`start` takes the current ``VmRSS`` as the
+    baseline and resets the kernel's high-water mark to it (writing 5 to
+    ``/proc/self/clear_refs``); :meth:`peak` is ``VmHWM`` minus the baseline.
+    Without that interface (not Linux) the high-water mark is ``ru_maxrss``
+    since the process started, so the result is an upper bound.
+    GPU: bytes in use from the library's allocator: CuPy's pool (through
+    :class:`cupynn.memory.MemoryTracker`) or PyTorch's caching allocator.
+    """
+
+    def __init__(self, backend: Any, torch_device: Any = None) -> None:
+        self.backend, self.torch_device = backend, torch_device
+        self.method = ""
+
+    def start(self) -> None:
+        gc.collect()
+        if self.torch_device is not None and self.torch_device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.method = "torch.cuda.max_memory_allocated growth"
+        elif self.backend.is_gpu:
+            self.tracker = MemoryTracker(self.backend).start()
+            self.base = self.tracker.current()
+            self.method = "CuPy pool bytes in use (MemoryTracker)"
+        else:
+            self.base = _proc_status_bytes("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.method = "VmHWM - VmRSS at start (high-water mark reset)"
+            except OSError:
+                self.base = self.base or 0
+                self.method = "ru_maxrss - VmRSS at start (no reset: an upper bound)"
+
+    def peak(self) -> int:
+        if self.torch_device is not None and self.torch_device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated()) - self.base
+        if self.backend.is_gpu:
+            peak = self.tracker.peak()
+            self.tracker.stop()
+            return peak - self.base
+        hwm = _proc_status_bytes("VmHWM") if "VmHWM" in self.method else None
+        if hwm is None:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            hwm *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return hwm - self.base
+
+
+def process_peak_child(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: warm up, then the peak growth of building one model and its
+    optimizer and running one step (see :class:`ProcessPeak`)."""
+    backend = cupynn.get_backend(args.device)
+    config, sizes = Config(spec["kind"], spec["density"]), tuple(spec["sizes"])
+    tiny = (sizes[0], *[min(WARMUP_WIDTH, s) for s in sizes[1:-1]], sizes[-1])
+    host_batch = make_host_batch(sizes, args)
+    peer = None
+    if config.kind == "peer":
+        args.peer, args.no_peer = "torch", False
+        peer = load_peer(args, backend)[0]
+        # The topology and initial values the peer starts from: host arrays, made before
+        # the window like the batch (nnz-sized; the peer's dense tensors are built in it).
+        state = build(sizes, config.density, args, backend)[0].state_dict()
+    warm = make_runner(config, tiny, args, backend, peer, host_batch)
+    for _ in range(2):
+        warm.step()
+    del warm
+    meter = ProcessPeak(backend, peer.device if peer else None)
+    meter.start()
+    runner = make_runner(config, sizes, args, backend, peer, host_batch,
+                         state if config.kind == "peer" else None)
+    runner.step()
+    peak = meter.peak()
+    return {"peak_bytes": peak, "method": meter.method, "n_weights": runner.n_weights}
+
+
+def process_peak(config: Config, sizes: tuple[int, ...],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Run :func:`process_peak_child` in a fresh Python process."""
+    spec = json.dumps({"kind": config.kind, "density": config.density, "sizes": list(sizes)})
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device,
+           "--batch", str(args.batch), "--dtype", args.dtype, "--lr", repr(args.lr),
+           "--seed", str(args.seed), "--peer-adam", args.peer_adam,
+           "--process-peak-child", spec]
+    # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after
+    # which freed blocks stay in the heap: what the warm-up freed would then be part of the
+    # baseline and hide part of the peak. Fixing the threshold at its default (128 KiB) sends
+    # every large block back to the OS on free, so the high-water mark follows live memory.
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"measuring {config} in a fresh process failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------- the step table
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is unknown or b is 0 (a peak too small to see)."""
+    return None if a is None or not b else a / b
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = cupynn.get_backend(args.device)
-    info = machine_info(backend)
+    peer, peer_note = load_peer(args, backend)
+    info = machine_info(backend, peer, peer_note, args)
     load_before = load_average()
     start = time.perf_counter()
+    epoch_steps = -(-args.epoch_samples // args.batch)
     rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
     for sizes in args.sizes:
-        configs: list[float | None] = [None, *args.densities]
-        timed = time_models(configs, sizes, args, backend)
-        peaks = ([None] * len(configs) if args.no_memory
-                 else [peak_memory(d, sizes, args, backend) for d in configs])
-        dense_step, dense_peak = timed[0]["median"]["step"], peaks[0]
-        for d, t, peak in zip(configs, timed, peaks):
-            rows.append({
+        configs = [Config("dense", 1.0), *(Config("sparse", d) for d in args.densities)]
+        if peer:
+            configs += [Config("peer", d) for d in args.densities]
+        timed = time_models(configs, sizes, args, backend, peer)
+        if args.no_memory:
+            traced = [None] * len(configs)
+            proc: list[dict[str, Any] | None] = [None] * len(configs)
+        else:
+            traced = [None if c.kind == "peer"
+                      else peak_memory(c.cupynn_density, sizes, args, backend) for c in configs]
+            proc = [process_peak(c, sizes, args) for c in configs]
+        dense_step, dense_peak = timed[0]["median"]["step"], traced[0]
+        dense_proc = proc[0] and proc[0]["peak_bytes"]
+        size_rows = []
+        for c, t, peak, pp in zip(configs, timed, traced, proc):
+            size_rows.append({
                 "sizes": "-".join(map(str, sizes)),
-                "model": "dense" if d is None else "sparse",
-                "density": 1.0 if d is None else d,
+                "model": c.kind,
+                "density": c.density,
                 "n_weights": t["n_weights"],
                 "step_ms": 1e3 * t["median"]["step"],
                 **{f"{k}_ms": 1e3 * t["median"][k] for k in PHASES},
                 "min_step_ms": 1e3 * t["min_step"],
+                "epoch_s": epoch_steps * t["median"]["step"],
                 "step_vs_dense": t["median"]["step"] / dense_step,
                 "peak_mib": None if peak is None else peak / 2**20,
-                "peak_vs_dense": None if peak is None else peak / dense_peak,
+                "peak_vs_dense": _ratio(peak, dense_peak),
+                "proc_mib": None if pp is None else pp["peak_bytes"] / 2**20,
+                "proc_vs_dense": _ratio(pp and pp["peak_bytes"], dense_proc),
+                "proc_method": None if pp is None else pp["method"],
+                "peer_check": t["check"],
                 "step_ms_samples": [1e3 * s for s in t["steps"]],
             })
-    info["load_average_before"] = load_before
-    info["load_average_after"] = load_average()
-    try:  # known once a parallel Numba kernel has run
-        import numba
-
-        info["numba_threading_layer"] = numba.threading_layer()
-    except Exception:
-        info["numba_threading_layer"] = None
+        rows += size_rows
+        for d in (args.densities if peer else ()):
+            ours = next(r for r in size_rows if r["model"] == "sparse" and r["density"] == d)
+            theirs = next(r for r in size_rows if r["model"] == "peer" and r["density"] == d)
+            comparisons.append({
+                "sizes": ours["sizes"], "density": d,
+                "cupynn_epoch_s": ours["epoch_s"], "peer_epoch_s": theirs["epoch_s"],
+                "epoch_ratio": ours["epoch_s"] / theirs["epoch_s"],
+                "cupynn_proc_mib": ours["proc_mib"], "peer_proc_mib": theirs["proc_mib"],
+                "proc_ratio": _ratio(ours["proc_mib"], theirs["proc_mib"]),
+                "cupynn_traced_mib": ours["peak_mib"],
+                "peer_check": theirs["peer_check"],
+            })
+    finish_info(info, load_before)
     return {
         "machine": info,
         "settings": {"batch": args.batch, "steps": args.steps, "per_round": args.per_round,
                      "warmup": args.warmup, "pause": args.pause, "dtype": args.dtype,
-                     "lr": args.lr, "seed": args.seed,
+                     "lr": args.lr, "seed": args.seed, "epoch_samples": args.epoch_samples,
+                     "epoch_steps": epoch_steps,
                      "wall_seconds": round(time.perf_counter() - start, 1),
                      "command": " ".join(["python", *sys.argv])},
         "results": rows,
+        "peer_comparison": comparisons,
     }
 
 
+# ----------------------------------------------------------------- the HIGGS epoch
+def higgs_data(n: int, features: int,
+               args: argparse.Namespace) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Synthetic HIGGS-shaped rows (seeded): standard-normal features, 0/1 labels with
+    HIGGS's 53 % signal. The values do not change the work a step does."""
+    rng = numpy.random.default_rng(args.seed + 2)
+    x = rng.standard_normal((n, features), dtype=numpy.float32).astype(args.dtype, copy=False)
+    y = (rng.random(n) < 0.53).astype(args.dtype)
+    return x, y
+
+
+def cupynn_higgs_epoch(sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
+                       args: argparse.Namespace, backend: Any) -> dict[str, float]:
+    """Epoch 1 of an 80-epoch gradient-global run through cupynn.fit (no evaluation)."""
+    model, opt = build(sizes, density, args, backend, dense_layers=(-1,))
+    history = cupynn.fit(model, opt, train=data, epochs=HIGGS_SCHEDULE_EPOCHS,
+                         batch_size=args.batch, loss="binary_cross_entropy", seed=args.seed,
+                         progress=False, redistribution="gradient-global",
+                         on_epoch_end=lambda metrics: False)
+    h = history[0]
+    return {"train_s": h["train_seconds"], "redistribution_s": h["redistribution_seconds"],
+            "epoch_s": h["train_seconds"] + h["redistribution_seconds"],
+            "fraction": h.get("fraction", 0.0), "steps": h["n_batches"]}
+
+
+def peer_higgs_epoch(peer: Peer, sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
+                     args: argparse.Namespace, backend: Any) -> dict[str, float]:
+    """The same epoch for the masked-dense peer: same start, same batches in the same
+    order, then RigL's global redistribution on the masks (the epoch's last batch)."""
+    state = build(sizes, density, args, backend, dense_layers=(-1,))[0].state_dict()
+    model = build_peer(peer, state, sizes, args, loss="binary_cross_entropy")
+    x, y = data
+    train_s, order = model.train_epoch(x, y, args.batch, numpy.random.default_rng(args.seed))
+    fraction = fraction_at(1, HIGGS_SCHEDULE_EPOCHS)
+    last = order[(len(order) - 1) // args.batch * args.batch:]
+    model.synchronize()
+    start = time.perf_counter()
+    model.redistribute_gradient_global(fraction, *model.batch(x[last], y[last]))
+    model.synchronize()
+    redistribution_s = time.perf_counter() - start
+    return {"train_s": train_s, "redistribution_s": redistribution_s,
+            "epoch_s": train_s + redistribution_s, "fraction": fraction,
+            "steps": -(-len(order) // args.batch)}
+
+
+def higgs_epochs(args: argparse.Namespace) -> dict[str, Any]:
+    """One HIGGS epoch per library, ``--repeats`` times, alternating who goes first.
+
+    Each timed epoch starts from a freshly built model, so that it moves the
+    epoch-1 fraction of the schedule; a small untimed epoch first absorbs the
+    JIT. The epoch time is training plus the redistribution after it.
+    """
+    backend = cupynn.get_backend(args.device)
+    peer, peer_note = load_peer(args, backend)
+    info = machine_info(backend, peer, peer_note, args)
+    load_before = load_average()
+    start = time.perf_counter()
+    sides: dict[str, Callable[..., dict[str, float]]] = {
+        "cupynn": partial(cupynn_higgs_epoch, backend=backend)}
+    if peer:
+        sides["peer"] = partial(peer_higgs_epoch, peer, backend=backend)
+    results = []
+    for sizes in args.sizes:
+        data = higgs_data(args.samples, sizes[0], args)
+        warm = tuple(a[:4 * args.batch] for a in data)
+        for density in args.densities:
+            for epoch in sides.values():
+                epoch(sizes, density, warm, args)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+            for r in range(args.repeats):
+                for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    time.sleep(args.pause)
+                    runs[name].append(sides[name](sizes, density, data, args))
+            row: dict[str, Any] = {"sizes": "-".join(map(str, sizes)), "density": density,
+                                   "samples": args.samples}
+            for name, epochs in runs.items():
+                row[name] = {k: statistics.median(e[k] for e in epochs) for k in epochs[0]}
+                row[name]["steps"] = int(row[name]["steps"])
+                row[name]["epoch_s_runs"] = [e["epoch_s"] for e in epochs]
+            row["cupynn_vs_paper"] = row["cupynn"]["epoch_s"] / PAPER_HIGGS_EPOCH_S
+            if "peer" in row:
+                row["cupynn_vs_peer"] = row["cupynn"]["epoch_s"] / row["peer"]["epoch_s"]
+            results.append(row)
+    finish_info(info, load_before)
+    return {
+        "machine": info,
+        "settings": {"batch": args.batch, "samples": args.samples, "repeats": args.repeats,
+                     "dtype": args.dtype, "lr": args.lr, "seed": args.seed,
+                     "redistribution": "gradient-global", "schedule_epochs": HIGGS_SCHEDULE_EPOCHS,
+                     "paper_epoch_s": PAPER_HIGGS_EPOCH_S,
+                     "wall_seconds": round(time.perf_counter() - start, 1),
+                     "command": " ".join(["python", *sys.argv])},
+        "higgs": results,
+    }
+
+
+# ----------------------------------------------------------------- report
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_header(report: dict[str, Any]) -> list[str]:
     m, s = report["machine"], report["settings"]
     blas_threads = f", threads {m['blas_threads']}" if m.get("blas_threads") else ""
     thread_env = " ".join(f"{k}={v}" for k, v in m["thread_env"].items())
-    lines = [
+    adam = "" if m.get("peer_adam") in (None, "default") else f" ({m['peer_adam']})"
+    peer = (f"{m['peer']}: dense weights x 0/1 mask, torch.optim.Adam{adam}, mask re-applied "
+            f"after each step" if m["peer"] else m["peer_note"])
+    return [
         f"machine : {m['cpu']}, {m['cpu_count']} cores; {m['platform']}",
         f"device  : {m['backend']}: {m['device_name']}",
         f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}), "
         f"numba {m['numba']} ({m['numba_threads']} threads, "
         f"{m.get('numba_threading_layer') or 'no'} layer)"
         + (f", cupy {m['cupy']}" if "cupy" in m else "") + f", cupynn {m['cupynn']}",
-        f"settings: batch {s['batch']}, {s['dtype']}; median of {s['steps']} timed steps "
-        f"after {s['warmup']} warm-up steps; models interleaved in rounds of 1 untimed + "
-        f"{s['per_round']} timed steps each, {s['pause']} s pause between models",
+        f"peer    : {peer}",
         f"load avg: {m['load_average_before']} before, {m['load_average_after']} after "
         f"({s['wall_seconds']} s)",
         f"env     : {thread_env or '(no thread settings)'}",
-        "",
     ]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    if "higgs" in report:
+        return format_higgs(report)
+    s = report["settings"]
+    lines = format_header(report)
+    lines.insert(4, f"settings: batch {s['batch']}, {s['dtype']}; median of {s['steps']} timed "
+                    f"steps after {s['warmup']} warm-up steps; models interleaved in rounds of "
+                    f"1 untimed + {s['per_round']} timed steps each, {s['pause']} s pause "
+                    f"between models")
+    lines.append("")
     header = (f"{'sizes':<17} {'model':<6} {'density':>7} {'weights':>10} {'step ms':>8} "
               f"{'fwd ms':>7} {'bwd ms':>7} {'adam ms':>7} {'step/dense':>10} "
-              f"{'peak MiB':>8} {'mem/dense':>9}")
+              f"{'peak MiB':>8} {'mem/dense':>9} {'proc MiB':>8} {'proc/dense':>10}")
     lines += [header, "-" * len(header)]
     for r in report["results"]:
         lines.append(
             f"{r['sizes']:<17} {r['model']:<6} {r['density']:>7.2f} {r['n_weights']:>10,} "
             f"{r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} "
             f"{r['adam_ms']:>7.1f} {r['step_vs_dense']:>10.3f} "
-            f"{_fmt(r['peak_mib'], '.1f'):>8} {_fmt(r['peak_vs_dense'], '.3f'):>9}")
+            f"{_fmt(r['peak_mib'], '.1f'):>8} {_fmt(r['peak_vs_dense'], '.3f'):>9} "
+            f"{_fmt(r['proc_mib'], '.1f'):>8} {_fmt(r['proc_vs_dense'], '.3f'):>10}")
+    methods = sorted({r["proc_method"] for r in report["results"] if r["proc_method"]})
+    if methods:
+        lines.append(f"proc MiB: peak growth in a fresh process over build + one step: "
+                     f"{'; '.join(methods)}")
+    if report["peer_comparison"]:
+        lines += ["",
+                  f"cupynn / masked-dense peer: epoch = {s['epoch_steps']} steps "
+                  f"(ceil({s['epoch_samples']} / {s['batch']})) x the median step, extrapolated; "
+                  f"memory = proc MiB",
+                  ""]
+        header = (f"{'sizes':<17} {'density':>7} {'cupynn epoch s':>14} {'peer epoch s':>12} "
+                  f"{'epoch ratio':>11} {'cupynn MiB':>10} {'peer MiB':>9} {'mem ratio':>9} "
+                  f"{'peer check |dw|':>15}")
+        lines += [header, "-" * len(header)]
+        for c in report["peer_comparison"]:
+            check = c["peer_check"]
+            lines.append(
+                f"{c['sizes']:<17} {c['density']:>7.2f} {c['cupynn_epoch_s']:>14.2f} "
+                f"{c['peer_epoch_s']:>12.2f} {c['epoch_ratio']:>11.3f} "
+                f"{_fmt(c['cupynn_proc_mib'], '.1f'):>10} {_fmt(c['peer_proc_mib'], '.1f'):>9} "
+                f"{_fmt(c['proc_ratio'], '.3f'):>9} "
+                f"{_fmt(check and check['max_abs_diff'], '.1e'):>15}")
+        lines.append("peer check: largest |w_peer - w_cupynn| over the active weights after both "
+                     f"took the {s['warmup']} warm-up steps from the same start")
+    return "\n".join(lines)
+
+
+def format_higgs(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = format_header(report)
+    lines.insert(4, f"settings: HIGGS epoch, output layer dense, batch {s['batch']}, "
+                    f"{s['samples']:,} synthetic rows, then one gradient-global redistribution "
+                    f"(epoch 1 of {s['schedule_epochs']}); {s['dtype']}, lr {s['lr']}; median "
+                    f"of {s['repeats']} epoch(s) per library")
+    lines.append("")
+    header = (f"{'sizes':<17} {'density':>7} {'library':<7} {'steps':>6} {'train s':>8} "
+              f"{'redist s':>8} {'epoch s':>8} {'moved':>6} "
+              f"{'/ paper ' + format(s['paper_epoch_s'], 'g') + ' s':>15} {'/ peer':>7}")
+    lines += [header, "-" * len(header)]
+    for row in report["higgs"]:
+        for name in ("cupynn", "peer"):
+            if name not in row:
+                continue
+            e = row[name]
+            lines.append(
+                f"{row['sizes']:<17} {row['density']:>7.2f} {name:<7} {e['steps']:>6,} "
+                f"{e['train_s']:>8.2f} {e['redistribution_s']:>8.3f} {e['epoch_s']:>8.2f} "
+                f"{e['fraction']:>6.3f} "
+                f"{_fmt(row['cupynn_vs_paper'] if name == 'cupynn' else None, '.3f'):>15} "
+                f"{_fmt(row.get('cupynn_vs_peer') if name == 'cupynn' else None, '.3f'):>7}")
+    lines.append(f"the paper's {s['paper_epoch_s']} s is a GPU time at density 0.1 with "
+                 f"500,000 rows; compare like with like")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    if args.process_peak_child:
+        print(json.dumps(process_peak_child(json.loads(args.process_peak_child), args)))
+        return 0
+    report = higgs_epochs(args) if args.higgs_epoch else run(args)
     print(format_report(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
