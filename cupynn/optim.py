@@ -126,13 +126,17 @@ class Adam:
             raise ValueError(f"Adam.remap: mapping must have shape ({target.nnz},) (the layer's new "
                              f"nnz). Got {mapping.shape} instead.")
         kept = mapping >= 0
-        safe = xp.where(kept, mapping, 0)
-        m, v = self.state[index]["data"]
-        if m.shape[0] == 0:
-            new = (xp.zeros(target.nnz, dtype=m.dtype), xp.zeros(target.nnz, dtype=v.dtype))
-        else:
-            new = tuple(xp.where(kept, moment[safe], 0).astype(moment.dtype) for moment in (m, v))
-        self.state[index]["data"] = new
+        sources = mapping[kept]
+        # One moment at a time, each old one freed as soon as it is replaced:
+        # redistribution runs this on the largest layers.
+        for which in range(2):
+            moments = list(self.state[index]["data"])
+            moment = xp.zeros(target.nnz, dtype=moments[which].dtype)
+            if sources.shape[0]:
+                moment[kept] = moments[which][sources]
+            moments[which] = moment
+            self.state[index]["data"] = tuple(moments)
+            del moments, moment
 
     def remap_from_pattern(self, layer: SparseLinear, old_indptr: Any, old_indices: Any) -> Any:
         """:meth:`remap` by matching the layer's new CSR pattern with its old one.

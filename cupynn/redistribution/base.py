@@ -15,10 +15,18 @@ Every algorithm is a :class:`Redistributor` that supplies only its scores:
 
 Layers marked dense (:class:`cupynn.Linear`) never take part. Everything runs
 on the model's device; only small per-layer counts visit the host.
+
+Memory: besides the per-layer keys of the survivors and of the new entries,
+the template holds nothing of the size of a layer's weights that it can do
+without. Selections are boolean masks (no index arrays), the linear keys and
+the merged CSR are built in chunks of :data:`CHUNK` entries, the gradient
+probe's per-layer output gradients are released as soon as growth is done
+with them, and the stale weight gradients are dropped before the rebuild.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +35,45 @@ import numpy
 from ..layers import SparseLinear
 from ..losses import LOSSES
 from ..validation import check_int, check_real
-from .selection import bottom_k, round_half_up
+from .selection import kth_smallest, round_half_up, smallest_mask
+
+CHUNK = 1 << 18  # entries per chunk where the template builds keys or the merged CSR
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def one_blas_thread(xp: Any) -> Any:
+    """A context in which NumPy's BLAS runs on one thread (CPU only; else a no-op).
+
+    Growth by gradient multiplies dense blocks right after the gradient
+    probe's parallel Numba kernels. With BLAS on a thread pool of its own, its
+    threads and Numba's (which spin a while after each kernel) fight over the
+    same cores: on a shared 2-core machine the 256 x 512 by 512 x 784 product
+    of the paper's KMNIST network took 1.3 ms at best but 20 to 43 ms
+    (median) right after a Numba kernel on two BLAS threads, and 4 to 11 ms
+    on one. Uses ``threadpoolctl`` (a dependency of scikit-learn).
+    """
+    global _BLAS_CONTROLLER
+    if xp is not numpy:
+        return contextlib.nullcontext()
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - scikit-learn brings it
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    if _BLAS_CONTROLLER is False:  # pragma: no cover
+        return contextlib.nullcontext()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def chunks(n: int, size: int | None = None):
+    """``(start, stop)`` pairs covering ``range(n)`` in steps of ``size`` (:data:`CHUNK`)."""
+    size = CHUNK if size is None else size
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
 
 
 @dataclass
@@ -72,9 +118,30 @@ class GradientProbe:
         for layer in layers:
             layer._dy = None
 
-    def dense_gradient_rows(self, index: int, rows: Any) -> Any:
-        """Rows of sparse layer ``index``'s dense weight gradient: dY[rows] @ X.T."""
-        return self.output_grads[index][rows] @ self.inputs[index].T
+    def dense_gradient_rows(self, index: int, rows: Any, out: Any = None) -> Any:
+        """Rows of sparse layer ``index``'s dense weight gradient: dY[rows] @ X.T.
+
+        ``out``, when given, is a C-contiguous (len(rows), in_features)
+        array of the gradient's dtype to write into (reused across blocks).
+        """
+        dy = self.output_grads[index]
+        if dy is None:
+            raise RuntimeError(f"GradientProbe: the output gradient of sparse layer {index} was "
+                               f"released.")
+        return self.xp.matmul(dy[rows], self.inputs[index].T, out=out)
+
+    @property
+    def xp(self) -> Any:
+        from ..backend import backend_of
+
+        return backend_of(self.inputs[0]).xp
+
+    def release(self, index: int | None = None) -> None:
+        """Drop the output gradient of sparse layer ``index`` (all with None)."""
+        if index is None:
+            self.output_grads = [None] * len(self.output_grads)
+        else:
+            self.output_grads[index] = None
 
 
 def layer_keys(layer: SparseLinear) -> Any:
@@ -84,13 +151,41 @@ def layer_keys(layer: SparseLinear) -> Any:
     return linear_keys(layer.indptr, layer.indices, layer.in_features)
 
 
+def kept_keys(layer: SparseLinear, keep: Any) -> Any:
+    """Linear keys (int64, ascending) of the entries where ``keep`` is True.
+
+    Built in chunks, so no temporary has the size of the layer's entries.
+    """
+    xp = layer.backend.xp
+    n_cols = layer.in_features
+    indptr = layer.indptr.astype(xp.int64)  # n_rows + 1 values
+    out = xp.empty(int(xp.count_nonzero(keep)), dtype=xp.int64)
+    done = 0
+    for a, b in chunks(layer.nnz):
+        positions = xp.flatnonzero(keep[a:b]).astype(xp.int64, copy=False)
+        if positions.shape[0] == 0:
+            continue
+        positions += a
+        keys = xp.searchsorted(indptr, positions, side="right").astype(xp.int64, copy=False)
+        keys -= 1
+        keys *= n_cols
+        keys += layer.indices[positions]
+        out[done:done + keys.shape[0]] = keys
+        done += int(keys.shape[0])
+    return out
+
+
 def magnitude_drop(layer: SparseLinear, fraction: float) -> Drop:
     """Remove the round(fraction * nnz) entries of smallest |w| (ties: lower position)."""
     xp = layer.backend.xp
     k = round_half_up(fraction * layer.nnz)
-    keep = xp.ones(layer.nnz, dtype=bool)
-    keep[bottom_k(xp.abs(layer.data), k)] = False
-    return Drop(keep)
+    if k <= 0 or k >= layer.nnz:
+        return Drop(xp.full(layer.nnz, k <= 0, dtype=bool))
+    magnitude = xp.abs(layer.data)
+    threshold = kth_smallest(magnitude, k, overwrite=True)  # reorders the scratch...
+    xp.abs(layer.data, out=magnitude)  # ...so it is filled again
+    keep = smallest_mask(magnitude, k, threshold)
+    return Drop(xp.logical_not(keep, out=keep))
 
 
 class Redistributor:
@@ -173,19 +268,30 @@ class Redistributor:
         index_of = {id(layer): i for i, layer in enumerate(model.layers)}
         if fraction == 0.0 or not layers:
             return [self._report(index_of[id(l)], l, 0, 0) for l in layers]
-        probe = None
-        if self.uses_batch:
-            if x is None or y is None:
-                raise ValueError(f"The {self.name!r} redistribution needs a batch (x, y).")
-            probe = GradientProbe(model, x, y, loss)
-        drops = self.drop(model, fraction, probe)
-        kept_keys = [layer_keys(layer)[d.keep] for layer, d in zip(layers, drops)]
-        new_keys = self.grow(model, drops, kept_keys, probe)
+        if self.uses_batch and (x is None or y is None):
+            raise ValueError(f"The {self.name!r} redistribution needs a batch (x, y).")
+        with one_blas_thread(model.backend.xp):
+            probe = GradientProbe(model, x, y, loss) if self.uses_batch else None
+            for layer in layers:  # the weight gradients belong to the old topology
+                layer.grad_data = None
+            drops = self.drop(model, fraction, probe)
+            kept = [kept_keys(layer, d.keep) for layer, d in zip(layers, drops)]
+            new_keys = self.grow(model, drops, kept, probe)
+            if probe is not None:
+                probe.release()
+            del probe
         reports = []
-        for layer, drop, kept, new in zip(layers, drops, kept_keys, new_keys):
-            removed = layer.nnz - int(kept.shape[0])
-            self._rebuild(layer, optimizer, drop, kept, new)
-            reports.append(self._report(index_of[id(layer)], layer, removed, int(new.shape[0])))
+        for i, layer in enumerate(layers):
+            removed = layer.nnz - int(kept[i].shape[0])
+            added = int(new_keys[i].shape[0])
+            indptr, indices, data, mapping = self._merge(layer, drops[i], kept[i], new_keys[i])
+            drops[i] = kept[i] = new_keys[i] = None  # free this layer's keys before the swap
+            layer.set_topology(indptr, indices, data)
+            del indptr, indices, data
+            if optimizer is not None:
+                optimizer.remap(layer, mapping)
+            del mapping
+            reports.append(self._report(index_of[id(layer)], layer, removed, added))
         return reports
 
     @staticmethod
@@ -195,20 +301,50 @@ class Redistributor:
         return {"layer": index, "removed": removed, "added": added, "nnz": layer.nnz,
                 "empty_rows": empty}
 
-    @staticmethod
-    def _rebuild(layer: SparseLinear, optimizer: Any, drop: Drop, kept: Any, new: Any) -> None:
+    @classmethod
+    def _rebuild(cls, layer: SparseLinear, optimizer: Any, drop: Drop, kept: Any, new: Any) -> None:
         """Merge survivors and new keys into canonical CSR; re-map the moments."""
-        from .selection import keys_to_csr
-
-        xp = layer.backend.xp
-        values = layer.data if drop.values is None else drop.values
-        old_positions = xp.flatnonzero(drop.keep)
-        keys = xp.concatenate([kept, new])
-        # Survivors carry their old position; new entries -1 and value exactly 0.
-        mapping = xp.concatenate([old_positions, xp.full(new.shape[0], -1, dtype=xp.int64)])
-        data = xp.concatenate([values[drop.keep], xp.zeros(new.shape[0], dtype=layer.dtype)])
-        order = xp.argsort(keys, kind="stable")
-        indptr, indices = keys_to_csr(keys[order], layer.out_features, layer.in_features)
-        layer.set_topology(indptr, indices, xp.ascontiguousarray(data[order]))
+        indptr, indices, data, mapping = cls._merge(layer, drop, kept, new)
+        layer.set_topology(indptr, indices, data)
         if optimizer is not None:
-            optimizer.remap(layer, mapping[order])
+            optimizer.remap(layer, mapping)
+
+    @staticmethod
+    def _merge(layer: SparseLinear, drop: Drop, kept: Any, new: Any) -> tuple[Any, Any, Any, Any]:
+        """The new CSR ``(indptr, indices, data)`` of a layer and the moments'
+        ``mapping`` (new entry -> old position, or -1).
+
+        Both key lists are sorted and disjoint, so an entry's place in the
+        merged pattern is its index in its own list plus the number of keys
+        of the other list below it (one ``searchsorted``, no sort). Survivors
+        keep their value (``drop.values`` where given); new entries are
+        exactly 0. Everything is written in chunks.
+        """
+        xp = layer.backend.xp
+        n_rows, n_cols = layer.out_features, layer.in_features
+        n_kept, n_new = int(kept.shape[0]), int(new.shape[0])
+        total = n_kept + n_new
+        values = layer.data if drop.values is None else drop.values
+        bounds = xp.arange(n_rows + 1, dtype=xp.int64) * n_cols
+        indptr = (xp.searchsorted(kept, bounds) + xp.searchsorted(new, bounds)).astype(xp.int32)
+        indices = xp.empty(total, dtype=xp.int32)
+        data = xp.zeros(total, dtype=layer.dtype)
+        mapping = xp.full(total, -1, dtype=xp.int32 if layer.nnz < 2**31 else xp.int64)
+        for a, b in chunks(n_new):
+            where = xp.searchsorted(kept, new[a:b])
+            where += xp.arange(a, b, dtype=where.dtype)
+            indices[where] = (new[a:b] % n_cols).astype(xp.int32)
+        done = 0  # survivors placed so far
+        for a, b in chunks(layer.nnz):
+            old = xp.flatnonzero(drop.keep[a:b])
+            if old.shape[0] == 0:
+                continue
+            old += a
+            stop = done + int(old.shape[0])
+            where = xp.searchsorted(new, kept[done:stop])
+            where += xp.arange(done, stop, dtype=where.dtype)
+            indices[where] = layer.indices[old]
+            data[where] = values[old]
+            mapping[where] = old.astype(mapping.dtype, copy=False)
+            done = stop
+        return indptr, indices, data, mapping

@@ -1,23 +1,38 @@
 """``gradient`` (RigL) and ``gradient-global``: grow where |dL/dW| is largest.
 
 Both drop the smallest |w| per layer. The dense gradient of a layer is formed
-a block of rows at a time (at most ``block_elements`` values), the block's
-active positions are masked, and a running top-k keeps only the best
-candidates: neither a layer's nor the model's full dense gradient is ever
-held at once. ``gradient`` keeps one running top-k per layer (k = the layer's
-removed count); ``gradient-global`` one over all sparse layers (k = the total
-removed count), with keys offset per layer.
+a block of rows at a time (at most ``block_elements`` values, written into
+one reused buffer), its absolute value taken in place, the block's active
+positions masked, and a running top-k keeps only the best candidates:
+neither a layer's nor the model's full dense gradient is ever held at once.
+``gradient`` keeps one running top-k per layer (k = the layer's removed
+count); ``gradient-global`` one over all sparse layers (k = the total removed
+count), with keys offset per layer. A layer's output gradient is released as
+soon as its blocks are done.
+
+Memory, beyond the layer's survivors' keys: the block buffer
+(``block_elements`` values), the running top-k (at most 2k candidates, a
+score and a key each; int32 keys where they fit) and the new keys. ``BLOCK_ELEMENTS`` = 2^18 keeps the
+block at 1 MiB in float32; the products stay large enough for BLAS (64 rows
+of a 4096-wide layer, 334 of a 784-wide one, per call).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
+from ..backend import to_numpy
 from ..validation import check_int
 from .base import GradientProbe, Redistributor
 from .selection import StreamingTopK
 
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _key_dtype(n_keys: int) -> Any:
+    return numpy.int32 if n_keys < 2**31 else numpy.int64
 
 
 def push_layer_gradient(top: StreamingTopK, probe: GradientProbe, index: int, layer: Any,
@@ -26,11 +41,15 @@ def push_layer_gradient(top: StreamingTopK, probe: GradientProbe, index: int, la
     xp = layer.backend.xp
     n_rows, n_cols = layer.out_features, layer.in_features
     rows_per_block = max(1, block_elements // n_cols)
-    for r0 in range(0, n_rows, rows_per_block):
-        r1 = min(n_rows, r0 + rows_per_block)
-        scores = xp.abs(probe.dense_gradient_rows(index, slice(r0, r1))).ravel()
-        lo, hi = (int(v) for v in xp.searchsorted(kept, xp.asarray([r0 * n_cols, r1 * n_cols])))
-        scores[kept[lo:hi] - r0 * n_cols] = -xp.inf  # active after the drop: not eligible
+    starts = list(range(0, n_rows, rows_per_block)) + [n_rows]
+    bounds = xp.asarray(numpy.asarray(starts, dtype=numpy.int64) * n_cols)
+    cuts = [int(c) for c in to_numpy(xp.searchsorted(kept, bounds))]  # one sync per layer
+    buffer = xp.empty((min(rows_per_block, n_rows), n_cols), dtype=probe.output_grads[index].dtype)
+    for b in range(len(starts) - 1):
+        r0, r1 = starts[b], starts[b + 1]
+        scores = probe.dense_gradient_rows(index, slice(r0, r1), out=buffer[:r1 - r0])
+        scores = xp.abs(scores, out=scores).reshape(-1)
+        scores[kept[cuts[b]:cuts[b + 1]] - r0 * n_cols] = -xp.inf  # active after the drop
         top.push(scores, key_offset + r0 * n_cols)
 
 
@@ -48,8 +67,10 @@ class Gradient(Redistributor):
     def grow(self, model, drops, kept_keys, probe):
         new = []
         for i, (layer, kept) in enumerate(zip(model.sparse_layers, kept_keys)):
-            top = StreamingTopK(layer.backend.xp, layer.nnz - int(kept.shape[0]))
+            top = StreamingTopK(layer.backend.xp, layer.nnz - int(kept.shape[0]), dtype=layer.dtype,
+                                key_dtype=_key_dtype(layer.out_features * layer.in_features))
             push_layer_gradient(top, probe, i, layer, kept, 0, self.block_elements)
+            probe.release(i)
             new.append(top.result())
         return new
 
@@ -68,10 +89,12 @@ class GradientGlobal(Gradient):
         for layer in layers:
             offsets.append(offsets[-1] + layer.out_features * layer.in_features)
         total = sum(layer.nnz - int(kept.shape[0]) for layer, kept in zip(layers, kept_keys))
-        top = StreamingTopK(xp, total)
+        top = StreamingTopK(xp, total, dtype=model.dtype, key_dtype=_key_dtype(offsets[-1]))
         for i, (layer, kept) in enumerate(zip(layers, kept_keys)):
             push_layer_gradient(top, probe, i, layer, kept, offsets[i], self.block_elements)
+            probe.release(i)
         chosen = top.result()
+        del top
         bounds = xp.searchsorted(chosen, xp.asarray(offsets, dtype=xp.int64))
         bounds = [int(b) for b in bounds]
         return [chosen[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(layers))]

@@ -19,21 +19,26 @@ from __future__ import annotations
 import numpy
 
 from ..backend import to_numpy
-from ..validation import check_real
+from ..validation import check_int, check_real
 from .base import Redistributor
+from .gradient import BLOCK_ELEMENTS
 from .selection import allocate, round_half_up
 
 
 class LossGrowth(Redistributor):
-    """See the module doc. ``neuron_share`` in (0, 1]."""
+    """See the module doc. ``neuron_share`` in (0, 1]; the selected rows of
+    the dense gradient are formed ``block_elements`` values at a time."""
 
     name = "loss"
     uses_batch = True
 
-    def __init__(self, *, seed: int = 0, neuron_share: float = 0.3) -> None:
+    def __init__(self, *, seed: int = 0, neuron_share: float = 0.3,
+                 block_elements: int = BLOCK_ELEMENTS) -> None:
         super().__init__(seed=seed)
-        self.neuron_share = check_real(neuron_share, "neuron_share", type(self).__name__, 0.0, 1.0,
+        owner = type(self).__name__
+        self.neuron_share = check_real(neuron_share, "neuron_share", owner, 0.0, 1.0,
                                        closed="right")
+        self.block_elements = check_int(block_elements, "block_elements", owner, low=1)
 
     def grow(self, model, drops, kept_keys, probe):
         new = []
@@ -42,12 +47,14 @@ class LossGrowth(Redistributor):
             k = layer.nnz - int(kept.shape[0])
             if k == 0:
                 new.append(xp.empty(0, dtype=xp.int64))
+                probe.release(i)
                 continue
             n_rows, n_cols = layer.out_features, layer.in_features
             signal = to_numpy(xp.abs(probe.output_grads[i].sum(axis=1)))
             ranking = numpy.lexsort((numpy.arange(n_rows), -signal))  # |δ| desc, index asc
-            kept_rows = to_numpy(kept // n_cols)
-            free = (n_cols - numpy.bincount(kept_rows, minlength=n_rows))[ranking]
+            bounds = xp.arange(n_rows + 1, dtype=xp.int64) * n_cols
+            kept_per_row = to_numpy(xp.diff(xp.searchsorted(kept, bounds)))
+            free = (n_cols - kept_per_row)[ranking]
             # The top m neurons, widened by the next m in rank order while they are too full.
             m = max(1, round_half_up(self.neuron_share * n_rows))
             chosen = m
@@ -57,27 +64,50 @@ class LossGrowth(Redistributor):
             shares = allocate(k, weights, free)
             rows = ranking[shares > 0]
             counts = shares[shares > 0]
-            new.append(self._grow_rows(probe, i, layer, kept, rows, counts))
+            new.append(self._grow_rows(probe, i, layer, kept, rows, counts, self.block_elements))
+            probe.release(i)
         return new
 
     @staticmethod
-    def _grow_rows(probe, index, layer, kept, rows, counts):
-        """In each of ``rows``, the ``counts`` largest |g| among inactive columns."""
+    def _grow_rows(probe, index, layer, kept, rows, counts, block_elements=BLOCK_ELEMENTS):
+        """In each of ``rows``, the ``counts`` largest |g| among inactive columns
+        (ties: lower column), a block of rows at a time.
+
+        Per row, the count-th largest value is read from a sorted copy of the
+        row (values only, no index arrays); the row takes every entry above it
+        and, of the entries equal to it, the ones in the lowest columns.
+        """
         xp = layer.backend.xp
         n_cols = layer.in_features
         order = numpy.argsort(rows)  # ascending rows: keys come out sorted
         rows, counts = rows[order], counts[order]
-        rows_d = xp.asarray(rows)
-        g = xp.abs(probe.dense_gradient_rows(index, rows_d))
-        # Mask the active entries of the selected rows.
-        kept_rows = kept // n_cols
-        pos = xp.searchsorted(rows_d, kept_rows)
-        pos_c = xp.minimum(pos, len(rows) - 1)
-        hit = rows_d[pos_c] == kept_rows
-        g[pos_c[hit], (kept - kept_rows * n_cols)[hit]] = -xp.inf
-        # Per row, columns by score desc then column asc (a stable sort of -g).
-        order_cols = xp.argsort(-g, axis=1, kind="stable")
-        take = xp.arange(n_cols)[None, :] < xp.asarray(counts)[:, None]
-        cols = xp.sort(xp.where(take, order_cols, n_cols), axis=1)  # unused slots sort last
-        keys = rows_d[:, None].astype(xp.int64) * n_cols + cols
-        return keys[cols < n_cols]  # row-major: ascending keys
+        per_block = max(1, block_elements // n_cols)
+        found = []
+        for a in range(0, len(rows), per_block):
+            rows_d = xp.asarray(rows[a:a + per_block]).astype(xp.int64, copy=False)
+            count = xp.asarray(counts[a:a + per_block])
+            n = int(rows_d.shape[0])
+            g = probe.dense_gradient_rows(index, rows_d)
+            g = xp.abs(g, out=g)
+            # Mask the active entries of these rows: the runs kept[start:stop] per row.
+            start = xp.searchsorted(kept, rows_d * n_cols)
+            length = xp.searchsorted(kept, (rows_d + 1) * n_cols) - start
+            ends = xp.cumsum(length)
+            total = int(ends[-1])
+            if total:
+                j = xp.arange(total, dtype=xp.int64)
+                row = xp.searchsorted(ends, j, side="right")
+                j += start[row] - (ends - length)[row]  # index into kept
+                g[row, kept[j] - rows_d[row] * n_cols] = -xp.inf
+                del j, row
+            line = xp.arange(n)
+            bar = xp.sort(g, axis=1)[line, n_cols - count]  # each row's count-th largest
+            take = g > bar[:, None]
+            need = count - take.sum(axis=1)  # >= 1: how many ties at the bar to take
+            ties = g == bar[:, None]
+            ties &= xp.cumsum(ties, axis=1, dtype=xp.int32) <= need[:, None]
+            take |= ties
+            del g, ties
+            flat = xp.flatnonzero(take)
+            found.append(rows_d[flat // n_cols] * n_cols + flat % n_cols)  # row-major: ascending
+        return xp.concatenate(found) if found else xp.empty(0, dtype=xp.int64)

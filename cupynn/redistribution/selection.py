@@ -33,10 +33,12 @@ def top_k(scores: Any, k: int) -> Any:
         return xp.empty(0, dtype=xp.int64)
     if k >= n:
         return xp.arange(n, dtype=xp.int64)
-    threshold = xp.partition(scores, n - k)[n - k]  # the k-th largest value
+    threshold = kth_largest(scores, k)
     above = xp.flatnonzero(scores > threshold)
     ties = xp.flatnonzero(scores == threshold)[: k - int(above.shape[0])]
-    return xp.sort(xp.concatenate([above, ties])).astype(xp.int64)
+    if ties.shape[0] == 0:
+        return above.astype(xp.int64, copy=False)
+    return xp.sort(xp.concatenate([above, ties])).astype(xp.int64, copy=False)
 
 
 def bottom_k(scores: Any, k: int) -> Any:
@@ -44,22 +46,98 @@ def bottom_k(scores: Any, k: int) -> Any:
     return top_k(-scores, k)
 
 
+def kth_largest(scores: Any, k: int, *, overwrite: bool = False) -> Any:
+    """The ``k``-th largest of ``scores`` (1 <= k <= n), as a 0-d array of their dtype.
+
+    With ``overwrite`` the partition runs in place on ``scores`` (which it
+    reorders) instead of on a copy.
+    """
+    work = scores if overwrite else scores.copy()
+    n = int(work.shape[0])
+    work.partition(n - k)
+    return work[n - k].copy()
+
+
+def kth_smallest(scores: Any, k: int, *, overwrite: bool = False) -> Any:
+    """The ``k``-th smallest of ``scores`` (1 <= k <= n), as a 0-d array of their dtype."""
+    work = scores if overwrite else scores.copy()
+    work.partition(k - 1)
+    return work[k - 1].copy()
+
+
+def smallest_mask(scores: Any, k: int, threshold: Any = None) -> Any:
+    """Boolean mask of the ``k`` smallest scores; ties go to lower indices.
+
+    The entries :func:`bottom_k` returns, as a mask: no index arrays beyond
+    the ties at the threshold. ``threshold``, when given, must be
+    ``kth_smallest(scores, k)`` (computed by the caller, for example in place
+    on a scratch copy).
+    """
+    xp = backend_of(scores).xp
+    n = int(scores.shape[0])
+    if k <= 0:
+        return xp.zeros(n, dtype=bool)
+    if k >= n:
+        return xp.ones(n, dtype=bool)
+    if threshold is None:
+        threshold = kth_smallest(scores, k)
+    mask = scores < threshold
+    need = k - int(xp.count_nonzero(mask))
+    if need > 0:
+        mask[xp.flatnonzero(scores == threshold)[:need]] = True
+    return mask
+
+
 class StreamingTopK:
     """Running top-k of (score, key) pairs pushed in increasing key order.
 
-    Only the current ``k`` best candidates are kept between pushes, so the
+    Only the best candidates seen so far are kept between pushes, so the
     full set of scores (for example a model's whole dense gradient) never
     exists at once. Since keys arrive in increasing order and candidates stay
     sorted by key, the tie rule of :func:`top_k` (lower position) is the rule
     "lower key wins" over everything pushed.
+
+    Candidates are filtered as they arrive: once ``k`` of them are held, the
+    k-th best score is a bar that a later score must beat strictly (an equal
+    score arrives with a higher key, so it loses every tie). Candidates that
+    pass are appended to one buffer, which is cut back to the best ``k``
+    whenever the next push would overflow ``k + slack`` entries (default
+    ``slack = max(k // 4, 1024)``); a push that brings more than ``k`` is cut
+    to its own best ``k`` first. Memory: the buffer, at most ``2 k`` scores
+    and keys, plus one copy of the scores being cut; work: O(pushed + cuts *
+    (k + slack)).
+
+    Parameters
+    ----------
+    xp : numpy or cupy
+    k : int
+    dtype : dtype of the scores kept (use the pushed scores' dtype; a wider
+        one only costs memory)
+    key_dtype : dtype of the keys kept (int64 by default; int32 suffices when
+        every key fits)
+    slack : int, optional
     """
 
-    def __init__(self, xp: Any, k: int, dtype: Any = numpy.float64) -> None:
+    def __init__(self, xp: Any, k: int, dtype: Any = numpy.float64, key_dtype: Any = numpy.int64,
+                 slack: int | None = None) -> None:
         self.xp = xp
         self.k = int(k)
-        self.scores = xp.empty(0, dtype=dtype)
-        self.keys = xp.empty(0, dtype=xp.int64)
+        self.slack = max(self.k // 4, 1024) if slack is None else max(1, int(slack))
+        self._scores = xp.empty(0, dtype=dtype)
+        self._keys = xp.empty(0, dtype=key_dtype)
+        self._count = 0
+        self._bar: Any = -numpy.inf  # the k-th best held score, once k are held
         self._last_key = -1
+
+    @property
+    def scores(self) -> Any:
+        """Scores of the candidates held now, in key order."""
+        return self._scores[:self._count]
+
+    @property
+    def keys(self) -> Any:
+        """Keys of the candidates held now, ascending."""
+        return self._keys[:self._count]
 
     def push(self, scores: Any, first_key: int) -> None:
         """Offer the candidates with keys ``first_key + arange(len(scores))``.
@@ -73,18 +151,59 @@ class StreamingTopK:
         self._last_key = first_key + int(scores.shape[0]) - 1
         if self.k <= 0 or scores.shape[0] == 0:
             return
-        best = top_k(scores, self.k)
-        best = best[scores[best] > -xp.inf]
-        if best.shape[0] == 0:
+        chosen = xp.flatnonzero(scores > self._bar)  # never -inf
+        c = int(chosen.shape[0])
+        if c == 0:
             return
-        cand_scores = xp.concatenate([self.scores, scores[best].astype(self.scores.dtype)])
-        cand_keys = xp.concatenate([self.keys, best + first_key])
-        keep = top_k(cand_scores, self.k)
-        self.scores, self.keys = cand_scores[keep], cand_keys[keep]
+        if c > self.k:  # at most k of them can be among the best: keep those
+            values = scores[chosen]
+            bar = kth_largest(values, self.k)
+            keep = values > bar
+            need = self.k - int(xp.count_nonzero(keep))
+            if need > 0:
+                keep[xp.flatnonzero(values == bar)[:need]] = True
+            del values
+            chosen = chosen[keep]
+            c = self.k
+        if self._count + c > self._scores.shape[0]:
+            self._cut()
+            if self._count + c > self._scores.shape[0]:
+                self._resize(max(self.k + self.slack, self._count + c))
+        n = self._count
+        self._scores[n:n + c] = scores[chosen].astype(self._scores.dtype, copy=False)
+        chosen += first_key
+        self._keys[n:n + c] = chosen.astype(self._keys.dtype, copy=False)
+        self._count = n + c
+
+    def _resize(self, capacity: int) -> None:
+        xp = self.xp
+        scores = xp.empty(capacity, dtype=self._scores.dtype)
+        keys = xp.empty(capacity, dtype=self._keys.dtype)
+        scores[:self._count] = self._scores[:self._count]
+        keys[:self._count] = self._keys[:self._count]
+        self._scores, self._keys = scores, keys
+
+    def _cut(self) -> None:
+        """Keep only the best k held candidates (in key order)."""
+        xp = self.xp
+        n = self._count
+        if n <= self.k:
+            return
+        held = self._scores[:n]
+        bar = kth_largest(held, self.k)
+        keep = held > bar
+        need = self.k - int(xp.count_nonzero(keep))
+        if need > 0:
+            keep[xp.flatnonzero(held == bar)[:need]] = True
+        self._scores[:self.k] = held[keep]
+        self._keys[:self.k] = self._keys[:n][keep]
+        self._count = self.k
+        self._bar = bar
 
     def result(self) -> Any:
-        """The selected keys, ascending."""
-        return self.keys
+        """The selected keys, ascending (int64)."""
+        self._cut()
+        return self.keys.astype(numpy.int64)
 
 
 def allocate(total: int, weights: Any, capacity: Any) -> numpy.ndarray:
@@ -133,14 +252,32 @@ def keys_to_csr(keys: Any, n_rows: int, n_cols: int) -> tuple[Any, Any]:
     return indptr.astype(xp.int32), indices
 
 
+def _members(sorted_keys: Any, queries: Any) -> Any:
+    """Boolean mask: which of ``queries`` are in ``sorted_keys`` (sorted, unique)."""
+    xp = backend_of(queries).xp
+    n = int(sorted_keys.shape[0])
+    if n == 0:
+        return xp.zeros(queries.shape[0], dtype=bool)
+    pos = xp.searchsorted(sorted_keys, queries)
+    xp.minimum(pos, n - 1, out=pos)
+    return sorted_keys[pos] == queries
+
+
 def sample_inactive(rng: numpy.random.Generator, xp: Any, active_keys: Any, n_positions: int,
                     k: int) -> Any:
     """``k`` distinct positions of [0, n_positions) not in ``active_keys``, uniformly.
 
     ``active_keys`` is sorted and unique (on the device). Candidates are drawn
     on the host from ``rng`` (same draws on every backend) and rejected when
-    active or already drawn, which is exact sampling without replacement.
-    When the free positions are few, they are enumerated instead.
+    active or already drawn, which is exact sampling without replacement:
+    each round keeps, after the positions picked before, the new distinct
+    draws in the order they were drawn, up to ``k`` in all. When the free
+    positions are few, they are enumerated instead.
+
+    Only the set is returned, so a round needs the draw order only when it
+    brings more new positions than still needed; otherwise the draws are
+    sorted by value (no index arrays) and checked against the sorted active
+    and picked keys.
 
     Returns the keys, ascending, int64.
     """
@@ -154,16 +291,46 @@ def sample_inactive(rng: numpy.random.Generator, xp: Any, active_keys: Any, n_po
         mask = xp.ones(n_positions, dtype=bool)
         mask[active_keys] = False
         candidates = xp.flatnonzero(mask)
+        del mask
         chosen = rng.choice(free, size=k, replace=False)
-        return xp.sort(candidates[xp.asarray(chosen)]).astype(xp.int64)
-    picked = xp.empty(0, dtype=xp.int64)
+        return xp.sort(candidates[xp.asarray(chosen)]).astype(xp.int64, copy=False)
+    picked = xp.empty(0, dtype=xp.int64)  # sorted
     while int(picked.shape[0]) < k:
         need = k - int(picked.shape[0])
         draw = xp.asarray(rng.integers(0, n_positions, size=int(need * n_positions / free) + 16))
-        pos = xp.minimum(xp.searchsorted(active_keys, draw), max(n_active - 1, 0))
-        if n_active:
-            draw = draw[active_keys[pos] != draw]
-        merged = xp.concatenate([picked, draw])
-        _, first = xp.unique(merged, return_index=True)
-        picked = merged[xp.sort(first)][:k]  # draw order kept: earlier draws win
-    return xp.sort(picked)
+        values = xp.sort(draw)
+        fresh = values[1:] != values[:-1]  # first of each run of equal values
+        fresh = xp.concatenate([xp.ones(1, dtype=bool), fresh])
+        fresh &= ~_members(active_keys, values)
+        fresh &= ~_members(picked, values)
+        values = values[fresh]
+        del fresh
+        if int(values.shape[0]) > need:
+            # Too many: the first `need` new positions in draw order win.
+            order = xp.argsort(draw, kind="stable")
+            ordered = draw[order]
+            first = xp.concatenate([xp.ones(1, dtype=bool), ordered[1:] != ordered[:-1]])
+            first &= ~_members(active_keys, ordered)
+            first &= ~_members(picked, ordered)
+            positions = xp.sort(order[first])[:need]  # draw positions of the first occurrences
+            values = xp.sort(draw[positions])
+        del draw
+        picked = merge_sorted(picked, values)
+    return picked
+
+
+def merge_sorted(a: Any, b: Any) -> Any:
+    """The union of two sorted arrays with no value in common, sorted (no sort)."""
+    xp = backend_of(b).xp
+    if a.shape[0] == 0:
+        return b
+    if b.shape[0] == 0:
+        return a
+    where = xp.searchsorted(a, b)
+    where += xp.arange(b.shape[0], dtype=where.dtype)
+    out = xp.empty(a.shape[0] + b.shape[0], dtype=xp.result_type(a, b))
+    from_a = xp.ones(out.shape[0], dtype=bool)
+    from_a[where] = False
+    out[where] = b
+    out[from_a] = a
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..validation import check_real
 from .base import Drop, Redistributor
 
 
@@ -9,6 +10,11 @@ class Static(Redistributor):
     """Keeps every connection; a redistribution is a no-op (counts are 0)."""
 
     name = "static"
+
+    def redistribute(self, model, optimizer, fraction, x=None, y=None, loss="cross_entropy"):
+        """Check ``fraction`` and report zero counts; nothing is rebuilt or allocated."""
+        check_real(fraction, "fraction", f"{type(self).__name__}.redistribute", 0.0, 1.0)
+        return super().redistribute(model, optimizer, 0.0, x, y, loss)
 
     def drop(self, model, fraction, probe):
         xp = model.backend.xp
