@@ -19,6 +19,7 @@ from cupynn import losses, to_numpy
 from cupynn.layers import SparseLinear
 from cupynn.redistribution import base, create
 from cupynn.redistribution.base import Drop, Redistributor, kept_keys, layer_keys
+from cupynn.redistribution.fisher import BlockFisherInverse
 from cupynn.redistribution.loss import LossGrowth
 from cupynn.redistribution.selection import (StreamingTopK, bottom_k, kth_largest, kth_smallest,
                                              merge_sorted, sample_inactive, smallest_mask, top_k)
@@ -234,6 +235,34 @@ def test_loss_rows_pick_the_largest_inactive_entries(seed):
         got = LossGrowth._grow_rows(_Probe(gradient), 0, layer, kept, rows.copy(), counts.copy(),
                                     block)
         numpy.testing.assert_array_equal(got, expected)
+
+
+# ---------------------------------------------------------------- Fisher
+@pytest.mark.parametrize("n, B", [(23, 5), (40, 4), (7, 34)])
+def test_block_fisher_in_chunks_equals_one_chunk(rng, n, B):
+    grads = rng.standard_normal((5, n))
+    one = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5)
+    many = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5, chunk_blocks=2)
+    sums = [numpy.zeros(n), numpy.zeros(n)]
+    for g in grads:
+        parts = [g[:3], g[3:n // 2], g[n // 2:]]
+        one.update(parts, sums[0])
+        many.update(parts, sums[1])
+    numpy.testing.assert_array_equal(one.finv, many.finv)
+    numpy.testing.assert_allclose(sums[0], grads.sum(axis=0))
+    numpy.testing.assert_array_equal(sums[0], sums[1])
+    v = rng.standard_normal(n)
+    expected = one.matvec(v)
+    dense = one.dense(numpy.arange(one.n_blocks))
+    padded = numpy.zeros(one.n_blocks * B)
+    padded[:n] = v
+    numpy.testing.assert_allclose(expected, numpy.einsum("bij,bj->bi", dense,
+                                                         padded.reshape(-1, B)).ravel()[:n])
+    in_place = v.copy()
+    assert many.matvec(in_place, out=in_place) is in_place
+    numpy.testing.assert_array_equal(in_place, expected)
+    numpy.testing.assert_array_equal(many.diagonal(), numpy.diagonal(dense, axis1=1, axis2=2)
+                                     .ravel()[:n])
 
 
 # ---------------------------------------------------------------- memory

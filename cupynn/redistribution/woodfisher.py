@@ -30,9 +30,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import check_int, check_real
-from .base import Drop, Redistributor
+from .base import Drop, Redistributor, chunks
 from .fisher import BlockFisherInverse
-from .selection import allocate, bottom_k, round_half_up, sample_inactive
+from .selection import allocate, kth_smallest, round_half_up, sample_inactive, smallest_mask
 
 
 class WoodFisher(Redistributor):
@@ -83,9 +83,7 @@ class WoodFisher(Redistributor):
         """One Sherman–Morrison step with the gradient of the last backward pass."""
         if self.fisher is None:
             return
-        g = self.fisher.update([layer.grad_data for layer in model.sparse_layers])
-        if self._grad_sum is not None:
-            self._grad_sum += g
+        self.fisher.update([layer.grad_data for layer in model.sparse_layers], self._grad_sum)
 
     def drop(self, model, fraction, probe):
         fisher = self.fisher
@@ -96,33 +94,66 @@ class WoodFisher(Redistributor):
                 f"start_epoch(model, n_batches, True) and observe(model) after every backward "
                 f"pass of that epoch (cupynn.fit does this).")
         xp = model.backend.xp
-        w = xp.concatenate([layer.data for layer in layers])
-        if w.shape[0] != fisher.n_params:
+        n = sum(layer.nnz for layer in layers)
+        if n != fisher.n_params:
             raise RuntimeError(f"{self.name}: the topology changed since the Fisher was started.")
+        # Memory: besides the blocks, at most the diagonal, ρ (later s, then the
+        # step), the removal mask and, for woodtaylor, F⁻¹ḡ (in ḡ's buffer);
+        # r = w − F⁻¹ḡ is recomputed per chunk where needed, w read from the layers.
+        newton = None
+        if self.taylor:
+            newton = self._grad_sum
+            self._grad_sum = None
+            newton /= fisher.count
+            fisher.matvec(newton, out=newton)
         diag = fisher.diagonal()
-        newton = fisher.matvec(self._grad_sum / fisher.count) if self.taylor else None
-        r = w if newton is None else w - newton
-        rho = r * r / (2 * diag)
-        removed = bottom_k(rho, round_half_up(fraction * w.shape[0]))
-        if self.joint:
-            delta = -fisher.joint_obs_step(removed, r)
+
+        def pieces():
+            """(start, stop, r) over the parameters, chunk by chunk."""
+            offset = 0
+            for layer in layers:
+                for a, b in chunks(layer.nnz):
+                    r = layer.data[a:b]
+                    if newton is not None:
+                        r = r - newton[offset + a:offset + b]
+                    yield offset + a, offset + b, r
+                offset += layer.nnz
+
+        rho = xp.empty(n, dtype=model.dtype)
+        for a, b, r in pieces():
+            rho[a:b] = r * r / (2 * diag[a:b])
+        k = round_half_up(fraction * n)
+        if 0 < k < n:
+            threshold = kth_smallest(rho, k, overwrite=True)
+            for a, b, r in pieces():  # the partition reordered rho
+                rho[a:b] = r * r / (2 * diag[a:b])
+            removed = smallest_mask(rho, k, threshold)
         else:
-            s = xp.zeros_like(w)
-            s[removed] = r[removed] / diag[removed]
-            delta = -fisher.matvec(s)
-        if newton is not None:
-            delta -= newton
-        values = w + delta
-        values[removed] = 0  # exactly zero, and gone from the CSR below
-        keep = xp.ones(w.shape[0], dtype=bool)
-        keep[removed] = False
+            removed = xp.full(n, k >= n, dtype=bool)
+        if self.joint:
+            r = xp.concatenate([r for *_, r in pieces()])
+            step = fisher.joint_obs_step(xp.flatnonzero(removed), r)
+            del r
+        else:
+            step = rho  # s_q = r_q / [F⁻¹]_qq on the removed, 0 elsewhere; then F⁻¹ s
+            for a, b, r in pieces():
+                step[a:b] = xp.where(removed[a:b], r / diag[a:b], 0)
+            fisher.matvec(step, out=step)
+        del diag, rho
         self.fisher = None  # the blocks are freed as soon as they are used
-        self._grad_sum = None
-        drops, start = [], 0
+        fisher = None
+        step *= -1
+        if newton is not None:
+            step -= newton
+        del newton
+        drops, offset = [], 0
         for layer in layers:
-            stop = start + layer.nnz
-            drops.append(Drop(keep[start:stop], values[start:stop]))
-            start = stop
+            stop = offset + layer.nnz
+            values = layer.data + step[offset:stop]
+            gone = removed[offset:stop]
+            values[gone] = 0  # exactly zero, and gone from the CSR below
+            drops.append(Drop(~gone, values))
+            offset = stop
         return drops
 
     def grow(self, model, drops, kept_keys, probe):
