@@ -70,6 +70,26 @@ def test_streaming_top_k_with_cuts_matches_full_sort(rng, slack, key_dtype):
         numpy.testing.assert_array_equal(result, _reference_top(scores, keys, k))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_top_k_with_large_pushes_matches_full_sort(seed):
+    # Pushes of up to 5000 scores for k up to 333: the sampled bar filters most of them.
+    rng = numpy.random.default_rng(seed)
+    scores = rng.integers(0, 40, size=30_000).astype(numpy.float32)
+    if seed % 2:
+        scores = rng.standard_normal(30_000).astype(numpy.float32)
+    scores[rng.random(30_000) < 0.3] = -numpy.inf
+    scores[:2000] = -numpy.inf  # a first push with nothing eligible
+    keys = numpy.arange(30_000)
+    for k in (1, 7, 40, 333):
+        top = StreamingTopK(numpy, k, dtype=numpy.float32)
+        start = 0
+        while start < 30_000:
+            size = int(rng.integers(1, 5000))
+            top.push(scores[start:start + size], start)
+            start += size
+        numpy.testing.assert_array_equal(top.result(), _reference_top(scores, keys, k))
+
+
 def test_merge_sorted(rng):
     values = numpy.sort(rng.choice(10_000, size=600, replace=False))
     for split in (0, 1, 300, 600):
