@@ -1,0 +1,518 @@
+"""What redistribution costs: seconds per redistribution, per-batch bookkeeping, peak memory.
+
+For every algorithm of :data:`cupynn.redistribution.NAMES` and every setting
+(by default the paper's two networks and the 4096-wide memory experiment, all
+at density 0.1), the script measures, through the public API:
+
+* **redistribution seconds**: one ``redistributor.redistribute(model,
+  optimizer, fraction, x, y, loss)`` moving ``--fraction`` (0.5; the
+  schedule's first value is 0.47-0.5) of the active weights, with one
+  mini-batch as the growth batch, as :class:`cupynn.Trainer` calls it after an
+  epoch. Before each one the redistributor is told an epoch starts
+  (``start_epoch(model, n_batches, True)``, timed too: it allocates the
+  WoodFisher blocks) and ``--train-steps`` training steps run with
+  ``observe(model)`` after each backward pass, as the trainer does. The
+  algorithms take turns in rounds (the order rotates from round to round);
+  the median over ``--repeats`` rounds is reported.
+* **per-batch bookkeeping**: ``observe(model)`` after each backward pass (the
+  Sherman-Morrison steps of woodfisher/woodtaylor; a no-op for the others).
+  One model per algorithm that observes, plus the static model that does not,
+  are trained side by side in rotating rounds, like ``bench_training.py``
+  does; each step's phases are timed separately (each ends with a device
+  synchronisation), so the report gives the median ``observe`` time and the
+  median whole step (forward + loss + backward + observe + Adam) against the
+  static model's.
+* **overhead per epoch**: ``start_epoch + redistribute + n_batches x
+  observe``, as a share of one training epoch of the static sparse model.
+  The epoch is not run: it is ``n_batches`` (60000/512 for KMNIST,
+  500000/128 for HIGGS) times the static model's median step, which leaves
+  out batch loading and augmentation (so the share is if anything
+  overstated).
+* **peak memory**: :class:`cupynn.memory.MemoryTracker` started before the
+  model is built, over building the model and its Adam, ``start_epoch``,
+  ``--train-steps`` training steps with ``observe`` and one redistribution;
+  against the static model's peak over the same steps (its redistribution
+  moves nothing). On the CPU that is the ``tracemalloc`` peak (every NumPy
+  buffer; BLAS workspaces and Numba's internal scratch are not counted), on
+  the GPU the peak of bytes in use from CuPy's pool. The batches are created
+  before the window. Measured in a separate pass, since tracing slows
+  allocation.
+
+Kernels are warmed up first (``cupynn.kernels.warm_up``), and each algorithm
+redistributes ``--warmup`` times before the timed rounds.
+
+Run ``python benchmarks/bench_redistribution.py --help`` for the options, and
+see ``benchmarks/README.md`` and ``docs/redistribution-benchmark.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy
+
+# Benchmark the checkout this script lives in, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cupynn  # noqa: E402
+from cupynn import kernels  # noqa: E402
+from cupynn.losses import LOSSES  # noqa: E402
+from cupynn.memory import MemoryTracker  # noqa: E402
+from cupynn.redistribution import NAMES, create  # noqa: E402
+
+# The paper's settings (SPEC §6) and the 4096-wide memory experiment.
+SETTINGS = {
+    "kmnist": dict(sizes=(784, 256, 256, 10), dense_layers=(), batch=512,
+                   loss="cross_entropy", train_rows=60_000),
+    "higgs": dict(sizes=(21, 256, 256, 256, 1), dense_layers=(-1,), batch=128,
+                  loss="binary_cross_entropy", train_rows=500_000),
+    "kmnist-4096": dict(sizes=(784, 4096, 4096, 10), dense_layers=(), batch=512,
+                        loss="cross_entropy", train_rows=60_000),
+}
+PAPER_SETTINGS = ("kmnist", "higgs")
+TIME_TARGET = 0.05  # overhead <= 5 % of a static epoch, at the paper's sizes
+MEMORY_TARGETS = {"woodfisher": 3.0, "woodtaylor": 3.0}  # x static, at width 4096
+MEMORY_TARGET_OTHERS = 1.3
+MEMORY_TARGET_SETTING = "kmnist-4096"
+
+
+# ----------------------------------------------------------------- arguments
+def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in valid]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma-separated subset of "
+                                         f"{','.join(valid)}; got {text!r}")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="cupynn backend to benchmark")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   type=lambda t: _names(t, tuple(SETTINGS), "--settings"),
+                   help="networks to measure: " + "; ".join(
+                       f"{k} = {'-'.join(map(str, v['sizes']))} batch {v['batch']}"
+                       for k, v in SETTINGS.items()))
+    p.add_argument("--algorithms", default=",".join(NAMES),
+                   type=lambda t: _names(t, NAMES, "--algorithms"), help="redistributions")
+    p.add_argument("--density", type=float, default=0.1, help="density of the sparse layers")
+    p.add_argument("--fraction", type=float, default=0.5,
+                   help="fraction of the active weights one redistribution moves")
+    p.add_argument("--steps", type=int, default=20,
+                   help="timed training steps per model (median reported)")
+    p.add_argument("--per-round", type=int, default=2,
+                   help="timed training steps per model per round (each round adds one "
+                        "untimed step)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed redistributions per algorithm (median reported)")
+    p.add_argument("--train-steps", type=int, default=3,
+                   help="training steps with observe before each redistribution")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed training steps per model, and untimed redistributions per "
+                        "algorithm, before timing")
+    p.add_argument("--pause", type=float, default=0.2,
+                   help="seconds to sleep before each model's turn in a round (lets the "
+                        "previous model's thread pools stop spinning)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and the batches")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: settings kmnist,higgs, 2 timed steps and 1 timed "
+                        "redistribution per algorithm after 1 warm-up, 1 training step "
+                        "before it (overrides those options)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.settings = [s for s in args.settings if s in PAPER_SETTINGS] or ["kmnist"]
+        args.steps, args.per_round, args.repeats, args.train_steps, args.warmup = 2, 1, 1, 1, 1
+    for name in ("steps", "per_round", "repeats", "train_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.pause < 0:
+        p.error("--warmup and --pause must be >= 0")
+    if not 0 < args.density <= 1 or not 0 <= args.fraction <= 1:
+        p.error("--density must be in (0, 1] and --fraction in [0, 1]")
+    return args
+
+
+# ----------------------------------------------------------------- the machine
+# As bench_training.py reports it (kept here so that this script stands alone).
+THREAD_ENV = ("NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+              "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS")
+
+
+def cpu_model() -> str:
+    """The CPU's name where the OS tells it (Linux), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (a sign of other work on a shared machine)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info(backend: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "cupynn": cupynn.__version__,
+        "backend": backend.name,
+        "device_name": backend.device_name(),
+    }
+    try:
+        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info["blas"] = f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # older NumPy: no mode="dicts"
+        info["blas"] = "unknown"
+    try:
+        import threadpoolctl
+
+        info["blas_threads"] = {d["internal_api"]: d["num_threads"]
+                                for d in threadpoolctl.threadpool_info()}
+    except ImportError:
+        pass
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+        info["numba_threads"] = int(numba.get_num_threads())
+    except ImportError:
+        info["numba"] = info["numba_threads"] = None
+    if backend.is_gpu:
+        info["cupy"] = backend.xp.__version__
+    info["thread_env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+    return info
+
+
+# ----------------------------------------------------------------- pieces
+class Setting:
+    """One network, its batch and loss, and the batches the benchmark feeds it."""
+
+    def __init__(self, name: str, args: argparse.Namespace, backend: Any) -> None:
+        spec = SETTINGS[name]
+        self.name, self.args, self.backend = name, args, backend
+        self.sizes, self.dense_layers = spec["sizes"], spec["dense_layers"]
+        self.batch, self.loss = spec["batch"], spec["loss"]
+        self.n_batches = -(-spec["train_rows"] // self.batch)
+        self.n_weights = cupynn.MLP(self.sizes, density=args.density, dense_layers=self.dense_layers,
+                                    seed=args.seed, dtype=args.dtype, device=backend).n_weights
+        rng = numpy.random.default_rng(args.seed + 1)
+        # Two fixed batches on the device: one to train on, one for growth.
+        self.batches = [self._batch(rng) for _ in range(2)]
+
+    def _batch(self, rng: numpy.random.Generator) -> tuple[Any, Any]:
+        x = rng.random((self.batch, self.sizes[0])).astype(self.args.dtype)
+        if self.loss == "cross_entropy":
+            y = rng.integers(0, self.sizes[-1], size=self.batch)
+        else:
+            y = rng.integers(0, 2, size=self.batch).astype(self.args.dtype)
+        return self.backend.asarray(x), self.backend.asarray(y)
+
+    def build(self, algorithm: str) -> tuple[Any, Any, Any]:
+        model = cupynn.MLP(self.sizes, density=self.args.density, dense_layers=self.dense_layers,
+                           seed=self.args.seed, dtype=self.args.dtype, device=self.backend)
+        return model, cupynn.Adam(model, lr=self.args.lr), create(algorithm, seed=self.args.seed)
+
+
+def train_step(model: Any, optimizer: Any, redistributor: Any, x: Any, y: Any,
+               loss: str) -> dict[str, float]:
+    """What Trainer does per batch; seconds of (forward + loss + backward), observe, Adam."""
+    sync = model.backend.synchronize
+    sync()
+    t0 = time.perf_counter()
+    _, grad = LOSSES[loss](model.forward(x), y, check=False)
+    model.backward(grad, need_input_grad=False)
+    sync()
+    t1 = time.perf_counter()
+    if redistributor is not None:
+        redistributor.observe(model)
+    sync()
+    t2 = time.perf_counter()
+    optimizer.step()
+    sync()
+    t3 = time.perf_counter()
+    return {"train": t1 - t0 + t3 - t2, "observe": t2 - t1, "step": t3 - t0}
+
+
+def redistribution_round(setting: Setting, model: Any, optimizer: Any, redistributor: Any,
+                         ) -> dict[str, float]:
+    """start_epoch, training steps with observe, one redistribution; seconds of the two calls."""
+    sync = model.backend.synchronize
+    x, y = setting.batches[0]
+    sync()
+    t0 = time.perf_counter()
+    redistributor.start_epoch(model, setting.n_batches, True)
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(setting.args.train_steps):
+        train_step(model, optimizer, redistributor, x, y, setting.loss)
+    gx, gy = setting.batches[1]
+    sync()
+    t2 = time.perf_counter()
+    redistributor.redistribute(model, optimizer, setting.args.fraction, gx, gy, setting.loss)
+    sync()
+    t3 = time.perf_counter()
+    if model.n_weights != setting.n_weights:
+        raise AssertionError(f"{redistributor.name} changed the weight count")
+    return {"start_epoch": t1 - t0, "redistribute": t3 - t2}
+
+
+# ----------------------------------------------------------------- measurements
+def time_steps(setting: Setting, algorithms: list[str]) -> dict[str, Any]:
+    """Training steps of the static model (no observe) and of one model per algorithm
+    (observe after each backward pass), side by side in rotating rounds."""
+    args = setting.args
+    x, y = setting.batches[0]
+    entries: list[tuple[str, Any, Any, Any]] = []
+    for name in [None, *algorithms]:
+        model, optimizer, redistributor = setting.build(name or "static")
+        if name is None:
+            redistributor = None
+        else:
+            redistributor.start_epoch(model, setting.n_batches, True)
+        entries.append((name or "(no observe)", model, optimizer, redistributor))
+    for _, *entry in entries:
+        for _ in range(args.warmup):
+            train_step(*entry, x, y, setting.loss)
+    samples: list[list[dict[str, float]]] = [[] for _ in entries]
+    n = len(entries)
+    for r in range(-(-args.steps // args.per_round)):
+        for i in [(r + k) % n for k in range(n)]:
+            time.sleep(args.pause)
+            train_step(*entries[i][1:], x, y, setting.loss)  # untimed: re-warm
+            for _ in range(min(args.per_round, args.steps - len(samples[i]))):
+                samples[i].append(train_step(*entries[i][1:], x, y, setting.loss))
+    out = {name: {k: statistics.median(s[k] for s in runs) for k in ("train", "observe", "step")}
+           for (name, *_), runs in zip(entries, samples)}
+    for (name, *_), runs in zip(entries, samples):
+        out[name]["step_samples"] = [s["step"] for s in runs]
+        out[name]["observe_samples"] = [s["observe"] for s in runs]
+    del entries
+    gc.collect()
+    return out
+
+
+def time_redistributions(setting: Setting, algorithms: list[str]) -> dict[str, Any]:
+    """Per algorithm: medians of start_epoch and redistribute seconds over the rounds."""
+    args = setting.args
+    built = [setting.build(name) for name in algorithms]
+    for entry in built:
+        for _ in range(args.warmup):
+            redistribution_round(setting, *entry)
+    samples: list[list[dict[str, float]]] = [[] for _ in built]
+    n = len(built)
+    for r in range(args.repeats):
+        for i in [(r + k) % n for k in range(n)]:
+            time.sleep(args.pause)
+            samples[i].append(redistribution_round(setting, *built[i]))
+    out = {name: {"start_epoch": statistics.median(s["start_epoch"] for s in runs),
+                  "redistribute": statistics.median(s["redistribute"] for s in runs),
+                  "redistribute_samples": [s["redistribute"] for s in runs]}
+           for name, runs in zip(algorithms, samples)}
+    del built
+    gc.collect()
+    return out
+
+
+def peak_memory(setting: Setting, algorithm: str) -> dict[str, int]:
+    """Peak bytes over: build model + Adam, start_epoch, training steps with observe
+    (``train``), then one redistribution (``redistribute``, peak of the whole window)."""
+    args = setting.args
+    x, y = setting.batches[0]
+    gx, gy = setting.batches[1]
+    gc.collect()
+    with MemoryTracker(setting.backend) as tracker:
+        model, optimizer, redistributor = setting.build(algorithm)
+        redistributor.start_epoch(model, setting.n_batches, True)
+        for _ in range(args.train_steps):
+            train_step(model, optimizer, redistributor, x, y, setting.loss)
+        train_peak = tracker.peak()
+        redistributor.redistribute(model, optimizer, args.fraction, gx, gy, setting.loss)
+        peak = tracker.peak()
+        del model, optimizer, redistributor
+    gc.collect()
+    return {"train": train_peak, "total": peak}
+
+
+# ----------------------------------------------------------------- report
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    backend = cupynn.get_backend(args.device)
+    kernels.warm_up(backend, args.dtype)
+    info = machine_info(backend)
+    load_before = load_average()
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    static_steps: dict[str, list[float]] = {}  # the static model's step samples, ms
+    for name in args.settings:
+        setting = Setting(name, args, backend)
+        steps = time_steps(setting, args.algorithms)
+        redist = time_redistributions(setting, args.algorithms)
+        names = ["static", *[a for a in args.algorithms if a != "static"]]
+        peaks = ({} if args.no_memory else {a: peak_memory(setting, a) for a in names})
+        static_step = steps["(no observe)"]["step"]
+        epoch = setting.n_batches * static_step
+        for a in args.algorithms:
+            overhead = (redist[a]["start_epoch"] + redist[a]["redistribute"]
+                        + setting.n_batches * steps[a]["observe"])
+            peak = peaks.get(a)
+            rows.append({
+                "setting": name,
+                "sizes": "-".join(map(str, setting.sizes)),
+                "batch": setting.batch,
+                "density": args.density,
+                "n_weights": setting.n_weights,
+                "algorithm": a,
+                "n_batches": setting.n_batches,
+                "static_step_ms": 1e3 * static_step,
+                "epoch_s": epoch,
+                "step_ms": 1e3 * steps[a]["step"],
+                "step_vs_static": steps[a]["step"] / static_step,
+                "observe_ms": 1e3 * steps[a]["observe"],
+                "start_epoch_ms": 1e3 * redist[a]["start_epoch"],
+                "redistribute_ms": 1e3 * redist[a]["redistribute"],
+                "overhead_s": overhead,
+                "overhead_share": overhead / epoch,
+                "peak_train_mib": None if peak is None else peak["train"] / 2**20,
+                "peak_mib": None if peak is None else peak["total"] / 2**20,
+                "peak_vs_static": (None if peak is None
+                                   else peak["total"] / peaks["static"]["total"]),
+                "step_ms_samples": [1e3 * s for s in steps[a]["step_samples"]],
+                "observe_ms_samples": [1e3 * s for s in steps[a]["observe_samples"]],
+                "redistribute_ms_samples": [1e3 * s for s in redist[a]["redistribute_samples"]],
+            })
+        static_steps[name] = [1e3 * s for s in steps["(no observe)"]["step_samples"]]
+        del setting
+        gc.collect()
+    info["load_average_before"] = load_before
+    info["load_average_after"] = load_average()
+    try:  # known once a parallel Numba kernel has run
+        import numba
+
+        info["numba_threading_layer"] = numba.threading_layer()
+    except Exception:
+        info["numba_threading_layer"] = None
+    return {
+        "machine": info,
+        "settings": {"density": args.density, "fraction": args.fraction, "steps": args.steps,
+                     "per_round": args.per_round, "repeats": args.repeats,
+                     "train_steps": args.train_steps, "warmup": args.warmup,
+                     "pause": args.pause, "dtype": args.dtype, "lr": args.lr, "seed": args.seed,
+                     "wall_seconds": round(time.perf_counter() - start, 1),
+                     "command": " ".join(["python", *sys.argv])},
+        "results": rows,
+        "static_step_ms_samples": static_steps,
+        "targets": targets(rows),
+    }
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, checked on the rows measured (those present)."""
+    out = []
+    for r in rows:
+        if r["setting"] in PAPER_SETTINGS and r["algorithm"] != "static":
+            out.append({"setting": r["setting"], "algorithm": r["algorithm"],
+                        "target": f"overhead <= {TIME_TARGET:.0%} of a static epoch",
+                        "measured": r["overhead_share"],
+                        "met": r["overhead_share"] <= TIME_TARGET})
+        if (r["setting"] == MEMORY_TARGET_SETTING and r["algorithm"] != "static"
+                and r["peak_vs_static"] is not None):
+            limit = MEMORY_TARGETS.get(r["algorithm"], MEMORY_TARGET_OTHERS)
+            out.append({"setting": r["setting"], "algorithm": r["algorithm"],
+                        "target": f"peak <= {limit:g} x static", "measured": r["peak_vs_static"],
+                        "met": r["peak_vs_static"] <= limit})
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    blas_threads = f", threads {m['blas_threads']}" if m.get("blas_threads") else ""
+    thread_env = " ".join(f"{k}={v}" for k, v in m["thread_env"].items())
+    lines = [
+        f"machine : {m['cpu']}, {m['cpu_count']} cores; {m['platform']}",
+        f"device  : {m['backend']}: {m['device_name']}",
+        f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}), "
+        f"numba {m['numba']} ({m['numba_threads']} threads, "
+        f"{m.get('numba_threading_layer') or 'no'} layer)"
+        + (f", cupy {m['cupy']}" if "cupy" in m else "") + f", cupynn {m['cupynn']}",
+        f"settings: density {s['density']}, fraction {s['fraction']}, {s['dtype']}; steps: median "
+        f"of {s['steps']} (rounds of 1 untimed + {s['per_round']} per model); redistributions: "
+        f"median of {s['repeats']}, each after start_epoch + {s['train_steps']} observed steps; "
+        f"{s['warmup']} warm-up; {s['pause']} s pause between models",
+        f"load avg: {m['load_average_before']} before, {m['load_average_after']} after "
+        f"({s['wall_seconds']} s)",
+        f"env     : {thread_env or '(no thread settings)'}",
+        "",
+        "epoch = n_batches x the static model's median step (extrapolated, not run); "
+        "overhead = start_epoch + redistribute + n_batches x observe",
+        "",
+    ]
+    header = (f"{'network':<22} {'algorithm':<15} {'step ms':>8} {'step/st':>7} "
+              f"{'observe ms':>10} {'redist ms':>9} {'start ms':>8} {'overhead s':>10} "
+              f"{'% epoch':>7} {'peak MiB':>8} {'mem/st':>6}")
+    lines += [header, "-" * len(header)]
+    last = None
+    for r in report["results"]:
+        if r["setting"] != last:
+            last = r["setting"]
+            lines.append(f"{r['setting']}: {r['sizes']}, batch {r['batch']}, {r['n_weights']:,} "
+                         f"weights, {r['n_batches']} batches/epoch, static step "
+                         f"{r['static_step_ms']:.2f} ms, epoch {r['epoch_s']:.2f} s")
+        lines.append(
+            f"{'':<22} {r['algorithm']:<15} {r['step_ms']:>8.2f} {r['step_vs_static']:>7.3f} "
+            f"{r['observe_ms']:>10.3f} {r['redistribute_ms']:>9.1f} {r['start_epoch_ms']:>8.2f} "
+            f"{r['overhead_s']:>10.3f} {100 * r['overhead_share']:>7.2f} "
+            f"{_fmt(r['peak_mib'], '.1f'):>8} {_fmt(r['peak_vs_static'], '.2f'):>6}")
+    if report["targets"]:
+        lines += ["", "targets:"]
+        for t in report["targets"]:
+            value = (f"{100 * t['measured']:.2f} %" if "epoch" in t["target"]
+                     else f"{t['measured']:.2f} x")
+            lines.append(f"  {t['setting']:<12} {t['algorithm']:<15} {t['target']:<34} "
+                         f"{value:>9}  {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    print(format_report(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
