@@ -51,7 +51,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,13 +59,16 @@ from typing import Any
 import numpy
 
 # Benchmark the checkout this script lives in, installed or not.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(1, HERE)
 
 import cupynn  # noqa: E402
 from cupynn import kernels  # noqa: E402
 from cupynn.losses import LOSSES  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution import NAMES, create  # noqa: E402
+from machine import load_average, machine_info  # noqa: E402
 
 # The paper's settings (SPEC §6) and the 4096-wide memory experiment.
 SETTINGS = {
@@ -145,68 +147,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.density <= 1 or not 0 <= args.fraction <= 1:
         p.error("--density must be in (0, 1] and --fraction in [0, 1]")
     return args
-
-
-# ----------------------------------------------------------------- the machine
-# As bench_training.py reports it (kept here so that this script stands alone).
-THREAD_ENV = ("NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-              "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS")
-
-
-def cpu_model() -> str:
-    """The CPU's name where the OS tells it (Linux), else platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (a sign of other work on a shared machine)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def machine_info(backend: Any) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "cupynn": cupynn.__version__,
-        "backend": backend.name,
-        "device_name": backend.device_name(),
-    }
-    try:
-        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        info["blas"] = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # older NumPy: no mode="dicts"
-        info["blas"] = "unknown"
-    try:
-        import threadpoolctl
-
-        info["blas_threads"] = {d["internal_api"]: d["num_threads"]
-                                for d in threadpoolctl.threadpool_info()}
-    except ImportError:
-        pass
-    try:
-        import numba
-
-        info["numba"] = numba.__version__
-        info["numba_threads"] = int(numba.get_num_threads())
-    except ImportError:
-        info["numba"] = info["numba_threads"] = None
-    if backend.is_gpu:
-        info["cupy"] = backend.xp.__version__
-    info["thread_env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
-    return info
 
 
 # ----------------------------------------------------------------- pieces

@@ -66,7 +66,6 @@ import gc
 import inspect
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -88,6 +87,8 @@ from cupynn.backend import to_numpy  # noqa: E402
 from cupynn.losses import cross_entropy  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution.schedule import fraction_at  # noqa: E402
+from machine import load_average, numba_threads  # noqa: E402
+from machine import machine_info as base_machine_info  # noqa: E402
 
 PHASES = ("forward", "backward", "adam")  # "forward" includes the loss
 DEFAULT_SIZES = "784-256-256-10,784-4096-4096-10"
@@ -101,9 +102,6 @@ HIGGS_BATCH = 128
 HIGGS_SAMPLES = 500_000
 HIGGS_SCHEDULE_EPOCHS = 80  # the schedule's length: epoch 1 moves fraction_at(1, 80)
 PAPER_HIGGS_EPOCH_S = 22.2
-# Settings of the thread pools (Numba's OpenMP, OpenBLAS, PyTorch's OpenMP) that change the timings.
-THREAD_ENV = ("NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-              "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS")
 WARMUP_WIDTH = 16  # hidden width of the model that warms up a memory-measuring process
 
 
@@ -239,72 +237,12 @@ def load_peer(args: argparse.Namespace, backend: Any) -> tuple[Peer | None, str]
 
 
 # ----------------------------------------------------------------- the machine
-def cpu_model() -> str:
-    """The CPU's name where the OS tells it (Linux), else platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (a sign of other work on a shared machine)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def numba_threads() -> int | None:
-    try:
-        import numba
-
-        return int(numba.get_num_threads())
-    except ImportError:
-        return None
-
-
 def machine_info(backend: Any, peer: Peer | None, peer_note: str,
                  args: argparse.Namespace) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "cupynn": cupynn.__version__,
-        "backend": backend.name,
-        "device_name": backend.device_name(),
-    }
-    try:
-        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        info["blas"] = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # older NumPy: no mode="dicts"
-        info["blas"] = "unknown"
-    try:
-        import threadpoolctl
-
-        info["blas_threads"] = {d["internal_api"]: d["num_threads"]
-                                for d in threadpoolctl.threadpool_info()}
-    except ImportError:
-        pass
-    try:
-        import numba
-
-        info["numba"] = numba.__version__
-    except ImportError:
-        info["numba"] = None
-    info["numba_threads"] = numba_threads()
-    if backend.is_gpu:
-        info["cupy"] = backend.xp.__version__
+    info = base_machine_info(backend)
     info["peer"] = peer.describe() if peer else None
     info["peer_adam"] = args.peer_adam if peer else None
     info["peer_note"] = peer_note
-    info["thread_env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
     return info
 
 
