@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -68,7 +67,8 @@ from cupynn import kernels  # noqa: E402
 from cupynn.losses import LOSSES  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution import NAMES, create  # noqa: E402
-from machine import load_average, machine_info  # noqa: E402
+from machine import (finish_info, fmt, header_lines, load_and_env_lines,  # noqa: E402
+                     load_average, machine_info, write_json)
 
 # The paper's settings (SPEC §6) and the 4096-wide memory experiment.
 SETTINGS = {
@@ -348,14 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         static_steps[name] = [1e3 * s for s in steps["(no observe)"]["step_samples"]]
         del setting
         gc.collect()
-    info["load_average_before"] = load_before
-    info["load_average_after"] = load_average()
-    try:  # known once a parallel Numba kernel has run
-        import numba
-
-        info["numba_threading_layer"] = numba.threading_layer()
-    except Exception:
-        info["numba_threading_layer"] = None
+    finish_info(info, load_before)
     return {
         "machine": info,
         "settings": {"density": args.density, "fraction": args.fraction, "steps": args.steps,
@@ -388,28 +381,15 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_report(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    blas_threads = f", threads {m['blas_threads']}" if m.get("blas_threads") else ""
-    thread_env = " ".join(f"{k}={v}" for k, v in m["thread_env"].items())
     lines = [
-        f"machine : {m['cpu']}, {m['cpu_count']} cores; {m['platform']}",
-        f"device  : {m['backend']}: {m['device_name']}",
-        f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}), "
-        f"numba {m['numba']} ({m['numba_threads']} threads, "
-        f"{m.get('numba_threading_layer') or 'no'} layer)"
-        + (f", cupy {m['cupy']}" if "cupy" in m else "") + f", cupynn {m['cupynn']}",
+        *header_lines(m),
         f"settings: density {s['density']}, fraction {s['fraction']}, {s['dtype']}; steps: median "
         f"of {s['steps']} (rounds of 1 untimed + {s['per_round']} per model); redistributions: "
         f"median of {s['repeats']}, each after start_epoch + {s['train_steps']} observed steps; "
         f"{s['warmup']} warm-up; {s['pause']} s pause between models",
-        f"load avg: {m['load_average_before']} before, {m['load_average_after']} after "
-        f"({s['wall_seconds']} s)",
-        f"env     : {thread_env or '(no thread settings)'}",
+        *load_and_env_lines(m, s["wall_seconds"]),
         "",
         "epoch = n_batches x the static model's median step (extrapolated, not run); "
         "overhead = start_epoch + redistribute + n_batches x observe",
@@ -430,7 +410,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{'':<22} {r['algorithm']:<15} {r['step_ms']:>8.2f} {r['step_vs_static']:>7.3f} "
             f"{r['observe_ms']:>10.3f} {r['redistribute_ms']:>9.1f} {r['start_epoch_ms']:>8.2f} "
             f"{r['overhead_s']:>10.3f} {100 * r['overhead_share']:>7.2f} "
-            f"{_fmt(r['peak_mib'], '.1f'):>8} {_fmt(r['peak_vs_static'], '.2f'):>6}")
+            f"{fmt(r['peak_mib'], '.1f'):>8} {fmt(r['peak_vs_static'], '.2f'):>6}")
     if report["targets"]:
         lines += ["", "targets:"]
         for t in report["targets"]:
@@ -446,11 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print(format_report(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -87,7 +87,8 @@ from cupynn.backend import to_numpy  # noqa: E402
 from cupynn.losses import cross_entropy  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution.schedule import fraction_at  # noqa: E402
-from machine import load_average, numba_threads  # noqa: E402
+from machine import (finish_info, fmt, header_lines, load_and_env_lines, load_average,  # noqa: E402
+                     numba_threads, write_json)
 from machine import machine_info as base_machine_info  # noqa: E402
 
 PHASES = ("forward", "backward", "adam")  # "forward" includes the loss
@@ -244,18 +245,6 @@ def machine_info(backend: Any, peer: Peer | None, peer_note: str,
     info["peer_adam"] = args.peer_adam if peer else None
     info["peer_note"] = peer_note
     return info
-
-
-def finish_info(info: dict[str, Any], load_before: list[float] | None) -> None:
-    """What is known only after the run: the load average, Numba's threading layer."""
-    info["load_average_before"] = load_before
-    info["load_average_after"] = load_average()
-    try:  # known once a parallel Numba kernel has run
-        import numba
-
-        info["numba_threading_layer"] = numba.threading_layer()
-    except Exception:
-        info["numba_threading_layer"] = None
 
 
 # ----------------------------------------------------------------- models
@@ -707,29 +696,12 @@ def higgs_epochs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- report
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_header(report: dict[str, Any]) -> list[str]:
     m, s = report["machine"], report["settings"]
-    blas_threads = f", threads {m['blas_threads']}" if m.get("blas_threads") else ""
-    thread_env = " ".join(f"{k}={v}" for k, v in m["thread_env"].items())
     adam = "" if m.get("peer_adam") in (None, "default") else f" ({m['peer_adam']})"
     peer = (f"{m['peer']}: dense weights x 0/1 mask, torch.optim.Adam{adam}, mask re-applied "
             f"after each step" if m["peer"] else m["peer_note"])
-    return [
-        f"machine : {m['cpu']}, {m['cpu_count']} cores; {m['platform']}",
-        f"device  : {m['backend']}: {m['device_name']}",
-        f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}), "
-        f"numba {m['numba']} ({m['numba_threads']} threads, "
-        f"{m.get('numba_threading_layer') or 'no'} layer)"
-        + (f", cupy {m['cupy']}" if "cupy" in m else "") + f", cupynn {m['cupynn']}",
-        f"peer    : {peer}",
-        f"load avg: {m['load_average_before']} before, {m['load_average_after']} after "
-        f"({s['wall_seconds']} s)",
-        f"env     : {thread_env or '(no thread settings)'}",
-    ]
+    return [*header_lines(m), f"peer    : {peer}", *load_and_env_lines(m, s["wall_seconds"])]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -751,8 +723,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['sizes']:<17} {r['model']:<6} {r['density']:>7.2f} {r['n_weights']:>10,} "
             f"{r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} "
             f"{r['adam_ms']:>7.1f} {r['step_vs_dense']:>10.3f} "
-            f"{_fmt(r['peak_mib'], '.1f'):>8} {_fmt(r['peak_vs_dense'], '.3f'):>9} "
-            f"{_fmt(r['proc_mib'], '.1f'):>8} {_fmt(r['proc_vs_dense'], '.3f'):>10}")
+            f"{fmt(r['peak_mib'], '.1f'):>8} {fmt(r['peak_vs_dense'], '.3f'):>9} "
+            f"{fmt(r['proc_mib'], '.1f'):>8} {fmt(r['proc_vs_dense'], '.3f'):>10}")
     methods = sorted({r["proc_method"] for r in report["results"] if r["proc_method"]})
     if methods:
         lines.append(f"proc MiB: peak growth in a fresh process over build + one step: "
@@ -772,9 +744,9 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"{c['sizes']:<17} {c['density']:>7.2f} {c['cupynn_epoch_s']:>14.2f} "
                 f"{c['peer_epoch_s']:>12.2f} {c['epoch_ratio']:>11.3f} "
-                f"{_fmt(c['cupynn_proc_mib'], '.1f'):>10} {_fmt(c['peer_proc_mib'], '.1f'):>9} "
-                f"{_fmt(c['proc_ratio'], '.3f'):>9} "
-                f"{_fmt(check and check['max_abs_diff'], '.1e'):>15}")
+                f"{fmt(c['cupynn_proc_mib'], '.1f'):>10} {fmt(c['peer_proc_mib'], '.1f'):>9} "
+                f"{fmt(c['proc_ratio'], '.3f'):>9} "
+                f"{fmt(check and check['max_abs_diff'], '.1e'):>15}")
         lines.append("peer check: largest |w_peer - w_cupynn| over the active weights after both "
                      f"took the {s['warmup']} warm-up steps from the same start")
     return "\n".join(lines)
@@ -801,8 +773,8 @@ def format_higgs(report: dict[str, Any]) -> str:
                 f"{row['sizes']:<17} {row['density']:>7.2f} {name:<7} {e['steps']:>6,} "
                 f"{e['train_s']:>8.2f} {e['redistribution_s']:>8.3f} {e['epoch_s']:>8.2f} "
                 f"{e['fraction']:>6.3f} "
-                f"{_fmt(row['cupynn_vs_paper'] if name == 'cupynn' else None, '.3f'):>15} "
-                f"{_fmt(row.get('cupynn_vs_peer') if name == 'cupynn' else None, '.3f'):>7}")
+                f"{fmt(row['cupynn_vs_paper'] if name == 'cupynn' else None, '.3f'):>15} "
+                f"{fmt(row.get('cupynn_vs_peer') if name == 'cupynn' else None, '.3f'):>7}")
     lines.append(f"the paper's {s['paper_epoch_s']} s is a GPU time at density 0.1 with "
                  f"500,000 rows; compare like with like")
     return "\n".join(lines)
@@ -816,11 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     report = higgs_epochs(args) if args.higgs_epoch else run(args)
     print(format_report(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -78,3 +78,51 @@ def machine_info(backend: Any) -> dict[str, Any]:
         info["cupy"] = backend.xp.__version__
     info["thread_env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
     return info
+
+
+def finish_info(info: dict[str, Any], load_before: list[float] | None) -> None:
+    """What is known only after the run: the load average, Numba's threading layer."""
+    info["load_average_before"] = load_before
+    info["load_average_after"] = load_average()
+    try:  # known once a parallel Numba kernel has run
+        import numba
+
+        info["numba_threading_layer"] = numba.threading_layer()
+    except Exception:
+        info["numba_threading_layer"] = None
+
+
+def header_lines(m: dict[str, Any]) -> list[str]:
+    """The machine, device and software lines of a report."""
+    blas_threads = f", threads {m['blas_threads']}" if m.get("blas_threads") else ""
+    return [
+        f"machine : {m['cpu']}, {m['cpu_count']} cores; {m['platform']}",
+        f"device  : {m['backend']}: {m['device_name']}",
+        f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}), "
+        f"numba {m['numba']} ({m['numba_threads']} threads, "
+        f"{m.get('numba_threading_layer') or 'no'} layer)"
+        + (f", cupy {m['cupy']}" if "cupy" in m else "") + f", cupynn {m['cupynn']}",
+    ]
+
+
+def load_and_env_lines(m: dict[str, Any], wall_seconds: float) -> list[str]:
+    """The load-average and thread-settings lines of a report."""
+    thread_env = " ".join(f"{k}={v}" for k, v in m["thread_env"].items())
+    return [f"load avg: {m['load_average_before']} before, {m['load_average_after']} after "
+            f"({wall_seconds} s)",
+            f"env     : {thread_env or '(no thread settings)'}"]
+
+
+def fmt(value: Any, spec: str) -> str:
+    """``format`` that prints None as '-'."""
+    return "-" if value is None else format(value, spec)
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"\nwrote {path}")
