@@ -2,11 +2,14 @@
 
 ``fisher_update`` is one Sherman-Morrison step of every B x B block,
 ``F^{-1} <- (F + g g^T / m)^{-1}``; ``packed_matvec`` is ``F^{-1} v`` per block.
-The blocks are stored packed (upper triangle, row-major). Checked here:
+The blocks are stored packed (upper triangle, row-major) and tiled (entry p of
+``FISHER_TILE`` consecutive blocks side by side). Checked here:
 
 (a) m updates from ``I / lambda`` give ``inv(lambda I + G^T G / m)`` per block,
     the WoodFisher estimate, for the NumPy twin, the Numba kernels and (with a
-    GPU) the CUDA kernels; the zero padding of the last block stays ``I / lambda``;
+    GPU) the CUDA kernels; the zero padding of the last block stays ``I / lambda``,
+    a block whose gradient is zero is left exactly as it was, and the padding
+    lanes of the last tile are never changed;
 (b) ``packed_matvec`` against dense matrix products;
 (c) the CUDA source run on the CPU (``tests/cuda_host``) against the twins,
     float32 and float64, with more blocks than threads (grid-stride loops);
@@ -30,7 +33,7 @@ import pytest
 import cupynn
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
-from cupynn.kernels import CUDA_SOURCES, THREADS_PER_BLOCK, numpy_twins as twins
+from cupynn.kernels import CUDA_SOURCES, FISHER_TILE, THREADS_PER_BLOCK, numpy_twins as twins
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
     from cuda_host import HostCompilerMissing, compile_cu, launch, pointer
@@ -68,9 +71,20 @@ def packed_size(block_size: int) -> int:
 
 
 def identity_over(lam: float, n_blocks: int, block_size: int, dtype) -> numpy.ndarray:
-    """Packed ``I / lam`` for every block."""
+    """Packed, tiled ``I / lam`` for every block (padding lanes 0)."""
     eye = numpy.broadcast_to(numpy.eye(block_size) / lam, (n_blocks, block_size, block_size))
-    return twins.pack(eye).astype(dtype)
+    return twins.pack(eye, FISHER_TILE).astype(dtype)
+
+
+def n_tiles(n_blocks: int) -> int:
+    return -(-n_blocks // FISHER_TILE)
+
+
+def work_blocks(work: numpy.ndarray, n_blocks: int, block_size: int) -> numpy.ndarray:
+    """u of a work buffer laid out as (n_tiles, B, TILE), back in block order (n_blocks * B,)."""
+    t = n_tiles(n_blocks)
+    tiled = work[:t * block_size * FISHER_TILE].reshape(t, block_size, FISHER_TILE)
+    return tiled.transpose(0, 2, 1).reshape(-1, block_size)[:n_blocks].reshape(-1)
 
 
 def padded(grads: numpy.ndarray, block_size: int) -> numpy.ndarray:
@@ -104,17 +118,25 @@ def assert_blocks_close(actual: numpy.ndarray, expected: numpy.ndarray, rtol: fl
 
 
 @block_params
-def test_pack_layout_and_round_trip(block_size):
+@pytest.mark.parametrize("n_blocks", [3, FISHER_TILE, FISHER_TILE + 5])
+def test_pack_layout_and_round_trip(block_size, n_blocks):
     rng = numpy.random.default_rng(0)
     b = block_size
-    a = rng.standard_normal((3, b, b))
+    a = rng.standard_normal((n_blocks, b, b))
     sym = a + a.transpose(0, 2, 1)
-    packed = twins.pack(sym)
-    assert packed.shape == (3, packed_size(b)) and packed.flags.c_contiguous
-    for i in range(b):
-        for j in range(i, b):
-            assert numpy.array_equal(packed[:, i * b - i * (i - 1) // 2 + (j - i)], sym[:, i, j])
-    assert numpy.array_equal(twins.unpack(packed, b), sym)
+    packed = twins.pack(sym, FISHER_TILE)
+    assert packed.shape == kernels.fisher_shape(n_blocks, b) == (
+        n_tiles(n_blocks), packed_size(b), FISHER_TILE)
+    assert packed.flags.c_contiguous
+    for blk in range(n_blocks):
+        t, lane = divmod(blk, FISHER_TILE)
+        for i in range(b):
+            for j in range(i, b):
+                assert packed[t, i * b - i * (i - 1) // 2 + (j - i), lane] == sym[blk, i, j]
+    padding = packed.transpose(0, 2, 1).reshape(-1, packed_size(b))[n_blocks:]
+    assert not padding.any()
+    assert numpy.array_equal(twins.unpack(packed, b, n_blocks), sym)
+    assert twins.unpack(packed, b).shape == (n_tiles(n_blocks) * FISHER_TILE, b, b)
     assert twins.packed_size(b) == packed_size(b)
 
 
@@ -143,7 +165,10 @@ def woodfisher_run(update, block_size: int, n_params: int, m: int, dtype, xp=num
     finv = xp.asarray(identity_over(LAMBDA, n_blocks, block_size, dtype))
     for k in range(m):
         update(finv, xp.asarray(grads[k].astype(dtype)), m)
-    dense = twins.unpack(to_numpy(finv), block_size).astype(numpy.float64)
+    host = to_numpy(finv)
+    pad = host.transpose(0, 2, 1).reshape(-1, host.shape[1])[n_blocks:]
+    assert not pad.any(), "a kernel changed the padding lanes of the last tile"
+    dense = twins.unpack(host, block_size, n_blocks).astype(numpy.float64)
     return dense, woodfisher_reference(grads, LAMBDA, block_size), grads.shape[1] - n_params
 
 
@@ -186,7 +211,8 @@ def test_twin_update_gives_woodfisher_inverse(block_size, n_params, m, dtype):
 @pytest.mark.parametrize("own_work", [False, True], ids=["work_allocated", "work_given"])
 def test_cpu_update_gives_woodfisher_inverse(block_size, n_params, m, dtype, own_work):
     def update(finv, g, m_):
-        work = numpy.full(g.shape, numpy.nan, dtype=dtype) if own_work else None
+        size = finv.shape[0] * block_size * FISHER_TILE
+        work = numpy.full(size, numpy.nan, dtype=dtype) if own_work else None
         assert kernels.fisher_update(finv, g, m_, block_size=block_size, work=work) is None
 
     dense, expected, n_pad = woodfisher_run(update, block_size, n_params, m, dtype)
@@ -220,8 +246,8 @@ def test_gpu_update_matches_twin_many_blocks(dtype, max_blocks):
     twins.fisher_update(expected, g, 3.0, 5)
     d = xp.asarray(finv)
     kernels.fisher_update(d, xp.asarray(g), 3.0, block_size=5, max_blocks=max_blocks)
-    assert_blocks_close(twins.unpack(to_numpy(d), 5), twins.unpack(expected, 5).astype(float),
-                        EMULATED_RTOL[dtype])
+    assert_blocks_close(twins.unpack(to_numpy(d), 5, 600),
+                        twins.unpack(expected, 5, 600).astype(float), EMULATED_RTOL[dtype])
 
 
 # ---------------------------------------------------------- (b) packed_matvec
@@ -232,7 +258,7 @@ def random_state(n_blocks: int, block_size: int, dtype, seed: int = 0):
     rng = numpy.random.default_rng(seed)
     a = 0.1 * rng.standard_normal((n_blocks, block_size, block_size))
     dense = numpy.eye(block_size) + a @ a.transpose(0, 2, 1)
-    finv = twins.pack(dense).astype(dtype)
+    finv = twins.pack(dense, FISHER_TILE).astype(dtype)
     g = rng.standard_normal(n_blocks * block_size).astype(dtype)
     v = rng.standard_normal(n_blocks * block_size).astype(dtype)
     return finv, g, v
@@ -243,8 +269,8 @@ MATVEC_RTOL = {numpy.float32: 1e-5, numpy.float64: 1e-13}
 
 def matvec_reference(finv: numpy.ndarray, v: numpy.ndarray, block_size: int):
     """Dense float64 product and its error scale (the same product of absolute values)."""
-    dense = twins.unpack(finv, block_size).astype(numpy.float64)
     vb = v.astype(numpy.float64).reshape(-1, block_size)
+    dense = twins.unpack(finv, block_size, vb.shape[0]).astype(numpy.float64)
     expected = numpy.einsum("bij,bj->bi", dense, vb).reshape(-1)
     bound = numpy.einsum("bij,bj->bi", numpy.abs(dense), numpy.abs(vb)).reshape(-1)
     return expected, bound
@@ -306,9 +332,9 @@ def test_cpu_update_matches_twin_on_random_blocks(dtype):
         g = rng.standard_normal(g.shape).astype(dtype)
         twins.fisher_update(expected, g, 4.0, 34)
         kernels.fisher_update(finv, g, 4.0, block_size=34)
-    assert_blocks_close(twins.unpack(finv, 34), twins.unpack(expected, 34).astype(float),
+    assert_blocks_close(twins.unpack(finv, 34, 50), twins.unpack(expected, 34, 50).astype(float),
                         EMULATED_RTOL[dtype])
-    empty = numpy.empty((0, packed_size(34)), dtype=dtype)
+    empty = numpy.empty((0, packed_size(34), FISHER_TILE), dtype=dtype)
     kernels.fisher_update(empty, numpy.empty(0, dtype=dtype), 4.0, block_size=34)
 
 
@@ -346,16 +372,16 @@ def guarded(values: numpy.ndarray) -> numpy.ndarray:
 
 def update_argtypes(dtype) -> list:
     real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
-    return [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int]
+    return [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int, ctypes.c_int]
 
 
 def matvec_argtypes(dtype) -> list:
-    return [pointer(dtype)] * 3 + [ctypes.c_int, ctypes.c_int]
+    return [pointer(dtype)] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_int]
 
 
 def test_emulated_shapes_stride():
     assert all(n_blocks > 2 * 32 for n_blocks, _ in EMULATED_SHAPES[:2])
-    assert EMULATED_SHAPES[0][0] * EMULATED_SHAPES[0][1] > 2 * 32  # matvec strides too
+    assert all(n_blocks > FISHER_TILE for n_blocks, _ in EMULATED_SHAPES[:2])  # two tiles
 
 
 @pytest.mark.parametrize("n_blocks, block_size", EMULATED_SHAPES, ids=lambda x: str(x))
@@ -364,25 +390,34 @@ def test_emulated_shapes_stride():
 def test_emulated_update_matches_twin(n_blocks, block_size, dtype, config):
     lib = host_library()
     finv, g, _ = random_state(n_blocks, block_size, dtype, seed=1)
-    p = packed_size(block_size)
-    f_buf, w_buf = guarded(finv), guarded(numpy.zeros_like(g))
+    n_work = finv.shape[0] * block_size * FISHER_TILE
+    f_buf, w_buf = guarded(finv), guarded(numpy.full(n_work, 7.0, dtype=dtype))
     expected = finv.copy()
     grid, block = grid_and_block(config, n_blocks)
     rng = numpy.random.default_rng(2)
     for m in (1.0, 2.5, 8.0):
         g = rng.standard_normal(g.shape).astype(dtype)
+        g[:block_size] = 0  # a dead block: left exactly as it is, u = 0
         u = twins.packed_matvec(expected, g, block_size)
         twins.fisher_update(expected, g, m, block_size)
         launch(lib, f"fisher_update_{suffix(dtype)}", grid, block, update_argtypes(dtype),
-               [f_buf, g, w_buf, m, n_blocks, block_size])
-        actual = f_buf[:n_blocks * p].reshape(n_blocks, p)
-        assert_blocks_close(twins.unpack(actual, block_size),
-                            twins.unpack(expected, block_size).astype(float), EMULATED_RTOL[dtype])
+               [f_buf, g, w_buf, m, n_blocks, block_size, FISHER_TILE])
+        actual = f_buf[:finv.size].reshape(finv.shape)
+        assert_blocks_close(twins.unpack(actual, block_size, n_blocks),
+                            twins.unpack(expected, block_size, n_blocks).astype(float),
+                            EMULATED_RTOL[dtype])
+        assert numpy.array_equal(twins.unpack(actual, block_size, 1),
+                                 twins.unpack(finv, block_size, 1)), "the dead block changed"
+        assert numpy.array_equal(actual.transpose(0, 2, 1).reshape(-1, finv.shape[1])[n_blocks:],
+                                 finv.transpose(0, 2, 1).reshape(-1, finv.shape[1])[n_blocks:]), \
+            "the kernel changed the padding lanes"
         # work holds u = F^{-1} g of the blocks before the step.
-        assert numpy.allclose(w_buf[:g.size], u, rtol=10 * EMULATED_RTOL[dtype],
+        w = work_blocks(w_buf, n_blocks, block_size)
+        assert not w[:block_size].any()
+        assert numpy.allclose(w, u, rtol=10 * EMULATED_RTOL[dtype],
                               atol=10 * EMULATED_RTOL[dtype] * numpy.abs(u).max())
-        assert numpy.isnan(f_buf[n_blocks * p:]).all(), "the kernel wrote past finv"
-        assert numpy.isnan(w_buf[g.size:]).all(), "the kernel wrote past work"
+        assert numpy.isnan(f_buf[finv.size:]).all(), "the kernel wrote past finv"
+        assert numpy.isnan(w_buf[n_work:]).all(), "the kernel wrote past work"
 
 
 @pytest.mark.parametrize("n_blocks, block_size", EMULATED_SHAPES + [(0, 4)], ids=lambda x: str(x))
@@ -393,9 +428,9 @@ def test_emulated_matvec_matches_twin(n_blocks, block_size, dtype, config):
     finv, _, v = random_state(n_blocks, block_size, dtype, seed=6)
     n = n_blocks * block_size
     out = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
-    grid, block = grid_and_block(config, n)
+    grid, block = grid_and_block(config, finv.shape[0] * block_size * FISHER_TILE)
     launch(lib, f"packed_matvec_{suffix(dtype)}", grid, block, matvec_argtypes(dtype),
-           [finv, v, out, n_blocks, block_size])
+           [finv, v, out, n_blocks, block_size, FISHER_TILE])
     assert_matvec(out[:n], finv, v, block_size, dtype)
     twin = twins.packed_matvec(finv, v, block_size)
     assert numpy.allclose(out[:n], twin, rtol=EMULATED_RTOL[dtype], atol=0)
@@ -419,7 +454,7 @@ def test_fisher_cu_is_a_cuda_source_with_all_kernels():
 
 @pytest.fixture
 def valid():
-    """Two blocks of B=3 (P=6), float64, to break one thing at a time."""
+    """Two blocks of B=3 (P=6), one tile, float64, to break one thing at a time."""
     finv = identity_over(1.0, 2, 3, numpy.float64)
     return {"finv": finv, "g": numpy.ones(6), "v": numpy.ones(6), "m": 2.0, "B": 3}
 
@@ -453,26 +488,35 @@ FISHER_BAD = [
      TypeError, "one dtype"),
     ("matvec_out_dtype", call_matvec, dict(kw=dict(out=numpy.ones(6, dtype=numpy.float32))),
      TypeError, "one dtype"),
-    ("update_wrong_P", call_update, dict(finv=numpy.ones((2, 9))),
-     ValueError, r"finv must have shape \(n_blocks, 6\) for block_size=3 .*Got \(2, 9\)"),
+    ("update_wrong_P", call_update, dict(finv=numpy.ones((1, 9, FISHER_TILE))),
+     ValueError, rf"finv must have shape \(n_tiles, 6, {FISHER_TILE}\) for block_size=3 .*"
+                 rf"Got \(1, 9, {FISHER_TILE}\)"),
+    ("update_untiled_finv", call_update, dict(finv=numpy.ones((2, 6))),
+     ValueError, rf"finv must have shape \(n_tiles, 6, {FISHER_TILE}\)"),
     ("update_flat_finv", call_update, dict(finv=numpy.ones(12)),
-     ValueError, r"finv must have shape \(n_blocks, 6\)"),
+     ValueError, rf"finv must have shape \(n_tiles, 6, {FISHER_TILE}\)"),
     ("matvec_wrong_block_size", call_matvec, dict(B=4),
-     ValueError, r"finv must have shape \(n_blocks, 10\) for block_size=4"),
+     ValueError, rf"finv must have shape \(n_tiles, 10, {FISHER_TILE}\) for block_size=4"),
     ("update_short_g", call_update, dict(g=numpy.ones(5)),
-     ValueError, r"g must have shape \(6,\) = n_blocks \* block_size .*Got \(5,\)"),
+     ValueError, r"g must be flat with a multiple of block_size=3 values .*Got \(5,\)"),
     ("update_2d_g", call_update, dict(g=numpy.ones((2, 3))),
-     ValueError, r"g must have shape \(6,\)"),
+     ValueError, r"g must be flat with a multiple of block_size=3"),
     ("matvec_long_v", call_matvec, dict(v=numpy.ones(7)),
-     ValueError, r"v must have shape \(6,\)"),
-    ("update_work_shape", call_update, dict(kw=dict(work=numpy.ones(3))),
-     ValueError, r"work must have shape \(6,\)"),
+     ValueError, r"v must be flat with a multiple of block_size=3"),
+    ("matvec_v_of_two_tiles", call_matvec, dict(v=numpy.ones(3 * (FISHER_TILE + 1))),
+     ValueError, rf"v has {FISHER_TILE + 1} blocks, which need finv of shape "
+                 rf"\(2, 6, {FISHER_TILE}\). Got \(1, 6, {FISHER_TILE}\)"),
+    ("update_work_shape", call_update, dict(kw=dict(work=numpy.ones(6))),
+     ValueError, rf"work must have shape \({3 * FISHER_TILE},\) = n_tiles \* block_size"),
     ("matvec_out_shape", call_matvec, dict(kw=dict(out=numpy.ones(5))),
      ValueError, r"out must have shape \(6,\)"),
     ("update_strided_g", call_update, dict(g=numpy.ones(12)[::2]),
      ValueError, "'g' must be C-contiguous"),
+    ("update_strided_work", call_update,
+     dict(kw=dict(work=numpy.ones(6 * FISHER_TILE)[::2])),
+     ValueError, "'work' must be C-contiguous"),
     ("update_fortran_finv", call_update,
-     dict(finv=numpy.asfortranarray(numpy.ones((2, 6)))),
+     dict(finv=numpy.asfortranarray(numpy.ones((1, 6, FISHER_TILE)))),
      ValueError, "'finv' must be C-contiguous"),
     ("matvec_strided_v", call_matvec, dict(v=numpy.ones(12)[::2]),
      ValueError, "'v' must be C-contiguous"),
@@ -496,14 +540,16 @@ FISHER_BAD = [
 def _aliasing_cases():
     f = identity_over(1.0, 2, 3, numpy.float64)
     g = numpy.ones(6)
+    buffer = numpy.ones(3 * FISHER_TILE)
     return [
-        ("update_work_is_finv", call_update, dict(finv=f, kw=dict(work=f.reshape(-1)[:6])),
+        ("update_work_is_finv", call_update,
+         dict(finv=f, kw=dict(work=f.reshape(-1)[:3 * FISHER_TILE])),
          ValueError, "work must not overlap finv"),
-        ("update_work_is_g", call_update, dict(g=g, kw=dict(work=g)),
+        ("update_work_holds_g", call_update, dict(g=buffer[:6], kw=dict(work=buffer)),
          ValueError, "work must not overlap g"),
         ("matvec_out_is_v", call_matvec, dict(v=g, kw=dict(out=g)),
          ValueError, "out must not overlap v"),
-        ("matvec_out_in_finv", call_matvec, dict(finv=f, kw=dict(out=f.reshape(-1)[6:])),
+        ("matvec_out_in_finv", call_matvec, dict(finv=f, kw=dict(out=f.reshape(-1)[6:12])),
          ValueError, "out must not overlap finv"),
     ]
 

@@ -404,9 +404,10 @@ def test_emulated_adam_matches_twin(n, dtype, config):
             assert numpy.isnan(buffer[n:]).all(), "the kernel wrote past n"
 
 
-# fisher.cu: a packed block-diagonal inverse Fisher. (n_blocks, B) pairs: B = 1
-# (P = 1), a few small blocks, and more blocks than the 64 threads of
-# grid2_block32 (fisher_update runs one thread per block).
+# fisher.cu: a packed, tiled block-diagonal inverse Fisher. (n_blocks, B) pairs:
+# B = 1 (P = 1), a few small blocks, and more blocks than the 64 threads of
+# grid2_block32 and than one tile (fisher_update runs one thread per block).
+TILE = kernels.FISHER_TILE
 FISHER_SHAPES = [(1, 1), (5, 1), (1, 4), (5, 3), (70, 8)]
 fisher_params = pytest.mark.parametrize("n_blocks, block_size", FISHER_SHAPES,
                                         ids=[f"{n}x{b}" for n, b in FISHER_SHAPES])
@@ -418,7 +419,7 @@ def fisher_state(n_blocks: int, block_size: int, dtype: type, seed: int = 2) -> 
     q = rng.standard_normal((n_blocks, block_size, block_size))
     blocks = 0.5 * numpy.eye(block_size) + q @ q.transpose(0, 2, 1) / block_size
     n = n_blocks * block_size
-    return {"finv": twins.pack(numpy.linalg.inv(blocks)).astype(dtype),
+    return {"finv": twins.pack(numpy.linalg.inv(blocks), TILE).astype(dtype),
             "g": rng.standard_normal(n).astype(dtype), "v": rng.standard_normal(n).astype(dtype)}
 
 
@@ -436,11 +437,11 @@ def test_emulated_packed_matvec_matches_twin(n_blocks, block_size, dtype, config
     s = fisher_state(n_blocks, block_size, dtype)
     n = n_blocks * block_size
     out = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
-    grid, block = grid_and_block(config, n)
+    grid, block = grid_and_block(config, s["finv"].shape[0] * block_size * TILE)
     suffix = "f32" if dtype == numpy.float32 else "f64"
     launch(lib, f"packed_matvec_{suffix}", grid, block,
-           [pointer(dtype)] * 3 + [ctypes.c_int] * 2,
-           [s["finv"], s["v"], out, n_blocks, block_size])
+           [pointer(dtype)] * 3 + [ctypes.c_int] * 3,
+           [s["finv"], s["v"], out, n_blocks, block_size, TILE])
     expected = twins.packed_matvec(s["finv"], s["v"], block_size)
     assert_close(out[:n], expected, packed_abs_matvec(s["finv"], s["v"], block_size), dtype)
     assert numpy.isnan(out[n:]).all(), "the kernel wrote past n_blocks * B"
@@ -452,11 +453,12 @@ def test_emulated_packed_matvec_matches_twin(n_blocks, block_size, dtype, config
 def test_emulated_fisher_update_matches_twin(n_blocks, block_size, dtype, config):
     lib = host_library("fisher.cu")
     s = fisher_state(n_blocks, block_size, dtype)
-    n, packed = n_blocks * block_size, s["finv"].shape[1]
+    n, shape, size = n_blocks * block_size, s["finv"].shape, s["finv"].size
+    n_work = shape[0] * block_size * TILE
     m = 10.0
-    finv = numpy.full(n_blocks * packed + GUARD, numpy.nan, dtype=dtype)
-    finv[:n_blocks * packed] = s["finv"].reshape(-1)
-    work = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
+    finv = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    finv[:size] = s["finv"].reshape(-1)
+    work = numpy.full(n_work + GUARD, numpy.nan, dtype=dtype)
     expected = s["finv"].copy()
     twins.fisher_update(expected, s["g"], m, block_size)
     # Error scale: |F| + w w^T / den with w = |F| |g| (u = F g is a sum of products).
@@ -464,18 +466,22 @@ def test_emulated_fisher_update_matches_twin(n_blocks, block_size, dtype, config
     f64 = s["finv"].astype(numpy.float64)
     u = twins.packed_matvec(f64, s["g"].astype(numpy.float64), block_size).reshape(n_blocks, -1)
     den = m + numpy.einsum("bi,bi->b", s["g"].reshape(n_blocks, -1), u)
-    bound = numpy.abs(f64) + twins.pack(w[:, :, None] * w[:, None, :] / den[:, None, None])
+    bound = numpy.abs(f64) + twins.pack(w[:, :, None] * w[:, None, :] / den[:, None, None], TILE)
 
     grid, block = grid_and_block(config, n_blocks)
     suffix = "f32" if dtype == numpy.float32 else "f64"
     real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
     launch(lib, f"fisher_update_{suffix}", grid, block,
-           [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int],
-           [finv, s["g"], work, m, n_blocks, block_size])
-    assert_close(finv[:n_blocks * packed].reshape(n_blocks, packed), expected, bound, dtype)
-    assert_close(work[:n], u.reshape(-1).astype(dtype), w.reshape(-1), dtype)  # work holds u
-    assert numpy.isnan(finv[n_blocks * packed:]).all(), "the kernel wrote past finv"
-    assert numpy.isnan(work[n:]).all(), "the kernel wrote past work"
+           [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int, ctypes.c_int],
+           [finv, s["g"], work, m, n_blocks, block_size, TILE])
+    # (padding lanes: bound 0, so they must be exactly the 0 they were)
+    assert_close(finv[:size].reshape(shape), expected, bound, dtype)
+    # work holds u, laid out as (n_tiles, B, TILE)
+    u_work = work[:n_work].reshape(shape[0], block_size, TILE).transpose(0, 2, 1)
+    assert_close(u_work.reshape(-1, block_size)[:n_blocks].reshape(-1),
+                 u.reshape(-1).astype(dtype), w.reshape(-1), dtype)
+    assert numpy.isnan(finv[size:]).all(), "the kernel wrote past finv"
+    assert numpy.isnan(work[n_work:]).all(), "the kernel wrote past work"
 
 
 # --------------------------------------------------- 3. Numba kernels (dispatchers)

@@ -27,6 +27,9 @@ KERNEL_DIR = Path(__file__).resolve().parent
 CUDA_SOURCES = tuple(sorted(KERNEL_DIR.glob("*.cu")))
 
 THREADS_PER_BLOCK = 256
+# Blocks per tile of the packed inverse Fisher (fisher.cu): two warps' worth of
+# lanes, and the width of the CPU kernels' vectorised loops.
+FISHER_TILE = 64
 MAX_BLOCKS = 65535
 _SUFFIX = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
 
@@ -259,17 +262,30 @@ def numba_threads() -> int:
     return int(numba.get_num_threads())
 
 
+def fisher_shape(n_blocks: int, block_size: int) -> tuple[int, int, int]:
+    """Shape of the tiled packed inverse Fisher of n_blocks blocks of B: (n_tiles, P, TILE)."""
+    return (-(-int(n_blocks) // FISHER_TILE), block_size * (block_size + 1) // 2, FISHER_TILE)
+
+
 def _check_fisher_blocks(what: str, finv: Any, block_size: int, **vectors: Any) -> int:
-    """Check a packed inverse Fisher ``finv`` against flat ``vectors``; return n_blocks."""
+    """Check a tiled packed inverse Fisher ``finv`` against flat ``vectors``; return n_blocks."""
     if isinstance(block_size, bool) or not isinstance(block_size, (int, numpy.integer)) \
             or block_size < 1:
         raise ValueError(f"{what}: block_size must be a positive int. Got {block_size!r} instead.")
     b = int(block_size)
     packed = b * (b + 1) // 2
-    if finv.ndim != 2 or finv.shape[1] != packed:
-        raise ValueError(f"{what}: finv must have shape (n_blocks, {packed}) for block_size={b} "
-                         f"(the packed upper triangle, B(B+1)/2 values). Got {finv.shape} instead.")
-    n_blocks = int(finv.shape[0])
+    if finv.ndim != 3 or tuple(finv.shape[1:]) != (packed, FISHER_TILE):
+        raise ValueError(f"{what}: finv must have shape (n_tiles, {packed}, {FISHER_TILE}) for "
+                         f"block_size={b} (the packed upper triangles of {FISHER_TILE} blocks "
+                         f"per tile, see fisher.cu). Got {finv.shape} instead.")
+    (name, first), *_ = vectors.items()
+    if first.ndim != 1 or first.shape[0] % b:
+        raise ValueError(f"{what}: {name} must be flat with a multiple of block_size={b} "
+                         f"values (pad the last block with zeros). Got {first.shape} instead.")
+    n_blocks = int(first.shape[0]) // b
+    if fisher_shape(n_blocks, b) != tuple(finv.shape):
+        raise ValueError(f"{what}: {name} has {n_blocks} blocks, which need finv of shape "
+                         f"{fisher_shape(n_blocks, b)}. Got {finv.shape} instead.")
     if n_blocks * b > 2**31 - 1:
         raise ValueError(f"{what}: n_blocks * block_size must fit int32. Got {n_blocks} * {b}.")
     for name, a in vectors.items():
@@ -298,17 +314,20 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
 
     Parameters
     ----------
-    finv : (n_blocks, P) float32 or float64, C-contiguous, P = B (B + 1) / 2
-        Upper triangles, row-major, of the symmetric blocks (see ``fisher.cu``).
+    finv : (n_tiles, P, TILE) float32 or float64, C-contiguous, P = B (B + 1) / 2
+        Upper triangles, row-major, of the symmetric blocks, TILE
+        (:data:`FISHER_TILE`) blocks side by side per tile (see ``fisher.cu``;
+        :func:`fisher_shape` gives the shape).
     g : (n_blocks * B,) same dtype, C-contiguous
-        One gradient, the last block padded with zeros.
+        One gradient, the last block padded with zeros; n_tiles = ceil(n_blocks / TILE).
     m : float > 0
         The number of gradients the Fisher averages over.
     block_size : int
         B.
-    work : (n_blocks * B,) same dtype, optional
+    work : (n_tiles * B * TILE,) same dtype, optional
         Scratch for u (allocated when not given); must not overlap finv or g.
-        On return it holds u = F_b^{-1} g_b of the blocks before the step.
+        On return it holds u = F_b^{-1} g_b of the blocks before the step, laid
+        out like an (n_tiles, B, TILE) array (0 where g_b is all zero).
         Passing one saves an allocation per call.
     max_blocks : int, optional
         Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
@@ -317,14 +336,19 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     arrays = {"finv": finv, "g": g, **({} if work is None else {"work": work})}
     backend = _check_same_backend(what, *arrays.values())
     suffix = _float_suffix(*arrays.values(), what=what)
-    n_blocks = _check_fisher_blocks(what, finv, block_size, **{k: a for k, a in arrays.items()
-                                                               if k != "finv"})
+    n_blocks = _check_fisher_blocks(what, finv, block_size, g=g)
+    n_work = int(finv.shape[0]) * int(block_size) * FISHER_TILE
+    if work is not None:
+        if work.shape != (n_work,):
+            raise ValueError(f"{what}: work must have shape ({n_work},) = n_tiles * block_size * "
+                             f"{FISHER_TILE}. Got {work.shape} instead.")
+        _check_contiguous(what, work=work)
     m = float(m)
     if not (m > 0 and numpy.isfinite(m)):
         raise ValueError(f"{what}: m must be a positive finite number. Got {m!r} instead.")
     xp = backend.xp
     if work is None:
-        work = xp.empty(n_blocks * block_size, dtype=finv.dtype)
+        work = xp.empty(n_work, dtype=finv.dtype)
     else:
         _check_no_overlap(what, xp, "work", arrays)
     if n_blocks == 0:
@@ -333,7 +357,8 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     if backend.is_gpu:
         kernel = cuda_function("fisher.cu", f"fisher_update_{suffix}")
         kernel(_grid(n_blocks, max_blocks), (THREADS_PER_BLOCK,),
-               (finv, g, work, t(m), numpy.int32(n_blocks), numpy.int32(block_size)))
+               (finv, g, work, t(m), numpy.int32(n_blocks), numpy.int32(block_size),
+                numpy.int32(FISHER_TILE)))
     else:
         from . import cpu_fisher
 
@@ -346,8 +371,8 @@ def packed_matvec(finv: Any, v: Any, *, block_size: int, out: Any = None,
 
     Parameters
     ----------
-    finv : (n_blocks, P) float32 or float64, C-contiguous, P = B (B + 1) / 2
-    v : (n_blocks * B,) same dtype, C-contiguous
+    finv : (n_tiles, P, TILE) float32 or float64, C-contiguous, P = B (B + 1) / 2
+    v : (n_blocks * B,) same dtype, C-contiguous, n_tiles = ceil(n_blocks / TILE)
     block_size : int
         B.
     out : (n_blocks * B,) same dtype, optional; must not overlap finv or v.
@@ -369,13 +394,14 @@ def packed_matvec(finv: Any, v: Any, *, block_size: int, out: Any = None,
         out = xp.empty(n_blocks * block_size, dtype=finv.dtype)
     else:
         _check_no_overlap(what, xp, "out", arrays)
-    n = n_blocks * int(block_size)
-    if n == 0:
+    if n_blocks == 0:
         return out
     if backend.is_gpu:
         kernel = cuda_function("fisher.cu", f"packed_matvec_{suffix}")
-        kernel(_grid(n, max_blocks), (THREADS_PER_BLOCK,),
-               (finv, v, out, numpy.int32(n_blocks), numpy.int32(block_size)))
+        n_threads = int(finv.shape[0]) * int(block_size) * FISHER_TILE
+        kernel(_grid(n_threads, max_blocks), (THREADS_PER_BLOCK,),
+               (finv, v, out, numpy.int32(n_blocks), numpy.int32(block_size),
+                numpy.int32(FISHER_TILE)))
     else:
         from . import cpu_fisher
 
@@ -401,7 +427,7 @@ def warm_up(backend: Any, dtype: Any = numpy.float32) -> None:
     spmm_t(indptr, indices, data, x, 2)
     p, g, m, v = (xp.zeros(4, dtype=dtype) for _ in range(4))
     adam(p, g, m, v, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, bc1=0.1, bc2=0.001)
-    finv = xp.ones((2, 3), dtype=dtype)
+    finv = xp.ones(fisher_shape(2, 2), dtype=dtype)
     vec = xp.ones(4, dtype=dtype)
     fisher_update(finv, vec, 1.0, block_size=2)
     packed_matvec(finv, vec, block_size=2)

@@ -78,42 +78,67 @@ def packed_size(block_size: int) -> int:
     return block_size * (block_size + 1) // 2
 
 
-def pack(dense: numpy.ndarray) -> numpy.ndarray:
-    """Upper triangles, row-major, of (n_blocks, B, B) matrices: (n_blocks, P).
+def lanes(n_blocks: int, tile: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(tile index, lane) of blocks 0 .. n_blocks-1 in the tiled layout."""
+    blocks = numpy.arange(n_blocks)
+    return blocks // tile, blocks % tile
 
-    Entry (i, j), i <= j, lands at ``i*B - i*(i-1)/2 + (j - i)``, the layout of
-    ``fisher.cu``. The lower triangle is ignored (the blocks are symmetric).
+
+def pack(dense: numpy.ndarray, tile: int) -> numpy.ndarray:
+    """Upper triangles of (n_blocks, B, B) matrices in the tiled layout: (n_tiles, P, tile).
+
+    Entry (i, j), i <= j, of block b lands at ``[b // tile, i*B - i*(i-1)/2 + (j - i),
+    b % tile]``, the layout of ``fisher.cu``; n_tiles = ceil(n_blocks / tile) and the
+    padding lanes of the last tile are 0. The lower triangle is ignored (the
+    blocks are symmetric).
     """
-    b = dense.shape[-1]
+    n_blocks, b = dense.shape[0], dense.shape[-1]
     rows, cols = numpy.triu_indices(b)  # row-major order of the upper triangle
-    return numpy.ascontiguousarray(dense[:, rows, cols])
+    finv = numpy.zeros((-(-n_blocks // tile), len(rows), tile), dtype=dense.dtype)
+    _store(finv, dense)
+    return finv
 
 
-def unpack(finv: numpy.ndarray, block_size: int) -> numpy.ndarray:
-    """The symmetric (n_blocks, B, B) matrices of packed blocks (n_blocks, P)."""
-    b = block_size
-    rows, cols = numpy.triu_indices(b)
-    dense = numpy.zeros((finv.shape[0], b, b), dtype=finv.dtype)
-    dense[:, rows, cols] = finv
-    dense[:, cols, rows] = finv
+def unpack(finv: numpy.ndarray, block_size: int, n_blocks: int | None = None) -> numpy.ndarray:
+    """The symmetric (n_blocks, B, B) matrices of tiled packed blocks (n_tiles, P, tile).
+
+    ``n_blocks`` defaults to every lane, padding included.
+    """
+    n_tiles, _, tile = finv.shape
+    t, lane = lanes(n_tiles * tile if n_blocks is None else n_blocks, tile)
+    packed = finv[t, :, lane]  # (n_blocks, P)
+    rows, cols = numpy.triu_indices(block_size)
+    dense = numpy.zeros((packed.shape[0], block_size, block_size), dtype=finv.dtype)
+    dense[:, rows, cols] = packed
+    dense[:, cols, rows] = packed
     return dense
+
+
+def _store(finv: numpy.ndarray, dense: numpy.ndarray) -> None:
+    """Write (n_blocks, B, B) blocks into the first n_blocks lanes of ``finv``."""
+    rows, cols = numpy.triu_indices(dense.shape[-1])
+    t, lane = lanes(dense.shape[0], finv.shape[2])
+    finv[t, :, lane] = dense[:, rows, cols]
 
 
 def fisher_update(finv: numpy.ndarray, g: numpy.ndarray, m: float, block_size: int) -> None:
     """Twin of ``fisher_update_*`` in ``fisher.cu``: Sherman-Morrison, in place on ``finv``.
 
-    For every block b, with F^{-1} the block's inverse Fisher and g_b its slice of g:
-    u = F^{-1} g_b;  den = m + g_b . u;  F^{-1} <- F^{-1} - u u^T / den.
+    For every block b, with F^{-1} the block's inverse Fisher and g_b its slice of g
+    (n_blocks = len(g) / B): u = F^{-1} g_b;  den = m + g_b . u;
+    F^{-1} <- F^{-1} - u u^T / den. Blocks whose g_b is all zero are left as they are.
     """
-    dense = unpack(finv, block_size)
     gb = g.reshape(-1, block_size)
+    dense = unpack(finv, block_size, gb.shape[0])
     u = numpy.einsum("bij,bj->bi", dense, gb)
     den = m + numpy.einsum("bi,bi->b", gb, u)
-    dense -= u[:, :, None] * u[:, None, :] / den[:, None, None]
-    finv[...] = pack(dense)
+    live = (gb != 0).any(axis=1)
+    dense[live] -= (u[:, :, None] * u[:, None, :] / den[:, None, None])[live]
+    _store(finv, dense)
 
 
 def packed_matvec(finv: numpy.ndarray, v: numpy.ndarray, block_size: int) -> numpy.ndarray:
     """Twin of ``packed_matvec_*`` in ``fisher.cu``: out_b = F_b^{-1} v_b, flat (n_blocks*B,)."""
-    dense = unpack(finv, block_size)
-    return numpy.einsum("bij,bj->bi", dense, v.reshape(-1, block_size)).reshape(-1)
+    vb = v.reshape(-1, block_size)
+    dense = unpack(finv, block_size, vb.shape[0])
+    return numpy.einsum("bij,bj->bi", dense, vb).reshape(-1)

@@ -1,9 +1,10 @@
 """The block-diagonal inverse empirical Fisher, kept by Sherman–Morrison steps.
 
 Blocks are stored packed (upper triangle, row-major: B(B+1)/2 floats per
-block, see ``kernels/fisher.cu``), so the inverse of a model with n active
-weights costs about n·(B+1)/2 floats, and nothing grows with the number of
-gradients m.
+block) and tiled (entry p of 64 consecutive blocks side by side, see
+``kernels/fisher.cu``), so the inverse of a model with n active weights costs
+about n·(B+1)/2 floats (plus at most 63 blocks of padding), and nothing grows
+with the number of gradients m.
 
 Beyond the blocks, nothing of size n is kept: a gradient arrives as the
 layers' own arrays and is copied into a small buffer a chunk of blocks at a
@@ -20,7 +21,7 @@ import numpy
 
 from .. import kernels
 
-CHUNK_BLOCKS = 2048  # blocks per kernel call: 2048 x 34 parameters, 272 KiB of float32
+CHUNK_BLOCKS = 2048  # blocks per kernel call (whole tiles): 2048 x 34 parameters, 272 KiB of float32
 
 
 def packed_index(block_size: int) -> numpy.ndarray:
@@ -57,11 +58,14 @@ class BlockFisherInverse:
         self.damp, self.m, self.count = float(damp), int(m), 0
         B = self.block_size
         self.n_blocks = max(1, -(-self.n_params // B))
-        self.chunk_blocks = max(1, min(int(chunk_blocks), self.n_blocks))
+        tile = kernels.FISHER_TILE
+        shape = kernels.fisher_shape(self.n_blocks, B)
+        self.chunk_tiles = max(1, min(int(chunk_blocks) // tile, shape[0]))
+        self.chunk_blocks = self.chunk_tiles * tile
         self._index = packed_index(B)
         self._diag = xp.asarray(numpy.diagonal(self._index).copy())
-        self.finv = xp.zeros((self.n_blocks, B * (B + 1) // 2), dtype=dtype)
-        self.finv[:, self._diag] = 1.0 / self.damp
+        self.finv = xp.zeros(shape, dtype=dtype)
+        self.finv[:, self._diag, :] = 1.0 / self.damp
         self._g = xp.zeros(self.chunk_blocks * B, dtype=dtype)
         self._work = xp.empty(self.chunk_blocks * B, dtype=dtype)
 
@@ -70,11 +74,16 @@ class BlockFisherInverse:
         return int(self.finv.nbytes + self._g.nbytes + self._work.nbytes)
 
     def _chunks(self):
-        """(first block, stop block, first parameter, stop parameter) per chunk."""
+        """(first block, stop block, first parameter, stop parameter) per chunk of whole tiles."""
         B, n = self.block_size, self.n_params
         for b0 in range(0, self.n_blocks, self.chunk_blocks):
             b1 = min(self.n_blocks, b0 + self.chunk_blocks)
             yield b0, b1, min(n, b0 * B), min(n, b1 * B)
+
+    def _tiles(self, b0: int, b1: int) -> Any:
+        """The tiles of finv that hold blocks b0 .. b1-1 (b0 starts a tile)."""
+        tile = kernels.FISHER_TILE
+        return self.finv[b0 // tile:-(-b1 // tile)]
 
     def _plan(self, lengths: tuple[int, ...]) -> list[tuple[Any, ...]]:
         """Per chunk: its blocks, parameters and the copies from the parts that fill it.
@@ -113,13 +122,14 @@ class BlockFisherInverse:
                 g[dst0:dst1] = parts[index][src0:src1]
             if p1 - p0 < size:
                 g[p1 - p0:size] = 0  # the padding of the last block
-            self._update_blocks(b0, b1, g[:size], m, work[:size])
+            self._update_blocks(b0, b1, g[:size], m, work)
             if grad_sum is not None:
                 grad_sum[p0:p1] += g[:p1 - p0]
         self.count += 1
 
     def _update_blocks(self, b0: int, b1: int, g: Any, m: float, work: Any) -> None:
-        finv = self.finv[b0:b1]
+        finv = self._tiles(b0, b1)
+        work = work[:finv.shape[0] * self.block_size * kernels.FISHER_TILE]
         if self.xp is numpy:
             # The buffers were made here with the right shapes, dtype and
             # layout, so the dispatcher's checks (a tenth of the kernel's time
@@ -132,7 +142,7 @@ class BlockFisherInverse:
 
     def diagonal(self) -> Any:
         """[F⁻¹]_qq for every parameter, (n_params,)."""
-        return self.finv[:, self._diag].reshape(-1)[:self.n_params]
+        return self.finv[:, self._diag, :].transpose(0, 2, 1).reshape(-1)[:self.n_params]
 
     def matvec(self, v: Any, out: Any = None) -> Any:
         """F⁻¹ v for a (n_params,) vector; ``out`` may be ``v`` itself (in place)."""
@@ -145,13 +155,15 @@ class BlockFisherInverse:
             g[:p1 - p0] = v[p0:p1]
             if p1 - p0 < size:
                 g[p1 - p0:size] = 0
-            kernels.packed_matvec(self.finv[b0:b1], g[:size], block_size=B, out=work[:size])
+            kernels.packed_matvec(self._tiles(b0, b1), g[:size], block_size=B, out=work[:size])
             out[p0:p1] = work[:p1 - p0]
         return out
 
     def dense(self, blocks: Any) -> Any:
         """The given blocks unpacked, (len(blocks), B, B)."""
-        return self.finv[blocks][:, self.xp.asarray(self._index)]
+        tile = kernels.FISHER_TILE
+        packed = self.finv[blocks // tile, :, blocks % tile]  # (len(blocks), P)
+        return packed[:, self.xp.asarray(self._index)]
 
     def joint_obs_step(self, removed: Any, r: Any, chunk: int = 4096) -> Any:
         """``F⁻¹[:, Q] (F⁻¹[Q, Q])⁻¹ r_Q`` per block, Q the removed entries in it.
