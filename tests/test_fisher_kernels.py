@@ -1,7 +1,8 @@
 """Tests of the packed block-diagonal inverse Fisher kernels (``fisher.cu``).
 
 ``fisher_update`` is one Sherman-Morrison step of every B x B block,
-``F^{-1} <- (F + g g^T / m)^{-1}``; ``packed_matvec`` is ``F^{-1} v`` per block.
+``F^{-1} <- (F + g g^T / m)^{-1}``: on the GPU the kernels ``packed_matvec``
+(``F^{-1} v`` per block) then ``fisher_rank1_update``; on the CPU one Numba pass.
 The blocks are stored packed (upper triangle, row-major) and tiled (entry p of
 ``FISHER_TILE`` consecutive blocks side by side). Checked here:
 
@@ -43,8 +44,8 @@ except ModuleNotFoundError:  # tests/ became a package
 DTYPES = [numpy.float32, numpy.float64]
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 FISHER_CU = kernels.KERNEL_DIR / "fisher.cu"
-KERNELS = {f"{family}_{suffix}" for family in ("fisher_update", "packed_matvec")
-           for suffix in ("f32", "f64")}
+FAMILIES = ("fisher_rank1_update", "packed_matvec")
+KERNELS = {f"{family}_{suffix}" for family in FAMILIES for suffix in ("f32", "f64")}
 
 gpu = pytest.mark.skipif(
     not cupynn.gpu_available(),
@@ -79,12 +80,6 @@ def identity_over(lam: float, n_blocks: int, block_size: int, dtype) -> numpy.nd
 def n_tiles(n_blocks: int) -> int:
     return -(-n_blocks // FISHER_TILE)
 
-
-def work_blocks(work: numpy.ndarray, n_blocks: int, block_size: int) -> numpy.ndarray:
-    """u of a work buffer laid out as (n_tiles, B, TILE), back in block order (n_blocks * B,)."""
-    t = n_tiles(n_blocks)
-    tiled = work[:t * block_size * FISHER_TILE].reshape(t, block_size, FISHER_TILE)
-    return tiled.transpose(0, 2, 1).reshape(-1, block_size)[:n_blocks].reshape(-1)
 
 
 def padded(grads: numpy.ndarray, block_size: int) -> numpy.ndarray:
@@ -211,8 +206,7 @@ def test_twin_update_gives_woodfisher_inverse(block_size, n_params, m, dtype):
 @pytest.mark.parametrize("own_work", [False, True], ids=["work_allocated", "work_given"])
 def test_cpu_update_gives_woodfisher_inverse(block_size, n_params, m, dtype, own_work):
     def update(finv, g, m_):
-        size = finv.shape[0] * block_size * FISHER_TILE
-        work = numpy.full(size, numpy.nan, dtype=dtype) if own_work else None
+        work = numpy.full(g.shape, numpy.nan, dtype=dtype) if own_work else None
         assert kernels.fisher_update(finv, g, m_, block_size=block_size, work=work) is None
 
     dense, expected, n_pad = woodfisher_run(update, block_size, n_params, m, dtype)
@@ -370,7 +364,7 @@ def guarded(values: numpy.ndarray) -> numpy.ndarray:
     return out
 
 
-def update_argtypes(dtype) -> list:
+def rank1_argtypes(dtype) -> list:
     real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
     return [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int, ctypes.c_int]
 
@@ -388,20 +382,22 @@ def test_emulated_shapes_stride():
 @dtype_params
 @launch_params
 def test_emulated_update_matches_twin(n_blocks, block_size, dtype, config):
+    """The dispatcher's two launches (packed_matvec into work, fisher_rank1_update), thrice."""
     lib = host_library()
     finv, g, _ = random_state(n_blocks, block_size, dtype, seed=1)
-    n_work = finv.shape[0] * block_size * FISHER_TILE
-    f_buf, w_buf = guarded(finv), guarded(numpy.full(n_work, 7.0, dtype=dtype))
+    f_buf, w_buf = guarded(finv), guarded(numpy.full(g.size, 7.0, dtype=dtype))
     expected = finv.copy()
-    grid, block = grid_and_block(config, n_blocks)
+    grid, block = grid_and_block(config, finv.shape[0] * block_size * FISHER_TILE)
+    sizes = [n_blocks, block_size, FISHER_TILE]
     rng = numpy.random.default_rng(2)
     for m in (1.0, 2.5, 8.0):
         g = rng.standard_normal(g.shape).astype(dtype)
         g[:block_size] = 0  # a dead block: left exactly as it is, u = 0
-        u = twins.packed_matvec(expected, g, block_size)
-        twins.fisher_update(expected, g, m, block_size)
-        launch(lib, f"fisher_update_{suffix(dtype)}", grid, block, update_argtypes(dtype),
-               [f_buf, g, w_buf, m, n_blocks, block_size, FISHER_TILE])
+        u = twins.fisher_update(expected, g, m, block_size)
+        launch(lib, f"packed_matvec_{suffix(dtype)}", grid, block, matvec_argtypes(dtype),
+               [f_buf, g, w_buf] + sizes)
+        launch(lib, f"fisher_rank1_update_{suffix(dtype)}", grid, block, rank1_argtypes(dtype),
+               [f_buf, g, w_buf, m] + sizes)
         actual = f_buf[:finv.size].reshape(finv.shape)
         assert_blocks_close(twins.unpack(actual, block_size, n_blocks),
                             twins.unpack(expected, block_size, n_blocks).astype(float),
@@ -412,12 +408,11 @@ def test_emulated_update_matches_twin(n_blocks, block_size, dtype, config):
                                  finv.transpose(0, 2, 1).reshape(-1, finv.shape[1])[n_blocks:]), \
             "the kernel changed the padding lanes"
         # work holds u = F^{-1} g of the blocks before the step.
-        w = work_blocks(w_buf, n_blocks, block_size)
-        assert not w[:block_size].any()
-        assert numpy.allclose(w, u, rtol=10 * EMULATED_RTOL[dtype],
+        assert not w_buf[:block_size].any()
+        assert numpy.allclose(w_buf[:g.size], u, rtol=10 * EMULATED_RTOL[dtype],
                               atol=10 * EMULATED_RTOL[dtype] * numpy.abs(u).max())
         assert numpy.isnan(f_buf[finv.size:]).all(), "the kernel wrote past finv"
-        assert numpy.isnan(w_buf[n_work:]).all(), "the kernel wrote past work"
+        assert numpy.isnan(w_buf[g.size:]).all(), "the kernel wrote past work"
 
 
 @pytest.mark.parametrize("n_blocks, block_size", EMULATED_SHAPES + [(0, 4)], ids=lambda x: str(x))
@@ -445,7 +440,7 @@ def test_fisher_cu_is_a_cuda_source_with_all_kernels():
     assert FISHER_CU in CUDA_SOURCES
     defined = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)', FISHER_CU.read_text()))
     assert defined == KERNELS
-    for family in ("fisher_update", "packed_matvec"):
+    for family in FAMILIES:
         assert callable(getattr(twins, family))
 
 
@@ -506,14 +501,14 @@ FISHER_BAD = [
     ("matvec_v_of_two_tiles", call_matvec, dict(v=numpy.ones(3 * (FISHER_TILE + 1))),
      ValueError, rf"v has {FISHER_TILE + 1} blocks, which need finv of shape "
                  rf"\(2, 6, {FISHER_TILE}\). Got \(1, 6, {FISHER_TILE}\)"),
-    ("update_work_shape", call_update, dict(kw=dict(work=numpy.ones(6))),
-     ValueError, rf"work must have shape \({3 * FISHER_TILE},\) = n_tiles \* block_size"),
+    ("update_work_shape", call_update, dict(kw=dict(work=numpy.ones(3))),
+     ValueError, r"work must have shape \(6,\)"),
     ("matvec_out_shape", call_matvec, dict(kw=dict(out=numpy.ones(5))),
      ValueError, r"out must have shape \(6,\)"),
     ("update_strided_g", call_update, dict(g=numpy.ones(12)[::2]),
      ValueError, "'g' must be C-contiguous"),
     ("update_strided_work", call_update,
-     dict(kw=dict(work=numpy.ones(6 * FISHER_TILE)[::2])),
+     dict(kw=dict(work=numpy.ones(12)[::2])),
      ValueError, "'work' must be C-contiguous"),
     ("update_fortran_finv", call_update,
      dict(finv=numpy.asfortranarray(numpy.ones((1, 6, FISHER_TILE)))),
@@ -540,12 +535,10 @@ FISHER_BAD = [
 def _aliasing_cases():
     f = identity_over(1.0, 2, 3, numpy.float64)
     g = numpy.ones(6)
-    buffer = numpy.ones(3 * FISHER_TILE)
     return [
-        ("update_work_is_finv", call_update,
-         dict(finv=f, kw=dict(work=f.reshape(-1)[:3 * FISHER_TILE])),
+        ("update_work_is_finv", call_update, dict(finv=f, kw=dict(work=f.reshape(-1)[:6])),
          ValueError, "work must not overlap finv"),
-        ("update_work_holds_g", call_update, dict(g=buffer[:6], kw=dict(work=buffer)),
+        ("update_work_is_g", call_update, dict(g=g, kw=dict(work=g)),
          ValueError, "work must not overlap g"),
         ("matvec_out_is_v", call_matvec, dict(v=g, kw=dict(out=g)),
          ValueError, "out must not overlap v"),

@@ -301,7 +301,7 @@ def test_cuda_source_compiles_as_host_cpp(source):
         assert hasattr(lib, name), f"{source.name} built for the CPU lacks {name}"
 
 
-EMULATED_FAMILIES = ("sddmm", "adam", "fisher_update", "packed_matvec")
+EMULATED_FAMILIES = ("sddmm", "adam", "fisher_rank1_update", "packed_matvec")
 
 
 def test_every_kernel_is_emulated_in_these_tests():
@@ -406,7 +406,7 @@ def test_emulated_adam_matches_twin(n, dtype, config):
 
 # fisher.cu: a packed, tiled block-diagonal inverse Fisher. (n_blocks, B) pairs:
 # B = 1 (P = 1), a few small blocks, and more blocks than the 64 threads of
-# grid2_block32 and than one tile (fisher_update runs one thread per block).
+# grid2_block32 and than one tile.
 TILE = kernels.FISHER_TILE
 FISHER_SHAPES = [(1, 1), (5, 1), (1, 4), (5, 3), (70, 8)]
 fisher_params = pytest.mark.parametrize("n_blocks, block_size", FISHER_SHAPES,
@@ -450,38 +450,35 @@ def test_emulated_packed_matvec_matches_twin(n_blocks, block_size, dtype, config
 @fisher_params
 @dtype_params
 @launch_params
-def test_emulated_fisher_update_matches_twin(n_blocks, block_size, dtype, config):
+def test_emulated_fisher_rank1_update_matches_twin(n_blocks, block_size, dtype, config):
     lib = host_library("fisher.cu")
     s = fisher_state(n_blocks, block_size, dtype)
     n, shape, size = n_blocks * block_size, s["finv"].shape, s["finv"].size
-    n_work = shape[0] * block_size * TILE
     m = 10.0
     finv = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
     finv[:size] = s["finv"].reshape(-1)
-    work = numpy.full(n_work + GUARD, numpy.nan, dtype=dtype)
-    expected = s["finv"].copy()
-    twins.fisher_update(expected, s["g"], m, block_size)
-    # Error scale: |F| + w w^T / den with w = |F| |g| (u = F g is a sum of products).
-    w = packed_abs_matvec(s["finv"], s["g"], block_size).reshape(n_blocks, block_size)
+    g = s["g"].copy()
+    g[:block_size] = 0  # a dead block: left as it is
     f64 = s["finv"].astype(numpy.float64)
-    u = twins.packed_matvec(f64, s["g"].astype(numpy.float64), block_size).reshape(n_blocks, -1)
-    den = m + numpy.einsum("bi,bi->b", s["g"].reshape(n_blocks, -1), u)
-    bound = numpy.abs(f64) + twins.pack(w[:, :, None] * w[:, None, :] / den[:, None, None], TILE)
+    u = twins.packed_matvec(f64, g.astype(numpy.float64), block_size)
+    expected = s["finv"].copy()
+    twins.fisher_rank1_update(expected, g, u.astype(dtype), m, block_size)
+    # Error scale: |F| + |u| |u|^T / den.
+    ub = numpy.abs(u).reshape(n_blocks, block_size)
+    den = m + numpy.einsum("bi,bi->b", g.reshape(n_blocks, -1), u.reshape(n_blocks, -1))
+    bound = numpy.abs(f64) + twins.pack(ub[:, :, None] * ub[:, None, :] / den[:, None, None], TILE)
 
-    grid, block = grid_and_block(config, n_blocks)
+    grid, block = grid_and_block(config, shape[0] * block_size * TILE)
     suffix = "f32" if dtype == numpy.float32 else "f64"
     real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
-    launch(lib, f"fisher_update_{suffix}", grid, block,
+    launch(lib, f"fisher_rank1_update_{suffix}", grid, block,
            [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int, ctypes.c_int],
-           [finv, s["g"], work, m, n_blocks, block_size, TILE])
+           [finv, g, u.astype(dtype), m, n_blocks, block_size, TILE])
     # (padding lanes: bound 0, so they must be exactly the 0 they were)
     assert_close(finv[:size].reshape(shape), expected, bound, dtype)
-    # work holds u, laid out as (n_tiles, B, TILE)
-    u_work = work[:n_work].reshape(shape[0], block_size, TILE).transpose(0, 2, 1)
-    assert_close(u_work.reshape(-1, block_size)[:n_blocks].reshape(-1),
-                 u.reshape(-1).astype(dtype), w.reshape(-1), dtype)
+    dead = twins.unpack(finv[:size].reshape(shape), block_size, 1)
+    assert numpy.array_equal(dead, twins.unpack(s["finv"], block_size, 1)), "the dead block changed"
     assert numpy.isnan(finv[size:]).all(), "the kernel wrote past finv"
-    assert numpy.isnan(work[n_work:]).all(), "the kernel wrote past work"
 
 
 # --------------------------------------------------- 3. Numba kernels (dispatchers)

@@ -318,12 +318,15 @@ def test_allocate_is_proportional_and_gives_surplus_to_others():
 
 
 # ---------------------------------------------------------------- second order
-def test_sherman_morrison_blocks_equal_direct_inverse(backend, rng):
-    n, B, damp, m = 23, 5, 0.3, 6
+@pytest.mark.parametrize("n, B", [(23, 5), (700, 3)])  # one tile; 234 blocks in 4 tiles
+def test_sherman_morrison_blocks_equal_direct_inverse(backend, rng, n, B):
+    damp, m = 0.3, 6
     fisher = BlockFisherInverse(backend.xp, n, B, damp, numpy.float64, m)
     grads = rng.standard_normal((m, n))
+    grads[:, 3 * B:4 * B] = 0  # a dead block stays λ⁻¹I
     for g in grads:
-        fisher.update([backend.asarray(g[:10]), backend.asarray(g[10:])])
+        fisher.update([backend.asarray(g[:10]), backend.asarray(g[10:n - 1]),
+                       backend.asarray(g[n - 1:])])
     padded = numpy.zeros((m, fisher.n_blocks * B))
     padded[:, :n] = grads
     dense = to_numpy(fisher.dense(backend.xp.arange(fisher.n_blocks)))

@@ -15,7 +15,7 @@ import numpy
 import pytest
 
 import cupynn
-from cupynn import losses, to_numpy
+from cupynn import kernels, losses, to_numpy
 from cupynn.layers import SparseLinear
 from cupynn.redistribution import base, create
 from cupynn.redistribution.base import Drop, Redistributor, kept_keys, layer_keys
@@ -258,16 +258,19 @@ def test_loss_rows_pick_the_largest_inactive_entries(seed):
 
 
 # ---------------------------------------------------------------- Fisher
-@pytest.mark.parametrize("n, B", [(23, 5), (40, 4), (7, 34)])
+@pytest.mark.parametrize("n, B", [(23, 5), (40, 4), (7, 34), (700, 3), (2300, 34)])
 def test_block_fisher_in_chunks_equals_one_chunk(rng, n, B):
+    """The CPU path (one call reading the parts in place) against the GPU path's chunking
+    (parts copied into a buffer one tile at a time, the dispatcher per chunk)."""
     grads = rng.standard_normal((5, n))
     one = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5)
     many = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5, chunk_blocks=2)
+    assert many.chunk_blocks == kernels.FISHER_TILE  # chunks are whole tiles
     sums = [numpy.zeros(n), numpy.zeros(n)]
     for g in grads:
         parts = [g[:3], g[3:n // 2], g[n // 2:]]
         one.update(parts, sums[0])
-        many.update(parts, sums[1])
+        many._update_chunks(parts, tuple(len(part) for part in parts), sums[1])
     numpy.testing.assert_array_equal(one.finv, many.finv)
     numpy.testing.assert_allclose(sums[0], grads.sum(axis=0))
     numpy.testing.assert_array_equal(sums[0], sums[1])

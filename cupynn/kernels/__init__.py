@@ -311,6 +311,8 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     ``F_b^{-1} <- F_b^{-1} - u u^T / den``: the inverse of ``F_b + g_b g_b^T / m``.
     Starting from ``finv = I / lambda`` and applying the m gradients of a batch
     gives ``inv(lambda I + G^T G / m)`` per block (the WoodFisher estimate).
+    A block whose g_b is all zero is left as it is. On the GPU this is two
+    launches (``packed_matvec``, ``fisher_rank1_update``), on the CPU one pass.
 
     Parameters
     ----------
@@ -324,10 +326,9 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
         The number of gradients the Fisher averages over.
     block_size : int
         B.
-    work : (n_tiles * B * TILE,) same dtype, optional
+    work : (n_blocks * B,) same dtype, optional
         Scratch for u (allocated when not given); must not overlap finv or g.
-        On return it holds u = F_b^{-1} g_b of the blocks before the step, laid
-        out like an (n_tiles, B, TILE) array (0 where g_b is all zero).
+        On return it holds u = F_b^{-1} g_b of the blocks before the step.
         Passing one saves an allocation per call.
     max_blocks : int, optional
         Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
@@ -336,33 +337,32 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     arrays = {"finv": finv, "g": g, **({} if work is None else {"work": work})}
     backend = _check_same_backend(what, *arrays.values())
     suffix = _float_suffix(*arrays.values(), what=what)
-    n_blocks = _check_fisher_blocks(what, finv, block_size, g=g)
-    n_work = int(finv.shape[0]) * int(block_size) * FISHER_TILE
-    if work is not None:
-        if work.shape != (n_work,):
-            raise ValueError(f"{what}: work must have shape ({n_work},) = n_tiles * block_size * "
-                             f"{FISHER_TILE}. Got {work.shape} instead.")
-        _check_contiguous(what, work=work)
+    n_blocks = _check_fisher_blocks(what, finv, block_size, **{k: a for k, a in arrays.items()
+                                                               if k != "finv"})
     m = float(m)
     if not (m > 0 and numpy.isfinite(m)):
         raise ValueError(f"{what}: m must be a positive finite number. Got {m!r} instead.")
     xp = backend.xp
     if work is None:
-        work = xp.empty(n_work, dtype=finv.dtype)
+        work = xp.empty(n_blocks * block_size, dtype=finv.dtype)
     else:
         _check_no_overlap(what, xp, "work", arrays)
     if n_blocks == 0:
         return
     t = finv.dtype.type
     if backend.is_gpu:
-        kernel = cuda_function("fisher.cu", f"fisher_update_{suffix}")
-        kernel(_grid(n_blocks, max_blocks), (THREADS_PER_BLOCK,),
-               (finv, g, work, t(m), numpy.int32(n_blocks), numpy.int32(block_size),
-                numpy.int32(FISHER_TILE)))
+        # u = F^{-1} g into work, then the rank-1 step (see fisher.cu).
+        grid = _grid(int(finv.shape[0]) * int(block_size) * FISHER_TILE, max_blocks)
+        sizes = (numpy.int32(n_blocks), numpy.int32(block_size), numpy.int32(FISHER_TILE))
+        cuda_function("fisher.cu", f"packed_matvec_{suffix}")(
+            grid, (THREADS_PER_BLOCK,), (finv, g, work) + sizes)
+        cuda_function("fisher.cu", f"fisher_rank1_update_{suffix}")(
+            grid, (THREADS_PER_BLOCK,), (finv, g, work, t(m)) + sizes)
     else:
         from . import cpu_fisher
 
-        cpu_fisher.fisher_update(finv, g, work, t(m), int(block_size))
+        cpu_fisher.fisher_update(finv, (g,), numpy.array([0, g.shape[0]]), work, t(m),
+                                 int(block_size), g[:0])
 
 
 def packed_matvec(finv: Any, v: Any, *, block_size: int, out: Any = None,

@@ -9,9 +9,9 @@ Every loop innermost runs over the TILE blocks of a tile, a compile-time
 constant: LLVM vectorises those loops (about 2x the old per-block kernel, whose
 inner loops over a row of the triangle were too short for the vector units).
 Indices are unsigned, so Numba emits no negative-index handling that would
-stop it. A tile's transposed vectors live in two small scratch arrays made per
-tile (B TILE floats each, made inside the kernel: its only allocations,
-fresh, so LLVM knows they alias nothing).
+stop it. A tile's transposed vectors live in small scratch arrays made per
+tile (B TILE floats each, inside the kernel: its only allocations, fresh, so
+LLVM knows they alias nothing).
 """
 
 from __future__ import annotations
@@ -28,21 +28,40 @@ _JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "con
 
 
 @numba.njit(**_JIT)
-def _gather(v, first_block, n_blocks, block_size, vt):  # pragma: no cover - compiled
-    """vt[i * TILE + lane] = v[(first_block + lane) * B + i], 0 past n_blocks; True if any != 0."""
+def _gather(parts, starts, first_block, block_size, vt, grad_sum):  # pragma: no cover - compiled
+    """Transpose one tile of a vector given as consecutive parts; True if any value is nonzero.
+
+    Value q of the concatenation (part k holds q in [starts[k], starts[k + 1]))
+    lands at vt[i * TILE + lane] for q = (first_block + lane) * B + i; values
+    past the end are 0. Each value is also added to grad_sum[q] when grad_sum
+    is not empty.
+    """
     b = block_size
+    for k in range(b * TILE):
+        vt[_u(k)] = 0
+    lo = first_block * b
+    hi = lo + TILE * b
+    accumulate = grad_sum.shape[0] > 0
     nonzero = False
-    for lane in range(TILE):
-        block = first_block + lane
-        if block < n_blocks:
-            src = v[_u(block * b):_u(block * b + b)]
-            for i in range(b):
-                x = src[_u(i)]
-                vt[_u(i * TILE + lane)] = x
-                nonzero = nonzero or x != 0
-        else:
-            for i in range(b):
-                vt[_u(i * TILE + lane)] = 0
+    for k in range(len(parts)):
+        part = parts[k]
+        q = max(lo, starts[k])
+        e = min(hi, starts[k + 1])
+        while q < e:  # one block's values of this part at a time
+            lane = (q - lo) // b
+            i0 = (q - lo) - lane * b
+            n = min(b - i0, e - q)
+            src = part[_u(q - starts[k]):_u(q - starts[k] + n)]
+            dst = vt[_u(i0 * TILE + lane):]
+            for i in range(n):
+                dst[_u(i * TILE)] = src[_u(i)]
+            for i in range(n):
+                nonzero |= src[_u(i)] != 0
+            if accumulate:
+                total = grad_sum[_u(q):_u(q + n)]
+                for i in range(n):
+                    total[_u(i)] += src[_u(i)]
+            q += n
     return nonzero
 
 
@@ -98,22 +117,38 @@ def _tile_update(f, gt, ut, m, block_size):  # pragma: no cover - compiled
             p += _u(TILE)
 
 
+@numba.njit(**_JIT)
+def _scatter(ut, first_block, n_blocks, block_size, out):  # pragma: no cover - compiled
+    """out[(first_block + lane) * B + i] = ut[i * TILE + lane] for the tile's real blocks."""
+    b = block_size
+    for lane in range(min(TILE, n_blocks - first_block)):
+        dst = out[_u((first_block + lane) * b):_u((first_block + lane) * b + b)]
+        for i in range(b):
+            dst[_u(i)] = ut[_u(i * TILE + lane)]
+
+
 @numba.njit(parallel=True, **_JIT)
-def fisher_update(finv, g, work, m, block_size):  # pragma: no cover - compiled
-    """Sherman-Morrison step of every block, in place; ``work`` (n_tiles * B * TILE,) gets u.
+def fisher_update(finv, parts, starts, work, m, block_size, grad_sum):  # pragma: no cover
+    """Sherman-Morrison step of every block, in place, for the gradient ``parts``.
 
     u = F^{-1} g_b;  den = m + g_b . u;  F^{-1} <- F^{-1} - u u^T / den.
-    A tile whose gradient is all zero is skipped (the step is the identity).
+    The gradient is the concatenation of ``parts`` (a tuple of flat arrays;
+    ``starts`` (len(parts) + 1,) their offsets in it), zero-padded to whole
+    blocks. ``work`` (n_blocks * B,) gets u, unless it is empty. ``grad_sum``
+    gets the gradient added unless it is empty. A tile whose gradient is all
+    zero is skipped (the step is the identity).
     """
     b = block_size
-    n_blocks = g.shape[0] // b
+    n_blocks = -(-starts[-1] // b)
     for tile in numba.prange(finv.shape[0]):
         gt = numpy.empty(b * TILE, finv.dtype)
-        ut = work[tile * b * TILE:(tile + 1) * b * TILE]
-        if _gather(g, tile * TILE, n_blocks, b, gt):
+        ut = numpy.empty(b * TILE, finv.dtype)
+        if _gather(parts, starts, tile * TILE, b, gt, grad_sum):
             _tile_update(finv[tile].reshape(-1), gt, ut, m, b)
         else:
             ut[:] = 0
+        if work.shape[0] > 0:
+            _scatter(ut, tile * TILE, n_blocks, b, work)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -121,12 +156,11 @@ def packed_matvec(finv, v, out, block_size):  # pragma: no cover - compiled
     """out_b = F_b^{-1} v_b for every block, tiles in parallel."""
     b = block_size
     n_blocks = v.shape[0] // b
+    starts = numpy.array([0, v.shape[0]])
+    none = v[:0]
     for tile in numba.prange(finv.shape[0]):
         vt = numpy.empty(b * TILE, finv.dtype)
         ut = numpy.empty(b * TILE, finv.dtype)
-        _gather(v, tile * TILE, n_blocks, b, vt)
+        _gather((v,), starts, tile * TILE, b, vt, none)
         _tile_matvec(finv[tile].reshape(-1), vt, ut, b)
-        for lane in range(min(TILE, n_blocks - tile * TILE)):
-            dst = out[_u((tile * TILE + lane) * b):_u((tile * TILE + lane) * b + b)]
-            for i in range(b):
-                dst[_u(i)] = ut[_u(i * TILE + lane)]
+        _scatter(ut, tile * TILE, n_blocks, b, out)

@@ -121,20 +121,33 @@ def _store(finv: numpy.ndarray, dense: numpy.ndarray) -> None:
     finv[t, :, lane] = dense[:, rows, cols]
 
 
-def fisher_update(finv: numpy.ndarray, g: numpy.ndarray, m: float, block_size: int) -> None:
-    """Twin of ``fisher_update_*`` in ``fisher.cu``: Sherman-Morrison, in place on ``finv``.
+def fisher_rank1_update(finv: numpy.ndarray, g: numpy.ndarray, u: numpy.ndarray, m: float,
+                        block_size: int) -> None:
+    """Twin of ``fisher_rank1_update_*`` in ``fisher.cu``, in place on ``finv``.
 
-    For every block b, with F^{-1} the block's inverse Fisher and g_b its slice of g
-    (n_blocks = len(g) / B): u = F^{-1} g_b;  den = m + g_b . u;
-    F^{-1} <- F^{-1} - u u^T / den. Blocks whose g_b is all zero are left as they are.
+    For every block b: F^{-1} <- F^{-1} - u_b u_b^T / (m + g_b . u_b), u = F^{-1} g
+    from before the step (n_blocks = len(g) / B). Blocks whose g_b is all zero
+    are left as they are.
     """
-    gb = g.reshape(-1, block_size)
+    gb, ub = g.reshape(-1, block_size), u.reshape(-1, block_size)
     dense = unpack(finv, block_size, gb.shape[0])
-    u = numpy.einsum("bij,bj->bi", dense, gb)
-    den = m + numpy.einsum("bi,bi->b", gb, u)
+    den = m + numpy.einsum("bi,bi->b", gb, ub)
     live = (gb != 0).any(axis=1)
-    dense[live] -= (u[:, :, None] * u[:, None, :] / den[:, None, None])[live]
+    dense[live] -= (ub[:, :, None] * ub[:, None, :] / den[:, None, None])[live]
     _store(finv, dense)
+
+
+def fisher_update(finv: numpy.ndarray, g: numpy.ndarray, m: float, block_size: int) -> numpy.ndarray:
+    """One Sherman-Morrison step of every block, in place on ``finv``; returns u.
+
+    What the dispatcher ``cupynn.kernels.fisher_update`` launches on the GPU
+    (``packed_matvec`` then ``fisher_rank1_update``) and the CPU kernel
+    computes in one pass: u = F^{-1} g_b;  den = m + g_b . u;
+    F^{-1} <- F^{-1} - u u^T / den.
+    """
+    u = packed_matvec(finv, g, block_size)
+    fisher_rank1_update(finv, g, u, m, block_size)
+    return u
 
 
 def packed_matvec(finv: numpy.ndarray, v: numpy.ndarray, block_size: int) -> numpy.ndarray:

@@ -7,10 +7,11 @@ about n·(B+1)/2 floats (plus at most 63 blocks of padding), and nothing grows
 with the number of gradients m.
 
 Beyond the blocks, nothing of size n is kept: a gradient arrives as the
-layers' own arrays and is copied into a small buffer a chunk of blocks at a
-time (:data:`CHUNK_BLOCKS`), which the update kernel reads, with a scratch
-of the same size; products ``F⁻¹ v`` run chunk by chunk too and may be
-written over ``v``.
+layers' own arrays. On the CPU one compiled call reads them where they are
+(every tile in parallel, its scratch per tile); on the GPU they are copied
+into a small buffer a chunk of tiles at a time (:data:`CHUNK_BLOCKS`), which
+the update kernels read, with a scratch of the same size. Products ``F⁻¹ v``
+run chunk by chunk and may be written over ``v``.
 """
 
 from __future__ import annotations
@@ -116,29 +117,43 @@ class BlockFisherInverse:
         if sum(lengths) != self.n_params:
             raise ValueError(f"BlockFisherInverse.update: got {sum(lengths)} gradient values for "
                              f"{self.n_params} parameters.")
+        if self.xp is numpy:
+            self._update_cpu(parts, lengths, grad_sum)
+        else:
+            self._update_chunks(parts, lengths, grad_sum)
+        self.count += 1
+
+    def _update_cpu(self, parts: list[Any], lengths: tuple[int, ...], grad_sum: Any) -> None:
+        """One compiled call reads the parts where they are: no copies, every tile in parallel.
+
+        Its inputs are made here with the right dtype and layout, so the
+        dispatcher's checks (a tenth of the kernel's time on the paper's HIGGS
+        network) are skipped.
+        """
+        from ..kernels import cpu_fisher
+
+        starts = getattr(self, "_starts", None)
+        if starts is None or starts[0] != lengths:
+            starts = (lengths, numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int64))
+            self._starts = starts
+        dtype = self.finv.dtype
+        parts = tuple(numpy.ascontiguousarray(part, dtype=dtype) for part in parts)
+        none = self._g[:0]
+        cpu_fisher.fisher_update(self.finv, parts, starts[1], none, dtype.type(self.m),
+                                 self.block_size, none if grad_sum is None else grad_sum)
+
+    def _update_chunks(self, parts: list[Any], lengths: tuple[int, ...], grad_sum: Any) -> None:
+        """The parts copied into a small buffer a chunk of tiles at a time, one kernel call each."""
         g, work, B, m = self._g, self._work, self.block_size, float(self.m)
         for b0, b1, p0, p1, size, copies in self._plan(lengths):
             for index, src0, src1, dst0, dst1 in copies:
                 g[dst0:dst1] = parts[index][src0:src1]
             if p1 - p0 < size:
                 g[p1 - p0:size] = 0  # the padding of the last block
-            self._update_blocks(b0, b1, g[:size], m, work)
+            finv = self._tiles(b0, b1)
+            kernels.fisher_update(finv, g[:size], m, block_size=B, work=work[:size])
             if grad_sum is not None:
                 grad_sum[p0:p1] += g[:p1 - p0]
-        self.count += 1
-
-    def _update_blocks(self, b0: int, b1: int, g: Any, m: float, work: Any) -> None:
-        finv = self._tiles(b0, b1)
-        work = work[:finv.shape[0] * self.block_size * kernels.FISHER_TILE]
-        if self.xp is numpy:
-            # The buffers were made here with the right shapes, dtype and
-            # layout, so the dispatcher's checks (a tenth of the kernel's time
-            # on the paper's HIGGS network) are skipped on the CPU.
-            from ..kernels import cpu_fisher
-
-            cpu_fisher.fisher_update(finv, g, work, finv.dtype.type(m), self.block_size)
-        else:
-            kernels.fisher_update(finv, g, m, block_size=self.block_size, work=work)
 
     def diagonal(self) -> Any:
         """[F⁻¹]_qq for every parameter, (n_params,)."""
