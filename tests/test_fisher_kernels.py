@@ -135,6 +135,20 @@ def test_pack_layout_and_round_trip(block_size, n_blocks):
     assert twins.packed_size(b) == packed_size(b)
 
 
+def test_cpu_kernels_use_the_layout_tile_width():
+    """cpu_fisher writes its tile width out (Numba's cache is keyed to that file) and
+    refuses blocks tiled another way, which a stale cached build would meet."""
+    from cupynn.kernels import cpu_fisher
+
+    assert cpu_fisher.TILE == FISHER_TILE
+    wrong = numpy.zeros((1, 3, FISHER_TILE // 2))
+    g = numpy.ones(2)
+    with pytest.raises(ValueError, match="not TILE blocks wide"):
+        cpu_fisher.fisher_update(wrong, (g,), numpy.array([0, 2]), g[:0], 1.0, 2, g[:0])
+    with pytest.raises(ValueError, match="not TILE blocks wide"):
+        cpu_fisher.packed_matvec(wrong, g, numpy.empty(2), 2)
+
+
 # ---------------------------------------- (a) m updates give the WoodFisher inverse
 
 

@@ -20,7 +20,10 @@ import numba
 import numpy
 from numba import uint64 as _u
 
-from . import FISHER_TILE as TILE
+# The tile width of the layout, kernels.FISHER_TILE (a test checks they agree).
+# It is written here, not imported: Numba's on-disk cache is keyed to this
+# file, so changing the width must change this file to recompile the kernels.
+TILE = 64
 
 # Only the summation order may change (no fast-math on NaN, Inf or signed
 # zeros): 'reassoc' and 'contract' let LLVM vectorise and fuse multiply-adds.
@@ -138,6 +141,8 @@ def fisher_update(finv, parts, starts, work, m, block_size, grad_sum):  # pragma
     gets the gradient added unless it is empty. A tile whose gradient is all
     zero is skipped (the step is the identity).
     """
+    if finv.shape[2] != TILE:  # e.g. a cached build from before TILE changed
+        raise ValueError("cpu_fisher.fisher_update: finv's tiles are not TILE blocks wide")
     b = block_size
     n_blocks = -(-starts[-1] // b)
     for tile in numba.prange(finv.shape[0]):
@@ -154,6 +159,8 @@ def fisher_update(finv, parts, starts, work, m, block_size, grad_sum):  # pragma
 @numba.njit(parallel=True, **_JIT)
 def packed_matvec(finv, v, out, block_size):  # pragma: no cover - compiled
     """out_b = F_b^{-1} v_b for every block, tiles in parallel."""
+    if finv.shape[2] != TILE:  # e.g. a cached build from before TILE changed
+        raise ValueError("cpu_fisher.packed_matvec: finv's tiles are not TILE blocks wide")
     b = block_size
     n_blocks = v.shape[0] // b
     starts = numpy.array([0, v.shape[0]])
