@@ -50,3 +50,41 @@ def test_bad_arguments_are_rejected(capsys):
         else:
             raise AssertionError(f"{argv} was accepted")
     capsys.readouterr()
+
+
+def test_whole_epochs_through_fit(tmp_path, capsys, monkeypatch):
+    bench = _script()
+    monkeypatch.setitem(bench.SETTINGS["kmnist"], "train_rows", 2048)  # 4 batches of 512
+    out = tmp_path / "report.json"
+    assert bench.main(["--quick", "--settings", "kmnist", "--algorithms", "static,woodfisher",
+                       "--no-memory", "--epochs", "2", "--augment", "--pause", "0",
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "whole epochs through cupynn.fit" in printed and "augmentation on" in printed
+    report = json.loads(out.read_text())
+    rows = report["epochs"]
+    assert [r["algorithm"] for r in rows] == ["(none)", "static", "woodfisher"]
+    from cupynn.redistribution.schedule import fraction_at
+
+    for r in rows:
+        assert r["setting"] == "kmnist" and r["n_batches"] == 4 and r["augment"] is True
+        assert len(r["epoch_s_samples"]) == 2 and r["epoch_s"] >= r["train_s"] > 0
+        # epoch 2 of the 80-epoch schedule redistributes (nothing without a redistributor)
+        expected = 0.0 if r["algorithm"] == "(none)" else fraction_at(2, 80)
+        assert r["fraction"] == expected
+    assert rows[0]["overhead_share"] == 0.0
+    assert rows[2]["redistribution_s"] > 0
+    whole = [t for t in report["targets"] if t["target"].startswith("whole epoch")]
+    assert [t["algorithm"] for t in whole] == ["woodfisher"]
+    assert whole[0]["measured"] == rows[2]["overhead_share"]
+
+
+def test_negative_epochs_are_rejected(capsys):
+    bench = _script()
+    try:
+        bench.parse_args(["--epochs", "-1"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--epochs -1 was accepted")
+    capsys.readouterr()
