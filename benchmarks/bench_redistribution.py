@@ -33,10 +33,11 @@ at density 0.1), the script measures, through the public API:
   redistribution and its induced loss), on seeded synthetic data of the real
   shapes (60 000 x 784 KMNIST-like, 500 000 x 21 HIGGS-like; ``--augment``
   adds the KMNIST script's augmentation), for every algorithm and for the
-  static model trained without a redistributor, in R rotating rounds. The
-  overhead is the median over the rounds of an epoch over the same round's
-  epoch without redistributor: pairing within a round cancels the shared
-  machine's slow spells, which last longer than a run.
+  static model trained without a redistributor: R pairs per algorithm, its
+  epoch and one without redistributor back to back (which goes first
+  alternates). The overhead is the median of the pairs' ratios: the shared
+  machine has slow spells (the same KMNIST epoch took 0.3 or 0.5 s) that
+  outlast a pair far more often than they fall inside one.
 * **peak memory**: :class:`cupynn.memory.MemoryTracker` started before the
   model is built, over building the model and its Adam, ``start_epoch``,
   ``--train-steps`` training steps with ``observe`` and one redistribution;
@@ -360,8 +361,10 @@ def whole_epoch(setting: Setting, algorithm: str | None, data: tuple[Any, Any],
 
 
 def time_epochs(setting: Setting, algorithms: list[str]) -> dict[str, Any]:
-    """``--epochs`` whole epochs of the static model without a redistributor and of each
-    algorithm, in rotating rounds; medians."""
+    """``--epochs`` pairs per algorithm: an epoch of the static model without a
+    redistributor and one of the algorithm's, back to back (which goes first
+    alternates), the algorithms in rotating order; per algorithm the median epoch and
+    the median of its pairs' ratios."""
     args = setting.args
     data = synthetic_data(setting)
     augment = None
@@ -369,22 +372,31 @@ def time_epochs(setting: Setting, algorithms: list[str]) -> dict[str, Any]:
         from cupynn.data import RandomAffine
 
         augment = RandomAffine(image_shape=(28, 28))
-    entries = [None, *algorithms]
     small = tuple(a[:2 * setting.batch] for a in data)
-    for name in entries:  # JIT, caches, first-touch pages
+    for name in [None, *algorithms]:  # JIT, caches, first-touch pages
         whole_epoch(setting, name, small, augment)
-    samples: list[list[dict[str, float]]] = [[] for _ in entries]
-    n = len(entries)
+    base: list[dict[str, float]] = []
+    runs: dict[str, list[dict[str, float]]] = {a: [] for a in algorithms}
+    ratios: dict[str, list[float]] = {a: [] for a in algorithms}
+    n = len(algorithms)
     for r in range(args.epochs):
         for i in [(r + k) % n for k in range(n)]:
-            time.sleep(args.pause)
-            samples[i].append(whole_epoch(setting, entries[i], data, augment))
+            a = algorithms[i]
+            pair = {}
+            for name in ([None, a] if (r + i) % 2 == 0 else [a, None]):
+                time.sleep(args.pause)
+                pair[name] = whole_epoch(setting, name, data, augment)
+            base.append(pair[None])
+            runs[a].append(pair[a])
+            ratios[a].append(pair[a]["epoch"] / pair[None]["epoch"] - 1)
     out = {}
-    for name, runs in zip(entries, samples):
-        out[name or "(none)"] = {**{k: statistics.median(s[k] for s in runs)
-                                    for k in ("epoch", "train", "redistribution")},
-                                 "fraction": runs[0]["fraction"],
-                                 "epoch_samples": [s["epoch"] for s in runs]}
+    for name, samples, shares in [("(none)", base, [0.0]), *((a, runs[a], ratios[a])
+                                                            for a in algorithms)]:
+        out[name] = {**{k: statistics.median(s[k] for s in samples)
+                        for k in ("epoch", "train", "redistribution")},
+                     "fraction": samples[0]["fraction"], "overhead": statistics.median(shares),
+                     "epoch_samples": [s["epoch"] for s in samples],
+                     "overhead_samples": shares}
     del data
     gc.collect()
     return out
@@ -440,19 +452,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         static_steps[name] = [1e3 * s for s in steps["(no observe)"]["step_samples"]]
         if args.epochs and name in PAPER_SETTINGS:
             epochs = time_epochs(setting, args.algorithms)
-            base = epochs["(none)"]["epoch_samples"]
             for a, e in epochs.items():
-                # Paired by round (the runs of a round are seconds apart): the machine's
-                # slow spells, which last longer than a run, then cancel.
-                pairs = [x / b - 1 for x, b in zip(e["epoch_samples"], base)]
                 epoch_rows.append({
                     "setting": name, "sizes": "-".join(map(str, setting.sizes)),
                     "batch": setting.batch, "n_batches": setting.n_batches,
                     "augment": bool(args.augment and setting.loss == "cross_entropy"),
                     "algorithm": a, "epoch_s": e["epoch"], "train_s": e["train"],
                     "redistribution_s": e["redistribution"], "fraction": e["fraction"],
-                    "overhead_share": statistics.median(pairs),
-                    "epoch_s_samples": e["epoch_samples"]})
+                    "overhead_share": e["overhead"],
+                    "epoch_s_samples": e["epoch_samples"],
+                    "overhead_samples": e["overhead_samples"]})
         del setting
         gc.collect()
     finish_info(info, load_before)
@@ -529,10 +538,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{fmt(r['peak_mib'], '.1f'):>8} {fmt(r['peak_vs_static'], '.2f'):>6}")
     if report.get("epochs"):
         lines += ["", f"whole epochs through cupynn.fit: epoch 2 of {SCHEDULE_EPOCHS}, wall clock "
-                      f"(batches with observe, redistribution, induced loss), median of "
-                      f"{s['epochs']} runs in rotating rounds; synthetic data of the real shapes; "
-                      f"+ % = median over the rounds of the epoch over that round's epoch of the "
-                      f"static model trained without a redistributor", ""]
+                      f"(batches with observe, redistribution, induced loss); synthetic data of the "
+                      f"real shapes; {s['epochs']} pairs per algorithm: its epoch and one of the "
+                      f"static model without a redistributor, back to back; + % = median of the "
+                      f"pairs' ratios - 1", ""]
         header = (f"{'network':<22} {'algorithm':<15} {'epoch s':>8} {'train s':>8} "
                   f"{'redist s':>8} {'fraction':>8} {'+ %':>7}")
         lines += [header, "-" * len(header)]
@@ -542,16 +551,16 @@ def format_report(report: dict[str, Any]) -> str:
                 last = r["setting"]
                 lines.append(f"{r['setting']}: {r['sizes']}, batch {r['batch']}, {r['n_batches']} "
                              f"batches, augmentation {'on' if r['augment'] else 'off'}")
+            share = "-" if r["algorithm"] == "(none)" else f"{100 * r['overhead_share']:+.2f}"
             lines.append(f"{'':<22} {r['algorithm']:<15} {r['epoch_s']:>8.3f} {r['train_s']:>8.3f} "
-                         f"{r['redistribution_s']:>8.4f} {r['fraction']:>8.3f} "
-                         f"{100 * r['overhead_share']:>7.2f}")
+                         f"{r['redistribution_s']:>8.4f} {r['fraction']:>8.3f} {share:>7}")
     if report["targets"]:
         lines += ["", "targets:"]
         for t in report["targets"]:
             value = (f"{100 * t['measured']:.2f} %" if "epoch" in t["target"]
                      else f"{t['measured']:.2f} x")
             if t["target"].startswith("whole epoch"):
-                value = f"+{100 * t['measured']:.2f} %"
+                value = f"{100 * t['measured']:+.2f} %"
             lines.append(f"  {t['setting']:<12} {t['algorithm']:<15} {t['target']:<34} "
                          f"{value:>9}  {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
