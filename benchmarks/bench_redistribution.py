@@ -63,7 +63,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy
 
@@ -506,6 +506,22 @@ def targets(rows: list[dict[str, Any]],
     return out
 
 
+def _grouped(rows: list[dict[str, Any]], header: str, group: Callable[[dict[str, Any]], str],
+             line: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A table: the header, a rule, then each setting's first line and its rows' lines."""
+    out, last = [header, "-" * len(header)], None
+    for r in rows:
+        if r["setting"] != last:
+            last = r["setting"]
+            out.append(group(r))
+        out.append(line(r))
+    return out
+
+
+def _epoch_share(row: dict[str, Any]) -> str:
+    return "-" if row["algorithm"] == "(none)" else f"{100 * row['overhead_share']:+.2f}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
@@ -523,19 +539,16 @@ def format_report(report: dict[str, Any]) -> str:
     header = (f"{'network':<22} {'algorithm':<15} {'step ms':>8} {'step/st':>7} "
               f"{'observe ms':>10} {'redist ms':>9} {'start ms':>8} {'overhead s':>10} "
               f"{'% epoch':>7} {'peak MiB':>8} {'mem/st':>6}")
-    lines += [header, "-" * len(header)]
-    last = None
-    for r in report["results"]:
-        if r["setting"] != last:
-            last = r["setting"]
-            lines.append(f"{r['setting']}: {r['sizes']}, batch {r['batch']}, {r['n_weights']:,} "
-                         f"weights, {r['n_batches']} batches/epoch, static step "
-                         f"{r['static_step_ms']:.2f} ms, epoch {r['epoch_s']:.2f} s")
-        lines.append(
-            f"{'':<22} {r['algorithm']:<15} {r['step_ms']:>8.2f} {r['step_vs_static']:>7.3f} "
-            f"{r['observe_ms']:>10.3f} {r['redistribute_ms']:>9.1f} {r['start_epoch_ms']:>8.2f} "
-            f"{r['overhead_s']:>10.3f} {100 * r['overhead_share']:>7.2f} "
-            f"{fmt(r['peak_mib'], '.1f'):>8} {fmt(r['peak_vs_static'], '.2f'):>6}")
+    lines += _grouped(
+        report["results"], header,
+        lambda r: (f"{r['setting']}: {r['sizes']}, batch {r['batch']}, {r['n_weights']:,} "
+                   f"weights, {r['n_batches']} batches/epoch, static step "
+                   f"{r['static_step_ms']:.2f} ms, epoch {r['epoch_s']:.2f} s"),
+        lambda r: (f"{'':<22} {r['algorithm']:<15} {r['step_ms']:>8.2f} "
+                   f"{r['step_vs_static']:>7.3f} {r['observe_ms']:>10.3f} "
+                   f"{r['redistribute_ms']:>9.1f} {r['start_epoch_ms']:>8.2f} "
+                   f"{r['overhead_s']:>10.3f} {100 * r['overhead_share']:>7.2f} "
+                   f"{fmt(r['peak_mib'], '.1f'):>8} {fmt(r['peak_vs_static'], '.2f'):>6}"))
     if report.get("epochs"):
         lines += ["", f"whole epochs through cupynn.fit: epoch 2 of {SCHEDULE_EPOCHS}, wall clock "
                       f"(batches with observe, redistribution, induced loss); synthetic data of the "
@@ -544,16 +557,13 @@ def format_report(report: dict[str, Any]) -> str:
                       f"pairs' ratios - 1", ""]
         header = (f"{'network':<22} {'algorithm':<15} {'epoch s':>8} {'train s':>8} "
                   f"{'redist s':>8} {'fraction':>8} {'+ %':>7}")
-        lines += [header, "-" * len(header)]
-        last = None
-        for r in report["epochs"]:
-            if r["setting"] != last:
-                last = r["setting"]
-                lines.append(f"{r['setting']}: {r['sizes']}, batch {r['batch']}, {r['n_batches']} "
-                             f"batches, augmentation {'on' if r['augment'] else 'off'}")
-            share = "-" if r["algorithm"] == "(none)" else f"{100 * r['overhead_share']:+.2f}"
-            lines.append(f"{'':<22} {r['algorithm']:<15} {r['epoch_s']:>8.3f} {r['train_s']:>8.3f} "
-                         f"{r['redistribution_s']:>8.4f} {r['fraction']:>8.3f} {share:>7}")
+        lines += _grouped(
+            report["epochs"], header,
+            lambda r: (f"{r['setting']}: {r['sizes']}, batch {r['batch']}, {r['n_batches']} "
+                       f"batches, augmentation {'on' if r['augment'] else 'off'}"),
+            lambda r: (f"{'':<22} {r['algorithm']:<15} {r['epoch_s']:>8.3f} {r['train_s']:>8.3f} "
+                       f"{r['redistribution_s']:>8.4f} {r['fraction']:>8.3f} "
+                       f"{_epoch_share(r):>7}"))
     if report["targets"]:
         lines += ["", "targets:"]
         for t in report["targets"]:
