@@ -71,10 +71,27 @@ def packed_size(block_size: int) -> int:
     return block_size * (block_size + 1) // 2
 
 
+# The padding lanes of the last tile hold this in every test: no kernel may change it.
+PAD = 7.0
+
+
+def padding(finv: numpy.ndarray, n_blocks: int) -> numpy.ndarray:
+    """The padding lanes of tiled blocks, (n_tiles * TILE - n_blocks, P) (a copy)."""
+    return finv.transpose(0, 2, 1).reshape(-1, finv.shape[1])[n_blocks:]
+
+
+def tiled(dense: numpy.ndarray, dtype) -> numpy.ndarray:
+    """Packed, tiled blocks with PAD in the padding lanes."""
+    finv = twins.pack(dense, FISHER_TILE).astype(dtype)
+    t, lane = twins.lanes(finv.shape[0] * FISHER_TILE, FISHER_TILE)
+    finv[t[len(dense):], :, lane[len(dense):]] = PAD
+    return finv
+
+
 def identity_over(lam: float, n_blocks: int, block_size: int, dtype) -> numpy.ndarray:
-    """Packed, tiled ``I / lam`` for every block (padding lanes 0)."""
+    """Packed, tiled ``I / lam`` for every block."""
     eye = numpy.broadcast_to(numpy.eye(block_size) / lam, (n_blocks, block_size, block_size))
-    return twins.pack(eye, FISHER_TILE).astype(dtype)
+    return tiled(eye, dtype)
 
 
 def n_tiles(n_blocks: int) -> int:
@@ -154,7 +171,8 @@ def test_cpu_kernels_use_the_layout_tile_width():
 
 LAMBDA = 0.1
 # (n_params, m): a partial last block (padded), and for B=1 and B=5 also whole ones.
-WOODFISHER_CASES = {1: [(7, 6)], 5: [(23, 8), (20, 3)], 34: [(150, 10)]}
+WOODFISHER_CASES = {1: [(7, 6)], 3: [(400, 4)], 5: [(23, 8), (20, 3)], 34: [(150, 10)]}
+# (B = 3, 400 parameters: 134 blocks in three tiles, the last one partial)
 woodfisher_params = pytest.mark.parametrize(
     "block_size, n_params, m",
     [(b, n, m) for b, cases in WOODFISHER_CASES.items() for n, m in cases],
@@ -175,8 +193,7 @@ def woodfisher_run(update, block_size: int, n_params: int, m: int, dtype, xp=num
     for k in range(m):
         update(finv, xp.asarray(grads[k].astype(dtype)), m)
     host = to_numpy(finv)
-    pad = host.transpose(0, 2, 1).reshape(-1, host.shape[1])[n_blocks:]
-    assert not pad.any(), "a kernel changed the padding lanes of the last tile"
+    assert (padding(host, n_blocks) == PAD).all(), "a kernel changed the padding lanes"
     dense = twins.unpack(host, block_size, n_blocks).astype(numpy.float64)
     return dense, woodfisher_reference(grads, LAMBDA, block_size), grads.shape[1] - n_params
 
@@ -246,8 +263,9 @@ def test_gpu_update_gives_woodfisher_inverse(block_size, n_params, m, dtype, max
 @dtype_params
 @pytest.mark.parametrize("max_blocks", [None, 2], ids=["full_grid", "max_blocks_2"])
 def test_gpu_update_matches_twin_many_blocks(dtype, max_blocks):
-    """600 blocks, one thread each: more than the 2 * THREADS_PER_BLOCK of max_blocks=2."""
-    assert 600 > 2 * THREADS_PER_BLOCK
+    """600 blocks in 10 tiles, one thread per (block, row): far more than the
+    2 * THREADS_PER_BLOCK of max_blocks=2."""
+    assert 600 * 5 > 2 * THREADS_PER_BLOCK
     xp = get_backend("gpu").xp
     finv, g, _ = random_state(600, 5, dtype, seed=4)
     expected = finv.copy()
@@ -266,7 +284,7 @@ def random_state(n_blocks: int, block_size: int, dtype, seed: int = 0):
     rng = numpy.random.default_rng(seed)
     a = 0.1 * rng.standard_normal((n_blocks, block_size, block_size))
     dense = numpy.eye(block_size) + a @ a.transpose(0, 2, 1)
-    finv = twins.pack(dense, FISHER_TILE).astype(dtype)
+    finv = tiled(dense, dtype)
     g = rng.standard_normal(n_blocks * block_size).astype(dtype)
     v = rng.standard_normal(n_blocks * block_size).astype(dtype)
     return finv, g, v
@@ -293,7 +311,7 @@ def assert_matvec(actual, finv, v, block_size, dtype) -> None:
     assert not bad.any(), f"{int(bad.sum())} of {bad.size} entries differ"
 
 
-MATVEC_SHAPES = [(0, 5), (1, 1), (3, 1), (7, 5), (40, 34)]
+MATVEC_SHAPES = [(0, 5), (1, 1), (3, 1), (7, 5), (40, 34), (130, 3)]
 matvec_params = pytest.mark.parametrize("n_blocks, block_size", MATVEC_SHAPES,
                                         ids=lambda x: str(x))
 
@@ -332,16 +350,20 @@ def test_gpu_matvec_matches_dense(n_blocks, block_size, dtype, max_blocks):
 
 @dtype_params
 def test_cpu_update_matches_twin_on_random_blocks(dtype):
-    """Random SPD blocks (not just I / lambda): Numba against the twin; then no blocks."""
-    finv, g, _ = random_state(50, 34, dtype, seed=3)
+    """Random SPD blocks (not just I / lambda), 150 blocks in three tiles, a dead block:
+    Numba against the twin; then no blocks."""
+    finv, g, _ = random_state(150, 34, dtype, seed=3)
     expected = finv.copy()
     rng = numpy.random.default_rng(9)
     for _ in range(3):
         g = rng.standard_normal(g.shape).astype(dtype)
+        g[70 * 34:71 * 34] = 0  # block 70, in the second tile
         twins.fisher_update(expected, g, 4.0, 34)
         kernels.fisher_update(finv, g, 4.0, block_size=34)
-    assert_blocks_close(twins.unpack(finv, 34, 50), twins.unpack(expected, 34, 50).astype(float),
-                        EMULATED_RTOL[dtype])
+    assert_blocks_close(twins.unpack(finv, 34, 150),
+                        twins.unpack(expected, 34, 150).astype(float), EMULATED_RTOL[dtype])
+    assert numpy.array_equal(twins.unpack(finv, 34)[70], twins.unpack(expected, 34)[70])
+    assert (padding(finv, 150) == PAD).all()
     empty = numpy.empty((0, packed_size(34), FISHER_TILE), dtype=dtype)
     kernels.fisher_update(empty, numpy.empty(0, dtype=dtype), 4.0, block_size=34)
 
@@ -361,7 +383,8 @@ LAUNCHES = {"dispatcher_grid": None, "grid2_block32": ((2,), (32,)), "one_thread
 launch_params = pytest.mark.parametrize("config", list(LAUNCHES), ids=str)
 GUARD = 5  # NaN cells after each written buffer: a kernel must not write past its end
 EMULATED_RTOL = {numpy.float32: 2e-5, numpy.float64: 1e-13}
-# (n_blocks, B): n_blocks > 2 * 32 threads, so grid2_block32 strides over blocks.
+# (n_blocks, B): two tiles, the second partial, and a single partial tile; every
+# shape has more (block, row) threads' work than grid2_block32's 64 threads.
 EMULATED_SHAPES = [(70, 5), (67, 1), (3, 34)]
 
 
@@ -388,8 +411,8 @@ def matvec_argtypes(dtype) -> list:
 
 
 def test_emulated_shapes_stride():
-    assert all(n_blocks > 2 * 32 for n_blocks, _ in EMULATED_SHAPES[:2])
     assert all(n_blocks > FISHER_TILE for n_blocks, _ in EMULATED_SHAPES[:2])  # two tiles
+    assert all(n_tiles(n) * b * FISHER_TILE > 2 * 32 for n, b in EMULATED_SHAPES)
 
 
 @pytest.mark.parametrize("n_blocks, block_size", EMULATED_SHAPES, ids=lambda x: str(x))
@@ -418,9 +441,7 @@ def test_emulated_update_matches_twin(n_blocks, block_size, dtype, config):
                             EMULATED_RTOL[dtype])
         assert numpy.array_equal(twins.unpack(actual, block_size, 1),
                                  twins.unpack(finv, block_size, 1)), "the dead block changed"
-        assert numpy.array_equal(actual.transpose(0, 2, 1).reshape(-1, finv.shape[1])[n_blocks:],
-                                 finv.transpose(0, 2, 1).reshape(-1, finv.shape[1])[n_blocks:]), \
-            "the kernel changed the padding lanes"
+        assert (padding(actual, n_blocks) == PAD).all(), "the kernel changed the padding lanes"
         # work holds u = F^{-1} g of the blocks before the step.
         assert not w_buf[:block_size].any()
         assert numpy.allclose(w_buf[:g.size], u, rtol=10 * EMULATED_RTOL[dtype],
@@ -554,6 +575,8 @@ def _aliasing_cases():
          ValueError, "work must not overlap finv"),
         ("update_work_is_g", call_update, dict(g=g, kw=dict(work=g)),
          ValueError, "work must not overlap g"),
+        ("update_g_in_finv", call_update, dict(finv=f, g=f.reshape(-1)[:6]),
+         ValueError, "finv must not overlap g"),
         ("matvec_out_is_v", call_matvec, dict(v=g, kw=dict(out=g)),
          ValueError, "out must not overlap v"),
         ("matvec_out_in_finv", call_matvec, dict(finv=f, kw=dict(out=f.reshape(-1)[6:12])),

@@ -334,6 +334,7 @@ def test_sherman_morrison_blocks_equal_direct_inverse(backend, rng, n, B):
         G = padded[:, b * B:(b + 1) * B]
         expected = numpy.linalg.inv(damp * numpy.eye(B) + G.T @ G / m)
         numpy.testing.assert_allclose(dense[b], expected, rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_array_equal(dense[3], numpy.eye(B) / damp)  # the dead block, exactly
     assert fisher.count == m
 
 

@@ -258,17 +258,22 @@ def test_loss_rows_pick_the_largest_inactive_entries(seed):
 
 
 # ---------------------------------------------------------------- Fisher
-@pytest.mark.parametrize("n, B", [(23, 5), (40, 4), (7, 34), (700, 3), (2300, 34)])
-def test_block_fisher_in_chunks_equals_one_chunk(rng, n, B):
+@pytest.mark.parametrize("n, B, chunk, cuts", [
+    (23, 5, 2, (3, 11)), (40, 4, 2, (3, 20)), (7, 34, 2, (3, 3)), (700, 3, 2, (3, 350)),
+    (2300, 34, 2, (3, 1150)),
+    # 334 blocks in 6 tiles, chunks of 2 tiles; one part; five parts (padded to 8)
+    (1000, 3, 128, ()), (1000, 3, 128, (1, 192, 193, 640)), (1000, 3, 128, (3, 500))])
+def test_block_fisher_in_chunks_equals_one_chunk(rng, n, B, chunk, cuts):
     """The CPU path (one call reading the parts in place) against the GPU path's chunking
-    (parts copied into a buffer one tile at a time, the dispatcher per chunk)."""
+    (parts copied into a buffer a chunk of whole tiles at a time, the dispatcher per chunk)."""
     grads = rng.standard_normal((5, n))
     one = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5)
-    many = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5, chunk_blocks=2)
-    assert many.chunk_blocks == kernels.FISHER_TILE  # chunks are whole tiles
+    many = BlockFisherInverse(numpy, n, B, 0.3, numpy.float64, 5, chunk_blocks=chunk)
+    assert many.chunk_blocks == max(1, chunk // kernels.FISHER_TILE) * kernels.FISHER_TILE
     sums = [numpy.zeros(n), numpy.zeros(n)]
+    edges = [0, *cuts, n]
     for g in grads:
-        parts = [g[:3], g[3:n // 2], g[n // 2:]]
+        parts = [g[a:b] for a, b in zip(edges, edges[1:])]
         one.update(parts, sums[0])
         many._update_chunks(parts, tuple(len(part) for part in parts), sums[1])
     numpy.testing.assert_array_equal(one.finv, many.finv)
@@ -318,3 +323,16 @@ def test_redistribution_temporaries_stay_small(name):
         if started:
             tracemalloc.stop()
     assert peak <= 45 * nnz, f"{name}: {peak / nnz:.1f} bytes per entry"
+
+
+def test_block_fisher_rejects_a_bad_grad_sum():
+    """The CPU kernel writes grad_sum without bounds checks: update() checks it first."""
+    fisher = BlockFisherInverse(numpy, 10, 3, 0.3, numpy.float64, 2)
+    parts = [numpy.ones(4), numpy.ones(6)]
+    buffer = numpy.zeros(20)
+    for bad in (buffer[:5], numpy.zeros(10, dtype=numpy.float32), buffer[::2]):
+        with pytest.raises(ValueError, match=r"grad_sum must be a C-contiguous \(10,\) float64"):
+            fisher.update(parts, bad)
+    assert not buffer.any() and fisher.count == 0
+    fisher.update(parts, buffer[:10])
+    numpy.testing.assert_array_equal(buffer, [1] * 10 + [0] * 10)

@@ -343,6 +343,7 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     if not (m > 0 and numpy.isfinite(m)):
         raise ValueError(f"{what}: m must be a positive finite number. Got {m!r} instead.")
     xp = backend.xp
+    _check_no_overlap(what, xp, "finv", {"finv": finv, "g": g})
     if work is None:
         work = xp.empty(n_blocks * block_size, dtype=finv.dtype)
     else:
@@ -431,3 +432,13 @@ def warm_up(backend: Any, dtype: Any = numpy.float32) -> None:
     vec = xp.ones(4, dtype=dtype)
     fisher_update(finv, vec, 1.0, block_size=2)
     packed_matvec(finv, vec, block_size=2)
+    if not backend.is_gpu:
+        # BlockFisherInverse passes a model's gradient as its layers' arrays, a tuple
+        # padded to 1, 2, 4, ... parts: one compiled version each (1 is done above).
+        from . import cpu_fisher
+
+        for count in (2, 3):
+            parts = [vec[k:k + 1] for k in range(count)]
+            cpu_fisher.fisher_update(finv, cpu_fisher.padded_parts(parts, vec[:0]),
+                                     cpu_fisher.part_starts((1,) * count), vec[:0],
+                                     dtype.type(1), 2, vec[:0])

@@ -10,8 +10,12 @@ constant: LLVM vectorises those loops (about 2x the old per-block kernel, whose
 inner loops over a row of the triangle were too short for the vector units).
 Indices are unsigned, so Numba emits no negative-index handling that would
 stop it. A tile's transposed vectors live in small scratch arrays made per
-tile (B TILE floats each, inside the kernel: its only allocations, fresh, so
-LLVM knows they alias nothing).
+tile inside the kernel (B TILE floats each, and TILE for the denominators):
+fresh, so LLVM knows they alias nothing.
+
+The CPU update also runs over the padding lanes of the last tile and the
+blocks of a live tile whose gradient is zero, subtracting 0 * 0: finite
+values there stay exactly as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +31,28 @@ TILE = 64
 
 # Only the summation order may change (no fast-math on NaN, Inf or signed
 # zeros): 'reassoc' and 'contract' let LLVM vectorise and fuse multiply-adds.
-_JIT = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+_JIT = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+
+
+def padded_parts(parts: list, empty) -> tuple:
+    """``parts`` as a tuple whose length is a power of two, padded with ``empty``.
+
+    Numba compiles :func:`fisher_update` once per tuple length; rounding up
+    keeps that to a few versions (1, 2, 4, 8, ... layers), which
+    :func:`cupynn.kernels.warm_up` compiles ahead for up to 4.
+    """
+    n = 1 << max(0, len(parts) - 1).bit_length()
+    return tuple(parts) + (empty,) * (n - len(parts))
+
+
+def part_starts(lengths: tuple) -> numpy.ndarray:
+    """Offsets of the parts in their concatenation, (len(padded parts) + 1,) int64; the
+    padding parts are empty, at the end."""
+    n = 1 << max(0, len(lengths) - 1).bit_length()
+    starts = numpy.zeros(n + 1, dtype=numpy.int64)
+    starts[1:len(lengths) + 1] = numpy.cumsum(lengths)
+    starts[len(lengths) + 1:] = starts[len(lengths)]
+    return starts
 
 
 @numba.njit(**_JIT)

@@ -11,7 +11,8 @@
 //   off(i) = i B - i (i - 1) / 2,   off(i + 1) = off(i) + (B - i).
 //
 // finv is (n_tiles, P, T) C-contiguous, n_tiles = ceil(n_blocks / T); the lanes
-// of the last tile past n_blocks are padding, which the kernels leave as it is.
+// of the last tile past n_blocks are padding, which these kernels never touch
+// (the CPU twin subtracts 0 there, which leaves finite values as they are).
 // Vectors are flat (n_blocks * B,), block by block. With this layout threads
 // that take the same entry of consecutive blocks read and write consecutive
 // addresses of finv (and the CPU twins vectorise across the T blocks of a tile).

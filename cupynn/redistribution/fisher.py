@@ -48,7 +48,10 @@ class BlockFisherInverse:
     m : int
         Number of gradients the epoch will bring (the 1/m of the average).
     chunk_blocks : int
-        Blocks per kernel call (the size of the two buffers).
+        Blocks per kernel call on the GPU and per ``matvec`` step (the size of
+        the two buffers), rounded down to whole tiles of
+        :data:`cupynn.kernels.FISHER_TILE` blocks (at least one tile). The CPU
+        update needs no buffer and ignores it.
     """
 
     def __init__(self, xp: Any, n_params: int, block_size: int, damp: float, dtype: Any,
@@ -111,12 +114,19 @@ class BlockFisherInverse:
     def update(self, parts: list[Any], grad_sum: Any = None) -> None:
         """Fold one gradient (given as consecutive parts) into every block.
 
-        ``grad_sum``, a (n_params,) array, gets the gradient added to it.
+        ``grad_sum``, a (n_params,) array of the blocks' dtype, gets the
+        gradient added to it.
         """
         lengths = tuple(int(part.shape[0]) for part in parts)
         if sum(lengths) != self.n_params:
             raise ValueError(f"BlockFisherInverse.update: got {sum(lengths)} gradient values for "
                              f"{self.n_params} parameters.")
+        if grad_sum is not None and (grad_sum.shape != (self.n_params,)
+                                     or grad_sum.dtype != self.finv.dtype
+                                     or not grad_sum.flags.c_contiguous):
+            raise ValueError(f"BlockFisherInverse.update: grad_sum must be a C-contiguous "
+                             f"({self.n_params},) {self.finv.dtype} array. Got "
+                             f"{grad_sum.shape} {grad_sum.dtype}.")
         if self.xp is numpy:
             self._update_cpu(parts, lengths, grad_sum)
         else:
@@ -134,11 +144,12 @@ class BlockFisherInverse:
 
         starts = getattr(self, "_starts", None)
         if starts is None or starts[0] != lengths:
-            starts = (lengths, numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int64))
+            starts = (lengths, cpu_fisher.part_starts(lengths))
             self._starts = starts
         dtype = self.finv.dtype
-        parts = tuple(numpy.ascontiguousarray(part, dtype=dtype) for part in parts)
         none = self._g[:0]
+        parts = cpu_fisher.padded_parts(
+            [numpy.ascontiguousarray(part, dtype=dtype) for part in parts], none)
         cpu_fisher.fisher_update(self.finv, parts, starts[1], none, dtype.type(self.m),
                                  self.block_size, none if grad_sum is None else grad_sum)
 
@@ -156,8 +167,14 @@ class BlockFisherInverse:
                 grad_sum[p0:p1] += g[:p1 - p0]
 
     def diagonal(self) -> Any:
-        """[F⁻¹]_qq for every parameter, (n_params,)."""
-        return self.finv[:, self._diag, :].transpose(0, 2, 1).reshape(-1)[:self.n_params]
+        """[F⁻¹]_qq for every parameter, (n_params,): one array of n_params, no temporaries."""
+        n_tiles, _, tile = self.finv.shape
+        B = self.block_size
+        out = self.xp.empty(n_tiles * tile * B, dtype=self.finv.dtype)
+        blocks = out.reshape(n_tiles, tile, B)
+        for i, p in enumerate(numpy.diagonal(self._index).tolist()):
+            blocks[:, :, i] = self.finv[:, p, :]
+        return out[:self.n_params]
 
     def matvec(self, v: Any, out: Any = None) -> Any:
         """F⁻¹ v for a (n_params,) vector; ``out`` may be ``v`` itself (in place)."""
