@@ -450,6 +450,29 @@ def test_emulated_update_matches_twin(n_blocks, block_size, dtype, config):
         assert numpy.isnan(w_buf[g.size:]).all(), "the kernel wrote past work"
 
 
+@pytest.mark.parametrize("n_blocks, block_size", EMULATED_SHAPES, ids=lambda x: str(x))
+def test_emulated_kernels_do_not_depend_on_thread_order(n_blocks, block_size):
+    """A GPU runs threads in no set order: last to first must give the very same bits."""
+    lib = host_library()
+    finv, g, v = random_state(n_blocks, block_size, numpy.float64, seed=8)
+    g[:block_size] = 0
+    grid, block = grid_and_block("grid2_block32", 0)
+    sizes = [n_blocks, block_size, FISHER_TILE]
+    results = []
+    for reverse in (False, True):
+        f, u, out = finv.copy(), numpy.zeros_like(g), numpy.zeros_like(v)
+        launch(lib, "packed_matvec_f64", grid, block, matvec_argtypes(numpy.float64),
+               [f, v, out] + sizes, reverse=reverse)
+        for m in (1.0, 3.0):
+            launch(lib, "packed_matvec_f64", grid, block, matvec_argtypes(numpy.float64),
+                   [f, g, u] + sizes, reverse=reverse)
+            launch(lib, "fisher_rank1_update_f64", grid, block, rank1_argtypes(numpy.float64),
+                   [f, g, u, m] + sizes, reverse=reverse)
+        results.append((f, u, out))
+    for forward, backward in zip(*results):
+        assert numpy.array_equal(forward, backward)
+
+
 @pytest.mark.parametrize("n_blocks, block_size", EMULATED_SHAPES + [(0, 4)], ids=lambda x: str(x))
 @dtype_params
 @launch_params

@@ -356,6 +356,21 @@ def test_launch_sets_every_thread_index(tmp_path):
         launch(lib, "missing", 1, 1, [], [])
 
 
+def test_launch_can_run_threads_last_to_first(tmp_path):
+    """The last thread to write a shared cell wins: which one shows the order."""
+    source = tmp_path / "race.cu"
+    source.write_text(
+        'extern "C" __global__ void race(int* out) {\n'
+        "    out[0] = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "}\n")
+    lib = host_library(source)
+    out = numpy.full(1, -1, dtype=numpy.int32)
+    launch(lib, "race", 3, 4, [pointer(numpy.int32)], [out])
+    assert out[0] == 11
+    launch(lib, "race", 3, 4, [pointer(numpy.int32)], [out], reverse=True)
+    assert out[0] == 0
+
+
 def sddmm_argtypes(dtype: type) -> list:
     real = pointer(dtype)
     return [pointer(numpy.int32), pointer(numpy.int32), real, real, real,

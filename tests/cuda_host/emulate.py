@@ -146,8 +146,13 @@ def _argument(index: int, argtype: type, value: Any) -> Any:
 
 
 def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
-           block: int | Sequence[int], argtypes: Sequence[type], args: Sequence[Any]) -> None:
+           block: int | Sequence[int], argtypes: Sequence[type], args: Sequence[Any],
+           reverse: bool = False) -> None:
     """Run ``kernel_name<<<grid, block>>>(*args)`` on the CPU, thread after thread.
+
+    A GPU runs the threads in no set order; running them last to first
+    (``reverse=True``) as well as first to last shows a kernel whose result
+    depends on the order (a race between its threads).
 
     Parameters
     ----------
@@ -156,6 +161,8 @@ def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
     grid, block : int or 1-D tuple (y and z extents must be 1)
     argtypes : ctypes types of the kernel's parameters, in order
     args : NumPy arrays for pointer parameters, numbers for the others
+    reverse : bool
+        Run the blocks, and the threads of each block, last to first.
     """
     n_blocks = _dim(grid, "grid")
     n_threads = _dim(block, "block")
@@ -169,7 +176,10 @@ def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
     kernel.restype = None
     c_args = [_argument(i, t, a) for i, (t, a) in enumerate(zip(argtypes, args, strict=True))]
     set_thread = getattr(lib, SET_THREAD)
-    for b in range(n_blocks):
-        for t in range(n_threads):
+    blocks, threads = range(n_blocks), range(n_threads)
+    if reverse:
+        blocks, threads = blocks[::-1], threads[::-1]
+    for b in blocks:
+        for t in threads:
             set_thread(b, t, n_threads, n_blocks)
             kernel(*c_args)
