@@ -50,15 +50,25 @@
 // Offsets are 64-bit: n_tiles * P * T overflows int32 for 10^6 blocks of B = 64.
 // NumPy twins: cupynn.kernels.numpy_twins.packed_matvec and .fisher_rank1_update.
 
-// Thread k's block b (or -1 past n_blocks), row i and lane, in the numbering above.
-__device__ __forceinline__ long long thread_block(long long k, int B, int tile,
-                                                  long long n_blocks, int* i, long long* lane)
+// Threads of a launch over n_blocks blocks: one per (block, row) of every tile.
+__device__ __forceinline__ long long tiled_threads(long long n_blocks, int B, int tile)
 {
+    return (n_blocks + tile - 1) / tile * B * tile;
+}
+
+// Thread k's block b (or -1 past n_blocks) and row i, in the numbering above;
+// *entries is the offset in finv of the block's packed entry 0 (entry p is at
+// *entries + p * tile).
+__device__ __forceinline__ long long thread_block(long long k, int B, int tile,
+                                                  long long n_blocks, int* i, long long* entries)
+{
+    const long long P = (long long)B * (B + 1) / 2;
     const long long t = k / ((long long)B * tile);
     const long long rest = k - t * B * tile;
     *i = (int)(rest / tile);
-    *lane = rest - (long long)(*i) * tile;
-    const long long b = t * tile + *lane;
+    const long long lane = rest - (long long)(*i) * tile;
+    *entries = t * P * tile + lane;
+    const long long b = t * tile + lane;
     return b < n_blocks ? b : -1;
 }
 
@@ -67,14 +77,12 @@ __device__ __forceinline__ void fisher_rank1_update_impl(
     T* __restrict__ finv, const T* __restrict__ g, const T* __restrict__ u,
     T m, int n_blocks, int B, int tile)
 {
-    const long long P = (long long)B * (B + 1) / 2;
-    const long long n_tiles = ((long long)n_blocks + tile - 1) / tile;
-    const long long n = n_tiles * B * tile;
+    const long long n = tiled_threads(n_blocks, B, tile);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride) {
         int i;
-        long long lane;
-        const long long b = thread_block(k, B, tile, n_blocks, &i, &lane);
+        long long entries;
+        const long long b = thread_block(k, B, tile, n_blocks, &i, &entries);
         if (b < 0) continue;
         const T* gb = g + b * B;
         const T* ub = u + b * B;
@@ -87,8 +95,7 @@ __device__ __forceinline__ void fisher_rank1_update_impl(
         if (zero) continue;  // the step is the identity
         const T a = ub[i] / den;
         // Row i of the triangle: entries (i, j >= i), from off(i) on.
-        T* F = finv + (b / tile) * P * tile + lane
-               + ((long long)i * B - (long long)i * (i - 1) / 2) * tile;
+        T* F = finv + entries + ((long long)i * B - (long long)i * (i - 1) / 2) * tile;
         for (int j = i; j < B; ++j) F[(long long)(j - i) * tile] -= a * ub[j];
     }
 }
@@ -98,16 +105,14 @@ __device__ __forceinline__ void packed_matvec_impl(
     const T* __restrict__ finv, const T* __restrict__ v, T* __restrict__ out,
     int n_blocks, int B, int tile)
 {
-    const long long P = (long long)B * (B + 1) / 2;
-    const long long n_tiles = ((long long)n_blocks + tile - 1) / tile;
-    const long long n = n_tiles * B * tile;
+    const long long n = tiled_threads(n_blocks, B, tile);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride) {
         int i;
-        long long lane;
-        const long long b = thread_block(k, B, tile, n_blocks, &i, &lane);
+        long long entries;
+        const long long b = thread_block(k, B, tile, n_blocks, &i, &entries);
         if (b < 0) continue;
-        const T* F = finv + (b / tile) * P * tile + lane;
+        const T* F = finv + entries;
         const T* vb = v + b * B;
         T acc = 0;
         // j < i: F[i, j] = F[j, i] at off(j) + (i - j).
