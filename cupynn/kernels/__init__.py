@@ -362,8 +362,8 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     else:
         from . import cpu_fisher
 
-        cpu_fisher.fisher_update(finv, (g,), numpy.array([0, g.shape[0]]), work, t(m),
-                                 int(block_size), g[:0])
+        cpu_fisher.fisher_update(finv, (g,), cpu_fisher.part_starts((g.shape[0],)), work,
+                                 t(m), int(block_size), g[:0])
 
 
 def packed_matvec(finv: Any, v: Any, *, block_size: int, out: Any = None,

@@ -34,6 +34,11 @@ TILE = 64
 _JIT = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
 
+def _padded_count(n_parts: int) -> int:
+    """The smallest power of two >= n_parts (1 for 0 or 1)."""
+    return 1 << max(0, n_parts - 1).bit_length()
+
+
 def padded_parts(parts: list, empty) -> tuple:
     """``parts`` as a tuple whose length is a power of two, padded with ``empty``.
 
@@ -41,15 +46,13 @@ def padded_parts(parts: list, empty) -> tuple:
     keeps that to a few versions (1, 2, 4, 8, ... layers), which
     :func:`cupynn.kernels.warm_up` compiles ahead for up to 4.
     """
-    n = 1 << max(0, len(parts) - 1).bit_length()
-    return tuple(parts) + (empty,) * (n - len(parts))
+    return tuple(parts) + (empty,) * (_padded_count(len(parts)) - len(parts))
 
 
 def part_starts(lengths: tuple) -> numpy.ndarray:
     """Offsets of the parts in their concatenation, (len(padded parts) + 1,) int64; the
     padding parts are empty, at the end."""
-    n = 1 << max(0, len(lengths) - 1).bit_length()
-    starts = numpy.zeros(n + 1, dtype=numpy.int64)
+    starts = numpy.zeros(_padded_count(len(lengths)) + 1, dtype=numpy.int64)
     starts[1:len(lengths) + 1] = numpy.cumsum(lengths)
     starts[len(lengths) + 1:] = starts[len(lengths)]
     return starts

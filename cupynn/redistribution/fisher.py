@@ -67,7 +67,7 @@ class BlockFisherInverse:
         self.chunk_tiles = max(1, min(int(chunk_blocks) // tile, shape[0]))
         self.chunk_blocks = self.chunk_tiles * tile
         self._index = packed_index(B)
-        self._diag = xp.asarray(numpy.diagonal(self._index).copy())
+        self._diag = numpy.diagonal(self._index).tolist()  # packed positions of (i, i)
         self.finv = xp.zeros(shape, dtype=dtype)
         self.finv[:, self._diag, :] = 1.0 / self.damp
         self._g = xp.zeros(self.chunk_blocks * B, dtype=dtype)
@@ -172,7 +172,7 @@ class BlockFisherInverse:
         B = self.block_size
         out = self.xp.empty(n_tiles * tile * B, dtype=self.finv.dtype)
         blocks = out.reshape(n_tiles, tile, B)
-        for i, p in enumerate(numpy.diagonal(self._index).tolist()):
+        for i, p in enumerate(self._diag):
             blocks[:, :, i] = self.finv[:, p, :]
         return out[:self.n_params]
 
