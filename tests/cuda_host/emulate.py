@@ -1,12 +1,23 @@
-"""Run CUDA kernels on the CPU, one (block, thread) at a time.
+"""Run CUDA kernels on the CPU: one (block, thread) at a time, or warp by warp.
 
 A ``.cu`` file is compiled as plain C++ with ``cuda_host.h`` force-included
 (g++, ``-x c++ -std=c++14``), loaded with :mod:`ctypes`, and :func:`launch`
 calls a kernel once for every thread of a 1-D grid after setting the built-in
-indices. This is exact for kernels whose threads are independent (one element
-per thread, grid-stride loops), which is what lets the tests check the CUDA
-sources against their NumPy twins on machines without a GPU. Kernels that
-cooperate within a block do not compile under ``cuda_host.h``.
+indices. That lets the tests check the CUDA sources against their NumPy twins
+on machines without a GPU:
+
+* kernels whose threads are independent (one element per thread, grid-stride
+  loops) run one thread after another, which is exact for them;
+* kernels whose lanes meet in warp-level calls (shuffles, ``__syncwarp``,
+  votes) run warp by warp: the lanes of a warp are OS threads running the
+  kernel together (ctypes lets go of the GIL during a call), and each
+  warp-level call is a meeting of the lanes of its mask (``cuda_host.h``).
+  Meetings that CUDA leaves undefined (a lane of the mask that has returned,
+  lanes of one mask at different calls) raise :class:`WarpError`. Warps run
+  one after another, so only what the lanes of one warp share is exercised.
+
+Kernels that cooperate within a block (``__shared__``, ``__syncthreads``)
+do not compile under ``cuda_host.h``.
 
 Typical use::
 
@@ -27,17 +38,22 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy
 
 HEADER = Path(__file__).resolve().parent / "cuda_host.h"
-CXX_FLAGS = ("-x", "c++", "-std=c++14", "-O1", "-shared", "-fPIC")
+CXX_FLAGS = ("-x", "c++", "-std=c++14", "-O1", "-shared", "-fPIC", "-pthread")
 SET_THREAD = "cupynn_host_set_thread"
+WARP_SIZE = 32
+# A source that calls any of these runs warp by warp by default.
+WARP_CALLS = re.compile(r"__(shfl|shfl_up|shfl_down|shfl_xor|ballot|any|all)_sync\b|__syncwarp\b")
 
 
 class HostCompilerMissing(RuntimeError):
@@ -46,6 +62,10 @@ class HostCompilerMissing(RuntimeError):
 
 class HostCompileError(RuntimeError):
     """The C++ compiler rejected a ``.cu`` file; the message holds its log."""
+
+
+class WarpError(RuntimeError):
+    """Lanes of a warp met in a way CUDA leaves undefined (see ``cuda_host.h``)."""
 
 
 def host_compiler() -> str:
@@ -107,9 +127,16 @@ def _compile(path: str, cxx: str, digest: str) -> ctypes.CDLL:
             f"(exit status {result.returncode}).\ncommand: {' '.join(cmd)}\n"
             f"{result.stdout}{result.stderr}")
     lib = ctypes.CDLL(str(target))
-    set_thread = getattr(lib, SET_THREAD)
-    set_thread.argtypes = [ctypes.c_uint] * 4
-    set_thread.restype = None
+    for name in (SET_THREAD, "cupynn_host_set_lane"):
+        getattr(lib, name).argtypes = [ctypes.c_uint] * 4
+        getattr(lib, name).restype = None
+    lib.cupynn_host_begin_warp.argtypes = [ctypes.c_uint]
+    lib.cupynn_host_begin_warp.restype = None
+    lib.cupynn_host_lane_exit.argtypes = []
+    lib.cupynn_host_lane_exit.restype = None
+    lib.cupynn_host_take_error.argtypes = []
+    lib.cupynn_host_take_error.restype = ctypes.c_char_p
+    lib.cupynn_uses_warps = bool(WARP_CALLS.search(Path(path).read_text()))
     return lib
 
 
@@ -145,10 +172,21 @@ def _argument(index: int, argtype: type, value: Any) -> Any:
     return value.ctypes.data_as(argtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _lanes() -> ThreadPoolExecutor:
+    """The OS threads that play the lanes of a warp (one per lane, reused)."""
+    return ThreadPoolExecutor(max_workers=WARP_SIZE, thread_name_prefix="cuda-host-lane")
+
+
+def _take_error(lib: ctypes.CDLL) -> str | None:
+    message = lib.cupynn_host_take_error()
+    return None if message is None else message.decode(errors="replace")
+
+
 def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
            block: int | Sequence[int], argtypes: Sequence[type], args: Sequence[Any],
-           reverse: bool = False) -> None:
-    """Run ``kernel_name<<<grid, block>>>(*args)`` on the CPU, thread after thread.
+           reverse: bool = False, warps: bool | None = None) -> None:
+    """Run ``kernel_name<<<grid, block>>>(*args)`` on the CPU.
 
     A GPU runs the threads in no set order; running them last to first
     (``reverse=True``) as well as first to last shows a kernel whose result
@@ -162,7 +200,19 @@ def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
     argtypes : ctypes types of the kernel's parameters, in order
     args : NumPy arrays for pointer parameters, numbers for the others
     reverse : bool
-        Run the blocks, and the threads of each block, last to first.
+        Run the blocks, and the threads (or warps, and the lanes handed to
+        the lane threads) of each block, last to first.
+    warps : bool, optional
+        Run warp by warp, the lanes of each warp together (see the module
+        doc); by default when the source calls warp-level intrinsics. A last
+        warp of fewer than 32 threads (``block`` not a multiple of 32) has
+        only those lanes.
+
+    Raises
+    ------
+    WarpError
+        When the lanes of a warp meet in a way CUDA leaves undefined, or a
+        warp-level call is made outside a warp launch.
     """
     n_blocks = _dim(grid, "grid")
     n_threads = _dim(block, "block")
@@ -175,11 +225,45 @@ def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
     kernel.argtypes = list(argtypes)
     kernel.restype = None
     c_args = [_argument(i, t, a) for i, (t, a) in enumerate(zip(argtypes, args, strict=True))]
-    set_thread = getattr(lib, SET_THREAD)
-    blocks, threads = range(n_blocks), range(n_threads)
-    if reverse:
-        blocks, threads = blocks[::-1], threads[::-1]
+    blocks = range(n_blocks)[::-1] if reverse else range(n_blocks)
+    if warps is None:
+        warps = getattr(lib, "cupynn_uses_warps", False)
+    if not warps:
+        set_thread = getattr(lib, SET_THREAD)
+        threads = range(n_threads)[::-1] if reverse else range(n_threads)
+        for b in blocks:
+            for t in threads:
+                set_thread(b, t, n_threads, n_blocks)
+                kernel(*c_args)
+        error = _take_error(lib)
+        if error is not None:
+            raise WarpError(f"{kernel_name}: {error}")
+        return
+    starts = range(0, n_threads, WARP_SIZE)
     for b in blocks:
-        for t in threads:
-            set_thread(b, t, n_threads, n_blocks)
+        for start in (starts[::-1] if reverse else starts):
+            lanes = range(start, min(start + WARP_SIZE, n_threads))
+            _run_warp(lib, kernel, c_args, b, lanes, n_threads, n_blocks, reverse)
+            error = _take_error(lib)
+            if error is not None:
+                raise WarpError(f"{kernel_name}, block {b}, warp {start // WARP_SIZE}: {error}")
+
+
+def _run_warp(lib: ctypes.CDLL, kernel: Any, c_args: list[Any], block: int, lanes: range,
+              n_threads: int, n_blocks: int, reverse: bool) -> None:
+    """The lanes of one warp, each on its own OS thread, running the kernel together."""
+    live = 0
+    for t in lanes:
+        live |= 1 << (t % WARP_SIZE)
+    lib.cupynn_host_begin_warp(live)
+
+    def lane(t: int) -> None:
+        lib.cupynn_host_set_lane(block, t, n_threads, n_blocks)
+        try:
             kernel(*c_args)
+        finally:
+            lib.cupynn_host_lane_exit()
+
+    futures = [_lanes().submit(lane, t) for t in (lanes[::-1] if reverse else lanes)]
+    for future in futures:
+        future.result()
