@@ -37,9 +37,11 @@ from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import CUDA_SOURCES, THREADS_PER_BLOCK, numpy_twins as twins
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
-    from cuda_host import HostCompileError, HostCompilerMissing, compile_cu, launch, pointer
+    from cuda_host import (HostCompileError, HostCompilerMissing, WarpError, compile_cu, launch,
+                           pointer)
 except ModuleNotFoundError:  # tests/ became a package
-    from tests.cuda_host import HostCompileError, HostCompilerMissing, compile_cu, launch, pointer
+    from tests.cuda_host import (HostCompileError, HostCompilerMissing, WarpError, compile_cu,
+                                 launch, pointer)
 
 DTYPES = [numpy.float32, numpy.float64]
 # Relative to the same sum taken over absolute values (see assert_close).
@@ -301,7 +303,7 @@ def test_cuda_source_compiles_as_host_cpp(source):
         assert hasattr(lib, name), f"{source.name} built for the CPU lacks {name}"
 
 
-EMULATED_FAMILIES = ("sddmm", "adam", "fisher_rank1_update", "packed_matvec")
+EMULATED_FAMILIES = ("sddmm", "sddmm_warp", "adam", "fisher_rank1_update", "packed_matvec")
 
 
 def test_every_kernel_is_emulated_in_these_tests():
@@ -392,6 +394,86 @@ def test_emulated_sddmm_matches_twin(case, dtype, config):
     expected, bound = sddmm_reference(a)
     assert_close(out[:nnz], expected, bound, dtype)
     assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+
+
+# sddmm_warp: launches whose blocks are whole warps (the kernel's requirement): the
+# dispatcher's block of 256 threads on a grid of 3 (24 warps, each looping), two blocks of
+# 64 and one warp alone. Each shuffle is a meeting of 32 OS threads here (about 0.2 ms),
+# so the cases are the small ones plus a mid-sized one with about 13 nonzeros per warp
+# and iteration at group 1.
+WARP_LAUNCHES = {
+    "dispatcher_block_grid3": ((3,), (THREADS_PER_BLOCK,)),
+    "grid2_block64": ((2,), (64,)),
+    "one_warp": ((1,), (32,)),
+}
+WARP_CASES = [c for c in CASES if c.name != "large"] + [
+    Case("mid", 60, 90, 19, 0.05, empty_rows=(0, 30, 59))]
+WARP_GROUPS = [1, 2, 8, 32]
+
+
+def sddmm_warp_argtypes(dtype: type) -> list:
+    return sddmm_argtypes(dtype) + [ctypes.c_int]
+
+
+def launch_sddmm_warp(a: dict, case: Case, dtype: type, group: int, grid, block,
+                      reverse: bool = False) -> numpy.ndarray:
+    """The emulated sddmm_warp kernel's output for case arrays ``a`` (guard cells after)."""
+    lib = host_library("sddmm.cu")
+    nnz = len(a["indices"])
+    out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
+    suffix = "f32" if dtype == numpy.float32 else "f64"
+    launch(lib, f"sddmm_warp_{suffix}", grid, block, sddmm_warp_argtypes(dtype),
+           [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, nnz, case.batch, group],
+           reverse=reverse)
+    return out
+
+
+@pytest.mark.parametrize("case", WARP_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("group", WARP_GROUPS)
+@dtype_params
+@pytest.mark.parametrize("config", list(WARP_LAUNCHES))
+def test_emulated_sddmm_warp_matches_twin(case, group, dtype, config):
+    a = case.arrays(dtype)
+    nnz = len(a["indices"])
+    out = launch_sddmm_warp(a, case, dtype, group, *WARP_LAUNCHES[config])
+    expected, bound = sddmm_reference(a)
+    assert_close(out[:nnz], expected, bound, dtype)
+    assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+    # The twin that sums in the kernel's order is within rounding of the kernel too.
+    assert_close(out[:nnz], twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group),
+                 bound, dtype)
+
+
+@pytest.mark.parametrize("group", [4, 32])
+def test_emulated_sddmm_warp_is_order_free(group):
+    """Lanes handed to their threads last to first, and blocks and warps run last to first,
+    give the same bits: no lane depends on another's timing."""
+    case = next(c for c in WARP_CASES if c.name == "mid")
+    a = case.arrays(numpy.float32)
+    grid, block = WARP_LAUNCHES["grid2_block64"]
+    forward = launch_sddmm_warp(a, case, numpy.float32, group, grid, block)
+    backward = launch_sddmm_warp(a, case, numpy.float32, group, grid, block, reverse=True)
+    assert numpy.array_equal(forward, backward, equal_nan=True)
+
+
+def test_emulated_sddmm_warp_needs_whole_warps():
+    """A block of 48 threads ends in a warp of 16 lanes, whose full-mask shuffles are
+    undefined on a GPU: the emulation says so instead of answering."""
+    case = next(c for c in WARP_CASES if c.name == "grid_stride")
+    with pytest.raises(WarpError, match="have returned or are not part of the launch"):
+        launch_sddmm_warp(case.arrays(numpy.float64), case, numpy.float64, 8, (1,), (48,))
+
+
+@pytest.mark.parametrize("group", WARP_GROUPS)
+@pytest.mark.parametrize("batch", [1, 7, 33])
+def test_twin_sddmm_warp_matches_sddmm(group, batch):
+    """The order-faithful twin computes the same products (batches shorter than a group,
+    and not a multiple of it, included)."""
+    case = Case("twin", 30, 40, batch, 0.2, empty_rows=(3,))
+    a = case.arrays(numpy.float64)
+    expected, bound = sddmm_reference(a)
+    got = twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group)
+    assert_close(got, expected, bound, numpy.float64)
 
 
 def adam_argtypes(dtype: type) -> list:
@@ -524,6 +606,55 @@ def test_cpu_sddmm_fills_the_given_out(dtype):
     assert result is out
     expected, bound = sddmm_reference(a)
     assert_close(out, expected, bound, dtype)
+
+
+@pytest.mark.parametrize("method, group", [("thread", None), ("warp", None), ("warp", 4)])
+def test_cpu_sddmm_takes_every_method(method, group):
+    """The CPU has one kernel: any valid GPU choice gives the same result there."""
+    a = next(c for c in CASES if c.name == "grid_stride").arrays(numpy.float64)
+    expected, bound = sddmm_reference(a)
+    got = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"], method=method, group=group)
+    assert_close(got, expected, bound, numpy.float64)
+
+
+@pytest.mark.parametrize("batch, group", [(1, 8), (64, 8), (65, 16), (128, 16), (256, 32),
+                                          (512, 32), (100_000, 32)])
+def test_sddmm_group_gives_lanes_about_eight_products(batch, group):
+    assert kernels.sddmm_group(batch) == group
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="block"), r"must be one of \['thread', 'warp'\]. Got 'block'"),
+    (dict(method="warp", group=3), r"power of two in \[1, 32\]. Got 3"),
+    (dict(method="warp", group=64), r"power of two in \[1, 32\]. Got 64"),
+    (dict(method="warp", group=True), r"power of two in \[1, 32\]. Got True"),
+    (dict(method="thread", group=8), "goes with method 'warp'"),
+])
+def test_sddmm_rejects_bad_choices(small, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.sddmm(small["indptr"], small["indices"], small["dy"], small["x"], **kwargs)
+    with pytest.raises(ValueError, match=message):
+        kernels.set_sddmm(**kwargs)
+
+
+@pytest.mark.parametrize("text, expected", [("", ("warp", None)), ("thread", ("thread", None)),
+                                            ("warp", ("warp", None)), ("warp:16", ("warp", 16))])
+def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
+    monkeypatch.setenv(kernels.SDDMM_ENV, text)
+    monkeypatch.setattr(kernels, "_SDDMM_DEFAULT", [])
+    assert kernels.sddmm_setting() == expected
+    kernels.set_sddmm("thread")
+    assert kernels.sddmm_setting() == ("thread", None)
+
+
+@pytest.mark.parametrize("text, message", [("warp:x", "'warp:<group>'. Got 'warp:x'"),
+                                           ("warp:12", r"power of two in \[1, 32\]. Got 12"),
+                                           ("fast", r"must be one of \['thread', 'warp'\]")])
+def test_sddmm_environment_is_checked(monkeypatch, text, message):
+    monkeypatch.setenv(kernels.SDDMM_ENV, text)
+    monkeypatch.setattr(kernels, "_SDDMM_DEFAULT", [])
+    with pytest.raises(ValueError, match=message):
+        kernels.sddmm_setting()
 
 
 @case_params
@@ -740,17 +871,39 @@ def to_gpu(arrays: dict) -> dict:
     return {k: xp.asarray(v) for k, v in arrays.items()}
 
 
+GPU_SDDMM_CHOICES = [("thread", None), ("warp", None), ("warp", 1), ("warp", 4), ("warp", 32)]
+
+
 @gpu
 @pytest.mark.parametrize("max_blocks", [None, 2], ids=["full_grid", "max_blocks_2"])
+@pytest.mark.parametrize("method, group", GPU_SDDMM_CHOICES,
+                         ids=[f"{m}{g or ''}" for m, g in GPU_SDDMM_CHOICES])
 @case_params
 @dtype_params
-def test_gpu_sddmm_matches_twin(case, dtype, max_blocks):
+def test_gpu_sddmm_matches_twin(case, dtype, method, group, max_blocks):
     a = case.arrays(dtype)
     d = to_gpu(a)
-    result = kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], max_blocks=max_blocks)
-    assert type(result) is type(d["dy"])
+    out = get_backend("gpu").xp.full(len(a["indices"]), numpy.nan, dtype=dtype)
+    result = kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], out=out,
+                           max_blocks=max_blocks, method=method, group=group)
+    assert result is out
     expected, bound = sddmm_reference(a)
     assert_close(result, expected, bound, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("group", [4, 32])
+def test_gpu_sddmm_warp_runs_the_emulated_kernel(group):
+    """The GPU and the CPU emulation of sddmm_warp, on the same launch, sum in one order."""
+    case = next(c for c in WARP_CASES if c.name == "mid")
+    a = case.arrays(numpy.float64)
+    emulated = launch_sddmm_warp(a, case, numpy.float64, group, (2,), (THREADS_PER_BLOCK,))
+    d = to_gpu(a)
+    got = to_numpy(kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], max_blocks=2,
+                                 method="warp", group=group))
+    expected, bound = sddmm_reference(a)
+    assert_close(got, expected, bound, numpy.float64)
+    assert_close(got, emulated[:len(got)], bound, numpy.float64)
 
 
 @gpu

@@ -15,6 +15,7 @@ their topology once when it is set and then call with ``check=False``.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ THREADS_PER_BLOCK = 256
 # lanes, and the width of the CPU kernels' vectorised loops.
 FISHER_TILE = 64
 MAX_BLOCKS = 65535
+WARP_SIZE = 32
+SDDMM_METHODS = ("thread", "warp")
+SDDMM_ENV = "CUPYNN_SDDMM"
 _SUFFIX = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
 
 
@@ -112,8 +116,74 @@ def _rows_of(what: str, indptr: Any) -> int:
     return int(indptr.shape[0]) - 1
 
 
+def sddmm_group(batch: int) -> int:
+    """Lanes per nonzero of the warp SDDMM for a batch: the power of two in [8, 32]
+    that gives each lane about 8 products (8 float32 lanes fill a 32-byte sector)."""
+    group = 8
+    while group < WARP_SIZE and group * 8 < batch:
+        group *= 2
+    return group
+
+
+def _check_sddmm_choice(method: Any, group: Any, source: str) -> tuple[str, int | None]:
+    if method not in SDDMM_METHODS:
+        raise ValueError(f"The SDDMM method ({source}) must be one of {list(SDDMM_METHODS)}. "
+                         f"Got {method!r} instead.")
+    if group is not None:
+        if method != "warp":
+            raise ValueError(f"An SDDMM group ({source}) goes with method 'warp'. "
+                             f"Got method {method!r} with group {group!r}.")
+        if (isinstance(group, bool) or not isinstance(group, (int, numpy.integer))
+                or group < 1 or group > WARP_SIZE or group & (group - 1)):
+            raise ValueError(f"The SDDMM group ({source}) must be a power of two in "
+                             f"[1, {WARP_SIZE}]. Got {group!r} instead.")
+        group = int(group)
+    return method, group
+
+
+def _sddmm_from_env() -> tuple[str, int | None]:
+    """``$CUPYNN_SDDMM``: ``thread``, ``warp`` or ``warp:<group>`` (default ``warp``)."""
+    text = os.environ.get(SDDMM_ENV, "").strip() or "warp"
+    method, _, group = text.partition(":")
+    try:
+        parsed = int(group) if group else None
+    except ValueError:
+        raise ValueError(f"${SDDMM_ENV} must be 'thread', 'warp' or 'warp:<group>'. "
+                         f"Got {text!r} instead.") from None
+    return _check_sddmm_choice(method, parsed, f"${SDDMM_ENV}")
+
+
+_SDDMM_DEFAULT: list[Any] = []  # [method, group], read from the environment on first use
+
+
+def set_sddmm(method: str = "warp", group: int | None = None) -> None:
+    """Choose the GPU SDDMM kernel that :func:`sddmm` uses when not told.
+
+    Parameters
+    ----------
+    method : {"thread", "warp"}
+        ``"thread"``: one thread per nonzero (``sddmm_*``); ``"warp"``: groups
+        of lanes per nonzero, reading along the batch (``sddmm_warp_*``). See
+        ``sddmm.cu``. The default is ``"warp"`` or ``$CUPYNN_SDDMM``.
+    group : int, optional
+        Lanes per nonzero for ``"warp"`` (a power of two up to 32); by default
+        :func:`sddmm_group` of each call's batch.
+
+    The CPU backend has one kernel and ignores the choice.
+    """
+    _SDDMM_DEFAULT[:] = _check_sddmm_choice(method, group, "set_sddmm")
+
+
+def sddmm_setting() -> tuple[str, int | None]:
+    """The (method, group) :func:`sddmm` uses when not told (group None: per batch)."""
+    if not _SDDMM_DEFAULT:
+        _SDDMM_DEFAULT[:] = _sddmm_from_env()
+    return _SDDMM_DEFAULT[0], _SDDMM_DEFAULT[1]
+
+
 def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
-          check: bool = True, max_blocks: int | None = None) -> Any:
+          check: bool = True, max_blocks: int | None = None, method: str | None = None,
+          group: int | None = None) -> Any:
     """Weight gradient at the active entries: ``out[k] = dy[row(k)] . x[indices[k]]``.
 
     Parameters
@@ -127,12 +197,21 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
         Also check the CSR structure and index ranges (a pass over indices).
     max_blocks : int, optional
         Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
+    method : {"thread", "warp"}, optional
+        The GPU kernel (see :func:`set_sddmm`; default :func:`sddmm_setting`).
+    group : int, optional
+        Lanes per nonzero of the ``"warp"`` kernel (default: the set one, else
+        :func:`sddmm_group` of the batch).
 
     Returns
     -------
     (nnz,) array on the operands' device.
     """
     what = "sddmm"
+    if method is None:
+        method, default_group = sddmm_setting()
+        group = default_group if group is None else group
+    method, group = _check_sddmm_choice(method, group, what)
     backend = _check_same_backend(what, indptr, indices, dy, x)
     suffix = _float_suffix(dy, x, *(() if out is None else (out,)), what=what)
     if dy.ndim != 2 or x.ndim != 2 or dy.shape[1] != x.shape[1]:
@@ -150,14 +229,22 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
         _check_contiguous(what, out=out)
     if nnz == 0:
         return out
-    if dy.shape[1] == 0:
+    batch = int(dy.shape[1])
+    if batch == 0:
         out[...] = 0
         return out
     if backend.is_gpu:
-        kernel = cuda_function("sddmm.cu", f"sddmm_{suffix}")
-        kernel(_grid(nnz, max_blocks), (THREADS_PER_BLOCK,),
-               (indptr, indices, dy, x, out, numpy.int32(dy.shape[0]), numpy.int32(nnz),
-                numpy.int32(dy.shape[1])))
+        sizes = (numpy.int32(dy.shape[0]), numpy.int32(nnz), numpy.int32(batch))
+        if method == "thread":
+            kernel = cuda_function("sddmm.cu", f"sddmm_{suffix}")
+            kernel(_grid(nnz, max_blocks), (THREADS_PER_BLOCK,),
+                   (indptr, indices, dy, x, out) + sizes)
+        else:
+            group = sddmm_group(batch) if group is None else group
+            warps = -(-nnz // (WARP_SIZE // group))
+            kernel = cuda_function("sddmm.cu", f"sddmm_warp_{suffix}")
+            kernel(_grid(warps * WARP_SIZE, max_blocks), (THREADS_PER_BLOCK,),
+                   (indptr, indices, dy, x, out) + sizes + (numpy.int32(group),))
     else:
         from . import cpu
 

@@ -40,6 +40,32 @@ def sddmm(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray,
     return out
 
 
+def sddmm_warp(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray,
+               x: numpy.ndarray, group: int, chunk: int = 65536) -> numpy.ndarray:
+    """Twin of ``sddmm_warp_*`` in ``sddmm.cu``: :func:`sddmm`, summed in the kernel's order.
+
+    Lane ``s`` of a group of ``group`` lanes sums the products ``j = s, s + group,
+    ...``; the group's partial sums are then added by a butterfly (lane l adds
+    lane ``l ^ offset``, offsets ``group / 2, ..., 1``) and lane 0 holds the result.
+    """
+    rows = csr_rows(indptr)
+    nnz, batch = len(indices), dy.shape[1]
+    width = -(-batch // group) * group  # the batch padded to whole groups (zeros add nothing)
+    out = numpy.empty(nnz, dtype=dy.dtype)
+    lane = numpy.arange(group)
+    for start in range(0, nnz, chunk):
+        stop = start + chunk
+        products = numpy.zeros((min(stop, nnz) - start, width), dtype=dy.dtype)
+        products[:, :batch] = dy[rows[start:stop]] * x[indices[start:stop]]
+        partial = products.reshape(len(products), width // group, group).sum(axis=1)
+        offset = group // 2
+        while offset:
+            partial = partial + partial[:, lane ^ offset]
+            offset //= 2
+        out[start:stop] = partial[:, 0]
+    return out
+
+
 def adam(p: numpy.ndarray, g: numpy.ndarray, m: numpy.ndarray, v: numpy.ndarray,
          lr: float, b1: float, b2: float, eps: float, bc1: float, bc2: float) -> None:
     """Twin of ``adam.cu``, in place on ``p``, ``m`` and ``v``.

@@ -7,11 +7,43 @@
 // contiguous runs of length `batch`. This is the weight gradient of a sparse
 // layer at its active entries only; no dense (n_rows x n_cols) array exists.
 //
-// One thread per nonzero, grid-stride loop (any nnz fits any grid). The row of
-// nonzero k is found by binary search in indptr: the largest r with
+// The row of nonzero k is found by binary search in indptr: the largest r with
 // indptr[r] <= k. Empty rows (indptr[r] == indptr[r+1]) are skipped naturally.
 // Offsets are 64-bit: row * batch overflows int32 for 4096 x 2^20 operands.
-// NumPy twin: cupynn.kernels.numpy_twins.sddmm.
+//
+// Two kernels compute the same thing:
+//
+// sddmm_*: one thread per nonzero, grid-stride loop (any nnz fits any grid);
+//   the thread walks its two rows alone. The 32 threads of a warp then read
+//   32 different rows at each step: every load of the warp touches 32 cache
+//   lines, of which it uses 4 bytes each.
+//
+// sddmm_warp_*: groups of `group` lanes (a power of two, 1 to 32) of a warp
+//   take one nonzero each, `32 / group` nonzeros per warp. Lane s of a group
+//   sums the products j = s, s + group, s + 2 group, ... of its nonzero's two
+//   rows, so the lanes of a group read consecutive addresses (a group of 8 or
+//   more float32 lanes fills whole 32-byte sectors); then the group's partial
+//   sums are added by a butterfly of warp shuffles (offsets group/2, ..., 1),
+//   and lane 0 of the group writes out[k]. Grid-stride over nonzeros in steps
+//   of whole warps: every lane of a warp runs the same iterations, as the
+//   full-mask shuffles need (lanes past nnz add zeros and write nothing).
+//   blockDim.x must be a multiple of 32, so that the threads the index
+//   arithmetic puts in one warp are one hardware warp.
+//   NumPy twin: cupynn.kernels.numpy_twins.sddmm_warp (the same summation order).
+//
+// NumPy twin of both: cupynn.kernels.numpy_twins.sddmm.
+
+// The row of nonzero k: the largest r with indptr[r] <= k (n_rows >= 1).
+__device__ __forceinline__ int row_of(const int* __restrict__ indptr, int n_rows, long long k)
+{
+    int lo = 0;
+    int hi = n_rows;  // invariant: indptr[lo] <= k < indptr[hi]
+    while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        if (indptr[mid] <= k) lo = mid; else hi = mid;
+    }
+    return lo;
+}
 
 template <typename T>
 __device__ __forceinline__ void sddmm_impl(
@@ -21,17 +53,36 @@ __device__ __forceinline__ void sddmm_impl(
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < nnz; k += stride) {
-        int lo = 0;
-        int hi = n_rows;  // invariant: indptr[lo] <= k < indptr[hi]
-        while (hi - lo > 1) {
-            const int mid = lo + (hi - lo) / 2;
-            if (indptr[mid] <= k) lo = mid; else hi = mid;
-        }
-        const T* a = dy + (long long)lo * batch;
+        const T* a = dy + (long long)row_of(indptr, n_rows, k) * batch;
         const T* b = x + (long long)indices[k] * batch;
         T acc = 0;
         for (int j = 0; j < batch; ++j) acc += a[j] * b[j];
         out[k] = acc;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void sddmm_warp_impl(
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ out,
+    int n_rows, int nnz, int batch, int group)
+{
+    const int lane = threadIdx.x & 31;
+    const int sub = lane & (group - 1);           // lane within its group
+    const int per_warp = 32 / group;              // nonzeros per warp and iteration
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long stride = (((long long)gridDim.x * blockDim.x) >> 5) * per_warp;
+    for (long long base = warp * per_warp; base < nnz; base += stride) {
+        const long long k = base + lane / group;
+        T acc = 0;
+        if (k < nnz) {
+            const T* a = dy + (long long)row_of(indptr, n_rows, k) * batch;
+            const T* b = x + (long long)indices[k] * batch;
+            for (int j = sub; j < batch; j += group) acc += a[j] * b[j];
+        }
+        for (int offset = group >> 1; offset > 0; offset >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+        if (k < nnz && sub == 0) out[k] = acc;
     }
 }
 
@@ -47,4 +98,18 @@ extern "C" __global__ void sddmm_f64(
     double* out, int n_rows, int nnz, int batch)
 {
     sddmm_impl<double>(indptr, indices, dy, x, out, n_rows, nnz, batch);
+}
+
+extern "C" __global__ void sddmm_warp_f32(
+    const int* indptr, const int* indices, const float* dy, const float* x,
+    float* out, int n_rows, int nnz, int batch, int group)
+{
+    sddmm_warp_impl<float>(indptr, indices, dy, x, out, n_rows, nnz, batch, group);
+}
+
+extern "C" __global__ void sddmm_warp_f64(
+    const int* indptr, const int* indices, const double* dy, const double* x,
+    double* out, int n_rows, int nnz, int batch, int group)
+{
+    sddmm_warp_impl<double>(indptr, indices, dy, x, out, n_rows, nnz, batch, group);
 }
