@@ -72,8 +72,43 @@ class Backend:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()
 
+    def read_later(self, array: Any) -> "PendingValue":
+        """Start copying a (small) device array to the host without waiting for the device.
+
+        On the GPU the copy is queued on the current stream into pinned host
+        memory, behind the work that computes the value, and an event marks
+        its end: :meth:`PendingValue.ready` asks the event without blocking.
+        On the CPU the value is there at once. The training loop shows its
+        progress-bar loss this way, so that the bar never makes the host wait.
+        """
+        if not self.is_gpu:
+            return PendingValue(numpy.array(array), None)
+        import cupyx
+
+        host = cupyx.empty_pinned(array.shape, array.dtype)
+        stream = self.xp.cuda.get_current_stream()
+        array.get(stream=stream, out=host, blocking=False)
+        return PendingValue(host, stream.record())
+
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
+
+
+class PendingValue:
+    """A value on its way from the device to the host (see :meth:`Backend.read_later`)."""
+
+    def __init__(self, host: numpy.ndarray, event: Any) -> None:
+        self._host, self._event = host, event
+
+    def ready(self) -> bool:
+        """Whether the copy has landed (never waits)."""
+        return self._event is None or bool(self._event.done)
+
+    def value(self) -> Any:
+        """The host copy; only meaningful once :meth:`ready`."""
+        if not self.ready():
+            raise RuntimeError("PendingValue.value: the copy has not landed yet; ask ready() first.")
+        return self._host.copy()
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,27 +74,31 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
     x, y = _check_dataset(model, (x, y), loss, "test")
     loss_fn = LOSSES[loss]
     backend = model.backend
-    total, correct, scores = 0.0, 0, []
+    xp = backend.xp
+    # Sums stay on the device (one read at the end, not one per batch).
+    total = xp.zeros((), dtype=numpy.float64)
+    correct = xp.zeros((), dtype=numpy.int64)
+    scores = []
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         logits = model.forward(xb)
         yd = backend.asarray(yb)
         value, _ = loss_fn(logits, yd, check=False)
-        total += float(value) * len(yb)
+        total += value.astype(numpy.float64) * len(yb)
         if loss == "cross_entropy":
-            correct += int((logits.argmax(axis=1) == yd).sum())
+            correct += (logits.argmax(axis=1) == yd).sum()
         else:
             z = logits.reshape(-1)
-            correct += int(((z > 0) == (yd > 0.5)).sum())
-            scores.append(to_numpy(z))
+            correct += ((z > 0) == (yd > 0.5)).sum()
+            scores.append(z)
     model.clear_cache()
     n = x.shape[0]
-    result = {"loss": total / n, "accuracy": correct / n}
+    result = {"loss": float(to_numpy(total)) / n, "accuracy": int(to_numpy(correct)) / n}
     if loss == "binary_cross_entropy":
         from sklearn.metrics import roc_auc_score
 
         labels = y > 0.5
-        result["auc"] = (float(roc_auc_score(labels, numpy.concatenate(scores)))
+        result["auc"] = (float(roc_auc_score(labels, to_numpy(xp.concatenate(scores))))
                          if 0 < labels.sum() < n else float("nan"))
     return result
 
@@ -204,11 +208,30 @@ class Trainer:
                 self.memory.stop()
         return self.history
 
+    def train_batch(self, x: numpy.ndarray, y: numpy.ndarray) -> Any:
+        """One training step on a host mini-batch, as every batch of an epoch takes it.
+
+        The batch goes to the device (and through ``augment``), then forward,
+        loss, backward, the redistributor's ``observe`` and the optimizer's
+        step. Returns the batch's mean loss as a 0-d array on the device: on
+        the GPU the step queues its work and returns without waiting for the
+        device (``scripts/gpu_check.py`` checks this).
+        """
+        model, backend = self.model, self.model.backend
+        xb = backend.asarray(x, dtype=model.dtype)
+        if self.augment is not None:
+            xb = self.augment(xb, self.augment_rng)
+        value, grad = LOSSES[self.loss](model.forward(xb), backend.asarray(y), check=False)
+        model.backward(grad, need_input_grad=False)
+        if self.redistributor is not None:
+            self.redistributor.observe(model)
+        self.optimizer.step()
+        return value
+
     def _epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         model, backend, batch_size = self.model, self.model.backend, self.batch_size
-        loss_fn = LOSSES[self.loss]
         if self.sampler is not None:
             x_train, y_train = _check_dataset(model, self.sampler.sample_epoch(self.rng), self.loss,
                                               "train")
@@ -229,21 +252,13 @@ class Trainer:
         start = time.perf_counter()
         batch_bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False,
                          disable=not self.progress, unit="batch")
+        shown = None  # the loss on its way to the progress bar (never waited for)
         for b in batch_bar:
             idx = order[b * batch_size:(b + 1) * batch_size]
-            xb = backend.asarray(x_train[idx], dtype=model.dtype)
-            if self.augment is not None:
-                xb = self.augment(xb, self.augment_rng)
-            yb = backend.asarray(y_train[idx])
-            logits = model.forward(xb)
-            value, grad = loss_fn(logits, yb, check=False)
-            model.backward(grad, need_input_grad=False)
-            if redistributor is not None:
-                redistributor.observe(model)
-            self.optimizer.step()
+            value = self.train_batch(x_train[idx], y_train[idx])
             batch_losses[b] = value
             if self.progress and b % 50 == 0:
-                batch_bar.set_postfix(loss=f"{float(value):.4f}")
+                shown = _show_loss(batch_bar, shown, backend, value)
         host_losses = to_numpy(batch_losses)  # one sync per epoch
         model.clear_cache()
         backend.synchronize()
@@ -345,6 +360,20 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
                    redistribute_every=redistribute_every, end_fraction=end_fraction,
                    growth_batches=growth_batches, augment=augment, track_memory=track_memory,
                    on_epoch_end=on_epoch_end).run()
+
+
+def _show_loss(bar: Any, shown: Any, backend: Any, value: Any) -> Any:
+    """Put the last loss whose copy has landed on the bar; start copying ``value``
+    unless a copy is still on its way. Returns what is still on its way."""
+    if shown is not None and shown.ready():
+        bar.set_postfix(loss=f"{float(shown.value()):.4f}")
+        shown = None
+    if shown is None:
+        shown = backend.read_later(value)
+        if shown.ready():  # the CPU: at once
+            bar.set_postfix(loss=f"{float(shown.value()):.4f}")
+            shown = None
+    return shown
 
 
 def _redistributor(redistribution: Any, seed: int) -> Any:

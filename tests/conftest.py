@@ -1,4 +1,11 @@
-"""Shared fixtures: every test that takes ``backend`` runs on each backend present."""
+"""Shared fixtures: every test that takes ``backend`` runs on each backend present.
+
+Tests that run on the GPU carry the marker ``gpu``: every ``backend``-parametrised
+test with the GPU backend, and the tests marked for it by hand (the GPU-only
+kernel tests, and tests that compare the backends). ``pytest -m gpu tests`` runs
+just those: what ``scripts/gpu_check.py`` runs on a lent GPU (where none answers,
+all of them skip or have nothing GPU to do).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,24 @@ import cupynn
 
 BACKENDS = ["cpu"] + (["gpu"] if cupynn.gpu_available() else [])
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+GPU_SKIP_REASON = "needs a CUDA GPU that runs kernels (cupynn.gpu_available() is False)"
+# For test modules: skip without a GPU, and mark the test as a GPU test.
+needs_gpu = [pytest.mark.gpu,
+             pytest.mark.skipif(not cupynn.gpu_available(), reason=GPU_SKIP_REASON)]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on the GPU backend (selected by "
+                                       "scripts/gpu_check.py with -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "gpu":
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -32,6 +32,7 @@ import numpy
 import pytest
 
 import cupynn
+from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import CUDA_SOURCES, FISHER_TILE, THREADS_PER_BLOCK, numpy_twins as twins
@@ -47,9 +48,13 @@ FISHER_CU = kernels.KERNEL_DIR / "fisher.cu"
 FAMILIES = ("fisher_rank1_update", "packed_matvec")
 KERNELS = {f"{family}_{suffix}" for family in FAMILIES for suffix in ("f32", "f64")}
 
-gpu = pytest.mark.skipif(
-    not cupynn.gpu_available(),
-    reason="needs a CUDA GPU that runs kernels (cupynn.gpu_available() is False)")
+
+
+def gpu(test):
+    """Skip without a GPU; mark as a GPU test (conftest.needs_gpu)."""
+    for mark in needs_gpu:
+        test = mark(test)
+    return test
 dtype_params = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
 block_params = pytest.mark.parametrize("block_size", [1, 5, 34])
 

@@ -74,6 +74,7 @@ def test_same_seed_same_model_different_seed_different(backend):
     assert any(not numpy.array_equal(a, b) for a, b in zip(first, other))
 
 
+@pytest.mark.gpu
 def test_same_seed_same_model_on_every_backend():
     """Topology and values are drawn on the host, so backends agree exactly."""
     models = [cupynn.MLP([20, 16, 4], density=0.25, seed=3, device=name)

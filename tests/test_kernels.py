@@ -32,6 +32,7 @@ import numpy
 import pytest
 
 import cupynn
+from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import CUDA_SOURCES, THREADS_PER_BLOCK, numpy_twins as twins
@@ -48,9 +49,13 @@ DTYPES = [numpy.float32, numpy.float64]
 RTOL = {numpy.float32: 1e-5, numpy.float64: 1e-12}
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 
-gpu = pytest.mark.skipif(
-    not cupynn.gpu_available(),
-    reason="needs a CUDA GPU that runs kernels (cupynn.gpu_available() is False)")
+
+
+def gpu(test):
+    """Skip without a GPU; mark as a GPU test (conftest.needs_gpu)."""
+    for mark in needs_gpu:
+        test = mark(test)
+    return test
 
 
 def skip_or_fail(reason: str) -> None:

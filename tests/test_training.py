@@ -115,3 +115,55 @@ def test_fit_rejects_bad_input_before_training(change, error, message):
         cupynn.fit(model, cupynn.Adam(model), (args.pop("train_x"), args.pop("train_y")),
                    progress=False, **args)
     numpy.testing.assert_array_equal(model.layers[0].data, before)  # no work was done
+
+
+class _FakeBar:
+    def __init__(self):
+        self.shown = []
+
+    def set_postfix(self, **kw):
+        self.shown.append(kw["loss"])
+
+
+class _Pending:
+    """A copy that lands only when told: what the GPU's read_later returns."""
+
+    def __init__(self, value):
+        self._value, self.landed = value, False
+
+    def ready(self):
+        return self.landed
+
+    def value(self):
+        assert self.landed, "value() before the copy landed would make the host wait"
+        return numpy.array(self._value)
+
+
+class _SlowBackend:
+    def __init__(self):
+        self.started = []
+
+    def read_later(self, value):
+        self.started.append(_Pending(value))
+        return self.started[-1]
+
+
+def test_progress_loss_never_waits_for_the_device():
+    """On the GPU the bar shows the last loss whose copy has landed and starts no second
+    copy while one is on its way; on the CPU the loss is shown at once."""
+    from cupynn.training import _show_loss
+
+    bar, backend = _FakeBar(), _SlowBackend()
+    shown = _show_loss(bar, None, backend, 0.5)  # batch 0: copy started, nothing shown
+    assert bar.shown == [] and len(backend.started) == 1
+    shown = _show_loss(bar, shown, backend, 0.4)  # batch 50: still on its way
+    assert bar.shown == [] and len(backend.started) == 1
+    backend.started[0].landed = True
+    shown = _show_loss(bar, shown, backend, 0.3)  # batch 100: show 0.5, copy 0.3
+    assert bar.shown == ["0.5000"] and len(backend.started) == 2 and shown is backend.started[1]
+
+    cpu = cupynn.get_backend("cpu")
+    assert _show_loss(bar, None, cpu, numpy.float64(0.25)) is None
+    assert bar.shown[-1] == "0.2500"
+    pending = cpu.read_later(numpy.array([1.5, 2.5]))
+    assert pending.ready() and list(pending.value()) == [1.5, 2.5]
