@@ -18,7 +18,10 @@ import pytest
 import cupynn
 
 BACKENDS = ["cpu"] + (["gpu"] if cupynn.gpu_available() else [])
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout, or $CUPYNN_TEST_DATA (a copy of it: the GPU check
+# carries one to the GPU machine, where ../shared does not travel).
+DATA_DIR = Path(os.environ.get("CUPYNN_TEST_DATA")
+                or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 GPU_SKIP_REASON = "needs a CUDA GPU that runs kernels (cupynn.gpu_available() is False)"
