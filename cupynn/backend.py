@@ -83,11 +83,14 @@ class Backend:
         """
         if not self.is_gpu:
             return PendingValue(numpy.array(array), None)
-        import cupyx
-
-        host = cupyx.empty_pinned(array.shape, array.dtype)
-        stream = self.xp.cuda.get_current_stream()
-        array.get(stream=stream, out=host, blocking=False)
+        cupy = self.xp
+        array = cupy.ascontiguousarray(array)
+        memory = cupy.cuda.alloc_pinned_memory(max(array.nbytes, 1))
+        host = numpy.frombuffer(memory, array.dtype, array.size).reshape(array.shape)
+        stream = cupy.cuda.get_current_stream()
+        # The runtime call itself (stable across CuPy versions): queued, never waited for.
+        cupy.cuda.runtime.memcpyAsync(host.ctypes.data, array.data.ptr, array.nbytes,
+                                      cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
         return PendingValue(host, stream.record())
 
     def __repr__(self) -> str:
