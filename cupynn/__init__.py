@@ -4,7 +4,7 @@ Sparse weights are CSR arrays on the device from the first step to the last;
 forward and backward passes are hand-written; Adam is hand-written.
 """
 
-from . import data, losses, redistribution
+from . import data, distributed, losses, redistribution
 from .backend import Backend, get_backend, gpu_available, to_numpy
 from .layers import Linear, ReLU, Sigmoid, SparseLinear
 from .model import MLP
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adam", "Backend", "Linear", "MLP", "MemoryTracker", "ReLU", "Sigmoid", "SparseLinear",
-    "Trainer", "data", "evaluate", "fit", "get_backend", "gpu_available", "losses",
+    "Trainer", "data", "distributed", "evaluate", "fit", "get_backend", "gpu_available", "losses",
     "redistribution", "to_numpy", "__version__",
 ]

@@ -4,11 +4,18 @@ Both take batch-major logits (``(batch, classes)`` or ``(batch,)``), as
 :meth:`cupynn.MLP.forward` returns them, and give the mean loss over the batch
 as a 0-d array on the logits' device (``float(loss)`` reads it) together with
 the gradient of that mean with respect to the logits.
+
+``total`` makes them a rank's share of a larger batch's mean: the sum over
+these rows divided by ``total`` (the global batch), and its gradient; summed
+over the ranks of a data-parallel step, the shares give the global batch's
+mean loss and gradient (:mod:`cupynn.distributed`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy
 
 from .backend import backend_of, to_numpy
 
@@ -22,7 +29,17 @@ def _check_batch(logits: Any, labels: Any, owner: str) -> None:
                         f"Got {logits.dtype} instead.")
 
 
-def cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any, Any]:
+def _check_total(total: Any, n: int, owner: str) -> int | None:
+    if total is None:
+        return None
+    if isinstance(total, bool) or not isinstance(total, (int, numpy.integer)) or total < max(n, 1):
+        raise ValueError(f"The 'total' parameter of {owner} must be an int >= the batch size "
+                         f"{n} (and >= 1). Got {total!r} instead.")
+    return int(total)
+
+
+def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
+                  total: int | None = None) -> tuple[Any, Any]:
     """Softmax cross-entropy.
 
     Parameters
@@ -32,6 +49,8 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any,
     check : bool
         Check the labels' range (one reduction; ``fit`` checks all labels once
         up front and passes False).
+    total : int, optional
+        Divide by this instead of the batch size (see the module doc).
 
     Returns
     -------
@@ -48,6 +67,9 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any,
     if labels.dtype.kind not in "iu":
         raise TypeError(f"The 'labels' argument of {owner} must be integers. Got {labels.dtype}.")
     n, classes = logits.shape
+    total = _check_total(total, n, owner)
+    if n == 0 and total is not None:  # a rank whose share of the batch is empty
+        return xp.zeros((), dtype=logits.dtype), xp.zeros_like(logits)
     if check and n:
         lo, hi = to_numpy(xp.stack([labels.min(), labels.max()]).astype("int64"))
         if lo < 0 or hi >= classes:
@@ -55,16 +77,18 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any,
                              f"Got values in [{lo}, {hi}] instead.")
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = xp.exp(shifted)
-    total = exp.sum(axis=1, keepdims=True)
+    norm = exp.sum(axis=1, keepdims=True)
     rows = xp.arange(n)
-    loss = (xp.log(total[:, 0]) - shifted[rows, labels]).mean()
-    grad = exp / total
+    per_row = xp.log(norm[:, 0]) - shifted[rows, labels]
+    loss = per_row.mean() if total is None else per_row.sum() / total
+    grad = exp / norm
     grad[rows, labels] -= 1
-    grad /= n
+    grad /= n if total is None else total
     return loss, grad
 
 
-def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tuple[Any, Any]:
+def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
+                         total: int | None = None) -> tuple[Any, Any]:
     """Binary cross-entropy of ``sigmoid(z)`` computed from the logits ``z``.
 
     loss = mean(softplus(z) - y z) = mean(max(z, 0) - y z + log1p(exp(-|z|))),
@@ -76,6 +100,8 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tup
     labels : (batch,) with values in [0, 1] (0/1 targets, or soft targets)
     check : bool
         Check the labels' range (one reduction).
+    total : int, optional
+        Divide by this instead of the batch size (see the module doc).
 
     Returns
     -------
@@ -89,6 +115,9 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tup
     _check_batch(logits, labels, owner)
     xp = backend_of(logits).xp
     z = logits.reshape(-1)
+    total = _check_total(total, z.shape[0], owner)
+    if z.shape[0] == 0 and total is not None:  # a rank whose share of the batch is empty
+        return xp.zeros((), dtype=logits.dtype), xp.zeros_like(logits)
     y = xp.asarray(labels).astype(z.dtype, copy=False)
     if check and z.size:
         lo, hi = to_numpy(xp.stack([y.min(), y.max()]))
@@ -96,9 +125,10 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tup
             raise ValueError(f"The 'labels' argument of {owner} must be in [0, 1]. "
                              f"Got values in [{lo}, {hi}] instead.")
     e = xp.exp(-xp.abs(z))  # in (0, 1]
-    loss = (xp.maximum(z, 0) - y * z + xp.log1p(e)).mean()
+    per_row = xp.maximum(z, 0) - y * z + xp.log1p(e)
+    loss = per_row.mean() if total is None else per_row.sum() / total
     sigmoid = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
-    grad = (sigmoid - y) / z.shape[0]
+    grad = (sigmoid - y) / (z.shape[0] if total is None else total)
     return loss, grad.reshape(logits.shape)
 
 

@@ -56,7 +56,7 @@ def _check_dataset(model: Any, data: Any, loss: str, name: str) -> tuple[numpy.n
 
 
 def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
-             batch_size: int = EVAL_BATCH) -> dict[str, float]:
+             batch_size: int = EVAL_BATCH, comm: Any = None) -> dict[str, float]:
     """Mean loss, accuracy and (for binary tasks) ROC AUC on a dataset.
 
     Parameters
@@ -64,23 +64,33 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
     x : (n, sizes[0]) host array
     y : (n,) labels
     loss : {"cross_entropy", "binary_cross_entropy"}
+    comm : cupynn.distributed.Communicator, optional
+        With several ranks (each given the whole dataset), each evaluates its
+        contiguous share of the rows and the sums are reduced; the scores for
+        the AUC are gathered in row order. Every rank returns the same result.
 
     Returns
     -------
     dict with ``loss``, ``accuracy`` and, for binary tasks, ``auc`` (NaN when
     ``y`` holds one class only).
     """
+    from .distributed import as_communicator
+
     check_choice(loss, "loss", "evaluate", tuple(LOSSES))
     x, y = _check_dataset(model, (x, y), loss, "test")
+    comm = as_communicator(comm, "evaluate")
     loss_fn = LOSSES[loss]
     backend = model.backend
     xp = backend.xp
+    n = x.shape[0]
+    first, stop = comm.shard(n)
     # Sums stay on the device (one read at the end, not one per batch).
     total = xp.zeros((), dtype=numpy.float64)
     correct = xp.zeros((), dtype=numpy.int64)
     scores = []
-    for start in range(0, x.shape[0], batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, stop)
+        xb, yb = x[start:end], y[start:end]
         logits = model.forward(xb)
         yd = backend.asarray(yb)
         value, _ = loss_fn(logits, yd, check=False)
@@ -92,13 +102,16 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
             correct += ((z > 0) == (yd > 0.5)).sum()
             scores.append(z)
     model.clear_cache()
-    n = x.shape[0]
-    result = {"loss": float(to_numpy(total)) / n, "accuracy": int(to_numpy(correct)) / n}
+    sums = numpy.array([float(to_numpy(total)), float(to_numpy(correct))])
+    comm.allreduce(sums)
+    result = {"loss": float(sums[0]) / n, "accuracy": int(sums[1]) / n}
     if loss == "binary_cross_entropy":
         from sklearn.metrics import roc_auc_score
 
+        local = (to_numpy(xp.concatenate(scores)) if scores
+                 else numpy.empty(0, dtype=model.dtype))
         labels = y > 0.5
-        result["auc"] = (float(roc_auc_score(labels, to_numpy(xp.concatenate(scores))))
+        result["auc"] = (float(roc_auc_score(labels, comm.allgather_array(local)))
                          if 0 < labels.sum() < n else float("nan"))
     return result
 
@@ -115,8 +128,11 @@ class Trainer:
 
     Parameters are those of :func:`fit`; ``train`` may also be an object with
     ``sample_epoch(rng) -> (x, y)`` that draws each epoch's training rows (as
-    the HIGGS loader does), and ``augment`` a callable ``(x_batch, rng) ->
-    x_batch`` applied on the device to every training batch.
+    the HIGGS loader does; with ``epoch_rows(rng)`` and ``take(rows)`` as well,
+    each rank of a data-parallel run copies only the rows of its shards), and
+    ``augment`` a callable ``(x_batch, rng) -> x_batch`` applied on the device
+    to every training batch (with several ranks it must also take ``rows=``
+    and ``total=``, as :class:`cupynn.data.RandomAffine` does).
     """
 
     def __init__(self, model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = None,
@@ -126,8 +142,12 @@ class Trainer:
                  end_fraction: float = 0.75, growth_batches: int = 1,
                  augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
                  track_memory: Any = False,
-                 on_epoch_end: Callable[[dict[str, Any]], Any] | None = None) -> None:
+                 on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
+                 comm: Any = None) -> None:
+        from .distributed import GradientReducer, as_communicator
+
         owner = "fit"
+        self.comm = as_communicator(comm, owner)
         self.loss = check_choice(loss, "loss", owner, tuple(LOSSES))
         self.epochs = check_int(epochs, "epochs", owner, low=1)
         self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
@@ -139,11 +159,21 @@ class Trainer:
         self.growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
         if augment is not None and not callable(augment):
             raise TypeError(f"The 'augment' parameter of {owner} must be callable. Got {augment!r}.")
+        distributed = self.comm.size > 1
+        if distributed and augment is not None and not _takes_rows(augment):
+            raise TypeError(f"With {self.comm.size} ranks the 'augment' callable of {owner} must "
+                            f"take rows= and total= (a rank's share of a batch), as "
+                            f"cupynn.data.RandomAffine does. Got {augment!r}.")
         self.redistributor = _redistributor(redistribution, self.seed)
+        if self.redistributor is not None:
+            self.redistributor.comm = self.comm
         if getattr(optimizer, "model", model) is not model:
             raise ValueError("The optimizer of fit was built for another model.")
         self.model, self.optimizer = model, optimizer
-        self.progress, self.augment, self.on_epoch_end = progress, augment, on_epoch_end
+        self.reducer = GradientReducer(self.comm) if distributed else None
+        # Only the first rank shows progress.
+        self.progress = progress and self.comm.is_root
+        self.augment, self.on_epoch_end = augment, on_epoch_end
         from .memory import MemoryTracker
 
         if isinstance(track_memory, MemoryTracker):
@@ -159,15 +189,51 @@ class Trainer:
         self.test = None if test is None else _check_dataset(model, test, loss, "test")
         self.rng = numpy.random.default_rng(self.seed)
         self.augment_rng = numpy.random.default_rng((self.seed, 2))
-        # A fixed batch of training rows for the induced loss, from its own stream.
-        probe_source = self.train or _check_dataset(
-            model, self.sampler.sample_epoch(numpy.random.default_rng((self.seed, 1))), loss, "train")
-        rows = numpy.sort(numpy.random.default_rng((self.seed, 1)).choice(
-            probe_source[0].shape[0], size=min(self.batch_size, probe_source[0].shape[0]),
-            replace=False))
-        self.probe = (probe_source[0][rows], probe_source[1][rows])
+        # A fixed batch of training rows for the induced loss, from its own stream: of a
+        # sampler's epoch (only those rows are copied, where it can take rows).
+        stream = numpy.random.default_rng((self.seed, 1))
+        if self.sampler is not None and _takes(self.sampler):
+            sample_rows = self.sampler.epoch_rows(stream)
+            rows = numpy.sort(numpy.random.default_rng((self.seed, 1)).choice(
+                len(sample_rows), size=min(self.batch_size, len(sample_rows)), replace=False))
+            self.probe = _check_dataset(model, self.sampler.take(sample_rows[rows]), loss, "train")
+        else:
+            probe_source = self.train or _check_dataset(
+                model, self.sampler.sample_epoch(stream), loss, "train")
+            rows = numpy.sort(numpy.random.default_rng((self.seed, 1)).choice(
+                probe_source[0].shape[0], size=min(self.batch_size, probe_source[0].shape[0]),
+                replace=False))
+            self.probe = (probe_source[0][rows], probe_source[1][rows])
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
+        if distributed:
+            self.comm.check_same("configuration", self._settings())
+
+    def _settings(self) -> dict[str, Any]:
+        """What every rank of a data-parallel run must agree on (sizes, seeds, data)."""
+        from .distributed import fingerprint
+
+        model, r = self.model, self.redistributor
+        data = (fingerprint(*self.train) if self.sampler is None else
+                {"sampler": type(self.sampler).__name__,
+                 "rows": fingerprint(*(getattr(self.sampler, name) for name in
+                                       ("x_train", "y_train") if hasattr(self.sampler, name))),
+                 "train_samples": getattr(self.sampler, "train_samples", None)})
+        params = None if r is None else {
+            "name": r.name, **{k: v for k, v in vars(r).items()
+                               if isinstance(v, (bool, int, float, str)) and k != "comm"}}
+        optimizer = {k: getattr(self.optimizer, k, None) for k in ("lr", "betas", "eps")}
+        return {"model": model.config(), "backend": model.backend.name,
+                "optimizer": {"type": type(self.optimizer).__name__, **optimizer},
+                "loss": self.loss, "epochs": self.epochs, "batch_size": self.batch_size,
+                "seed": self.seed, "alpha": self.alpha,
+                "redistribute_every": self.redistribute_every,
+                "end_fraction": self.end_fraction, "growth_batches": self.growth_batches,
+                "eval_batch_size": self.eval_batch_size, "redistribution": params,
+                "augment": None if self.augment is None else repr(self.augment),
+                "train data": data,
+                "test data": None if self.test is None else fingerprint(*self.test),
+                "probe rows": fingerprint(*self.probe)}
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -195,20 +261,25 @@ class Trainer:
         bar = tqdm(range(self.epoch + 1, self.epochs + 1), desc="epochs", unit="epoch",
                    disable=not self.progress, initial=self.epoch, total=self.epochs)
         try:
-            for epoch in bar:
-                metrics = self._epoch(epoch)
-                self.epoch = epoch
-                self.history.append(metrics)
-                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("train_loss", "test_accuracy")
-                                 if k in metrics})
-                if self.on_epoch_end is not None and self.on_epoch_end(metrics) is False:
-                    break
+            # With several ranks, an error on one rank ends them all (none waits forever in
+            # a collective); a NaN loss is seen by every rank alike and raised as usual.
+            with self.comm.guard(alike=(FloatingPointError,)):
+                for epoch in bar:
+                    metrics = self._epoch(epoch)
+                    self.epoch = epoch
+                    self.history.append(metrics)
+                    bar.set_postfix({k: f"{metrics[k]:.4f}"
+                                     for k in ("train_loss", "test_accuracy") if k in metrics})
+                    stop = self.on_epoch_end is not None and self.on_epoch_end(metrics) is False
+                    if any(self.comm.allgather(stop) if self.reducer else (stop,)):
+                        break
         finally:
             if self._owns_memory:
                 self.memory.stop()
         return self.history
 
-    def train_batch(self, x: numpy.ndarray, y: numpy.ndarray) -> Any:
+    def train_batch(self, x: numpy.ndarray, y: numpy.ndarray,
+                    shard: tuple[int, int, int] | None = None) -> Any:
         """One training step on a host mini-batch, as every batch of an epoch takes it.
 
         The batch goes to the device (and through ``augment``), then forward,
@@ -216,30 +287,101 @@ class Trainer:
         step. Returns the batch's mean loss as a 0-d array on the device: on
         the GPU the step queues its work and returns without waiting for the
         device (``scripts/gpu_check.py`` checks this).
+
+        With several ranks, ``(x, y)`` is the global batch, of which this rank
+        takes its contiguous share, or, with ``shard=(start, stop, total)``,
+        already rows ``[start, stop)`` of a global batch of ``total`` rows. The
+        loss and gradients are this rank's share of the global batch's mean,
+        summed over the ranks in one all-reduce before ``observe`` and Adam.
         """
         model, backend = self.model, self.model.backend
-        xb = backend.asarray(x, dtype=model.dtype)
-        if self.augment is not None:
-            xb = self.augment(xb, self.augment_rng)
-        value, grad = LOSSES[self.loss](model.forward(xb), backend.asarray(y), check=False)
-        model.backward(grad, need_input_grad=False)
+        if self.reducer is None:
+            xb = backend.asarray(x, dtype=model.dtype)
+            if self.augment is not None:
+                xb = self.augment(xb, self.augment_rng)
+            value, grad = LOSSES[self.loss](model.forward(xb), backend.asarray(y), check=False)
+            model.backward(grad, need_input_grad=False)
+        else:
+            if shard is None:
+                start, stop = self.comm.shard(len(x))
+                shard, x, y = (start, stop, len(x)), x[start:stop], y[start:stop]
+            start, stop, total = shard
+            xb = backend.asarray(x, dtype=model.dtype)
+            if self.augment is not None:  # advances the stream as for the whole batch
+                xb = self.augment(xb, self.augment_rng, rows=(start, stop), total=total)
+            if stop > start:
+                value, grad = LOSSES[self.loss](model.forward(xb), backend.asarray(y),
+                                                check=False, total=total)
+                model.backward(grad, need_input_grad=False)
+            else:  # no rows here: this rank adds zeros
+                value = backend.xp.zeros((), dtype=model.dtype)
+                for layer in model.layers:
+                    for name, param, _ in layer.parameters():
+                        setattr(layer, "grad_" + name, backend.xp.zeros_like(param))
+            value = self.reducer.reduce(model, value)
         if self.redistributor is not None:
             self.redistributor.observe(model)
         self.optimizer.step()
         return value
 
+    def _epoch_data(self) -> tuple[Callable[[int], tuple[Any, ...]], int, Callable[[int], Any]]:
+        """This epoch's batches: ``(batch(b), n_rows, rows_from(b0))``.
+
+        ``batch(b)`` gives the host rows of batch ``b`` for :meth:`train_batch`
+        (the global batch, or with several ranks this rank's share and its
+        ``shard``); ``rows_from(b0)`` the rows of batches ``b0, ...`` this rank
+        uses for growth, with their global count. Draws the epoch's rows and
+        order from the trainer's stream, the same way on every rank.
+        """
+        model, comm, size = self.model, self.comm, self.batch_size
+        local = self.reducer is not None and self.sampler is not None and _takes(self.sampler)
+        if local:
+            sample_rows = self.sampler.epoch_rows(self.rng)
+            n = len(sample_rows)
+        else:
+            if self.sampler is not None:
+                x_train, y_train = _check_dataset(model, self.sampler.sample_epoch(self.rng),
+                                                  self.loss, "train")
+            else:
+                x_train, y_train = self.train
+            n = x_train.shape[0]
+        order = self.rng.permutation(n)
+        n_batches = -(-n // size)
+        if self.reducer is None:
+            def batch(b):
+                idx = order[b * size:(b + 1) * size]
+                return x_train[idx], y_train[idx]
+
+            def rows_from(b0):
+                rows = order[b0 * size:]
+                return x_train[rows], y_train[rows], None
+            return batch, n, rows_from
+        shards = [comm.shard(min(size, n - b * size)) for b in range(n_batches)]
+        positions = [order[b * size + s:b * size + e] for b, (s, e) in enumerate(shards)]
+        if local:  # copy only this rank's rows of the epoch
+            mine = numpy.concatenate(positions) if positions else numpy.empty(0, dtype=int)
+            x_train, y_train = self.sampler.take(sample_rows[mine])
+            if len(mine):
+                _check_dataset(model, (x_train, y_train), self.loss, "train")
+            offsets = numpy.concatenate([[0], numpy.cumsum([len(p) for p in positions])])
+            positions = [numpy.arange(offsets[b], offsets[b + 1]) for b in range(n_batches)]
+
+        def batch(b):
+            s, e = shards[b]
+            idx = positions[b]
+            return x_train[idx], y_train[idx], (s, e, min(size, n - b * size))
+
+        def rows_from(b0):
+            idx = numpy.concatenate(positions[b0:])
+            return x_train[idx], y_train[idx], n - b0 * size
+        return batch, n, rows_from
+
     def _epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         model, backend, batch_size = self.model, self.model.backend, self.batch_size
-        if self.sampler is not None:
-            x_train, y_train = _check_dataset(model, self.sampler.sample_epoch(self.rng), self.loss,
-                                              "train")
-        else:
-            x_train, y_train = self.train
-        n = x_train.shape[0]
+        batch, n, rows_from = self._epoch_data()
         n_batches = -(-n // batch_size)
-        order = self.rng.permutation(n)
         redistributor = self.redistributor
         fraction = (fraction_at(epoch, self.epochs, self.alpha, self.redistribute_every,
                                 self.end_fraction) if redistributor is not None else 0.0)
@@ -254,8 +396,7 @@ class Trainer:
                          disable=not self.progress, unit="batch")
         shown = None  # the loss on its way to the progress bar (never waited for)
         for b in batch_bar:
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            value = self.train_batch(x_train[idx], y_train[idx])
+            value = self.train_batch(*batch(b))
             batch_losses[b] = value
             if self.progress and b % 50 == 0:
                 shown = _show_loss(batch_bar, shown, backend, value)
@@ -276,20 +417,28 @@ class Trainer:
             "redistribution_seconds": 0.0,
         }
         if fraction > 0:
-            rows = order[max(0, n_batches - self.growth_batches) * batch_size:]
-            metrics.update(_redistribute(model, self.optimizer, redistributor, fraction,
-                                         (x_train[rows], y_train[rows]), self.probe, self.loss))
+            growth = rows_from(max(0, n_batches - self.growth_batches))
+            metrics.update(_redistribute(model, self.optimizer, redistributor, fraction, growth,
+                                         self.probe, self.loss, self.comm))
+            self.comm.check_identical_model(model, f"after the redistribution of epoch {epoch}")
         metrics["nnz"] = model.nnz
         if self.memory is not None:
             metrics["peak_memory_bytes"] = self.memory.peak()
         if self.test is not None:
             start = time.perf_counter()
-            result = evaluate(model, *self.test, self.loss, self.eval_batch_size)
+            result = evaluate(model, *self.test, self.loss, self.eval_batch_size, self.comm)
             metrics["test_loss"] = result["loss"]
             metrics["test_accuracy"] = result["accuracy"]
             if "auc" in result:
                 metrics["test_auc"] = result["auc"]
             metrics["eval_seconds"] = time.perf_counter() - start
+        if self.reducer is not None:  # the slowest rank's times and peak, the same everywhere
+            keys = [k for k in ("train_seconds", "redistribution_seconds", "eval_seconds",
+                                "peak_memory_bytes") if k in metrics]
+            slowest = numpy.array([float(metrics[k]) for k in keys])
+            self.comm.allreduce(slowest, op="max")
+            for k, v in zip(keys, slowest.tolist()):
+                metrics[k] = int(v) if k == "peak_memory_bytes" else v
         return metrics
 
 
@@ -300,7 +449,8 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         end_fraction: float = 0.75, growth_batches: int = 1,
         augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
         track_memory: Any = False,
-        on_epoch_end: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+        on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
+        comm: Any = None) -> list[dict[str, Any]]:
     """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
 
     Each epoch visits the training rows in a fresh permutation drawn from a
@@ -337,7 +487,18 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         ``True`` counts only what is allocated from the start of training; pass
         a tracker started before building the model to include the model.
     on_epoch_end : callable, optional
-        Called with each epoch's metrics dict; returning False stops training.
+        Called with each epoch's metrics dict; returning False stops training
+        (on every rank, when any rank's call returns False).
+    comm : cupynn.distributed.Communicator, optional
+        Data-parallel training over its ranks (see :mod:`cupynn.distributed`):
+        ``train`` and ``test`` given in full on every rank (or a sampler),
+        ``batch_size`` the global batch, each rank computing its contiguous
+        share; one all-reduce per step; redistribution identical on every rank
+        (checked by hashing every layer after each one); evaluation sharded.
+        Every rank returns the same history (times and peak memory are the
+        slowest rank's), and the model equals a one-process run's with the same
+        global batch up to the order of floating-point sums. Only the first
+        rank shows progress.
 
     Returns
     -------
@@ -359,7 +520,7 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
                    redistribution=redistribution, alpha=alpha,
                    redistribute_every=redistribute_every, end_fraction=end_fraction,
                    growth_batches=growth_batches, augment=augment, track_memory=track_memory,
-                   on_epoch_end=on_epoch_end).run()
+                   on_epoch_end=on_epoch_end, comm=comm).run()
 
 
 def _show_loss(bar: Any, shown: Any, backend: Any, value: Any) -> Any:
@@ -387,21 +548,51 @@ def _redistributor(redistribution: Any, seed: int) -> Any:
                     f"None. Got {type(redistribution).__name__} instead.")
 
 
-def _probe_loss(model: Any, batch: tuple[numpy.ndarray, numpy.ndarray], loss: str) -> float:
-    value, _ = LOSSES[loss](model.forward(batch[0]), model.backend.asarray(batch[1]), check=False)
-    return float(value)
+def _takes(sampler: Any) -> bool:
+    """Whether a sampler can draw an epoch's rows and copy chosen ones (``epoch_rows``, ``take``)."""
+    return callable(getattr(sampler, "epoch_rows", None)) and callable(getattr(sampler, "take", None))
+
+
+def _takes_rows(augment: Any) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(augment).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rows" in params and "total" in params
+
+
+def _probe_loss(model: Any, batch: tuple[numpy.ndarray, numpy.ndarray], loss: str,
+                comm: Any) -> float:
+    x, y = batch
+    if comm.size == 1:
+        value, _ = LOSSES[loss](model.forward(x), model.backend.asarray(y), check=False)
+        return float(value)
+    start, stop = comm.shard(len(x))
+    share = numpy.zeros(1)
+    if stop > start:
+        value, _ = LOSSES[loss](model.forward(x[start:stop]), model.backend.asarray(y[start:stop]),
+                                check=False, total=len(x))
+        share[0] = float(value)
+    return float(comm.allreduce(share)[0])
 
 
 def _redistribute(model: Any, optimizer: Any, redistributor: Any, fraction: float,
-                  growth: tuple[numpy.ndarray, numpy.ndarray],
-                  probe: tuple[numpy.ndarray, numpy.ndarray], loss: str) -> dict[str, Any]:
-    """One scheduled redistribution, timed, with the induced loss around it."""
-    before = _probe_loss(model, probe, loss)
+                  growth: tuple[Any, Any, int | None],
+                  probe: tuple[numpy.ndarray, numpy.ndarray], loss: str,
+                  comm: Any) -> dict[str, Any]:
+    """One scheduled redistribution, timed, with the induced loss around it.
+
+    ``growth`` is ``(x, y, total)``: this rank's rows of the growth batch(es)
+    and their count over all ranks (None: one process)."""
+    before = _probe_loss(model, probe, loss, comm)
     model.backend.synchronize()
     start = time.perf_counter()
-    counts = redistributor.redistribute(model, optimizer, fraction, growth[0], growth[1], loss)
+    x, y, total = growth
+    counts = redistributor.redistribute(model, optimizer, fraction, x, y, loss, total=total)
     model.backend.synchronize()
     seconds = time.perf_counter() - start
     return {"fraction": fraction, "redistribution_seconds": seconds,
-            "induced_loss_before": before, "induced_loss_after": _probe_loss(model, probe, loss),
+            "induced_loss_before": before, "induced_loss_after": _probe_loss(model, probe, loss, comm),
             "redistribution": counts}

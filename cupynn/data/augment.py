@@ -100,14 +100,20 @@ class RandomAffine:
         scales = low + u[:, 3] * (high - low)
         return angles, shifts, scales
 
-    def __call__(self, x: Any, rng: numpy.random.Generator) -> Any:
-        """Augment a batch.
+    def __call__(self, x: Any, rng: numpy.random.Generator, *,
+                 rows: tuple[int, int] | None = None, total: int | None = None) -> Any:
+        """Augment a batch, or one rank's rows of a batch.
 
         Parameters
         ----------
         x : (batch, height * width) float array, NumPy or CuPy
         rng : numpy.random.Generator
             Source of the per-image parameters (drawn on the host).
+        rows, total : optional
+            ``x`` is rows ``[start, stop)`` of a batch of ``total`` images (a
+            rank's share in data-parallel training): the parameters of all
+            ``total`` are drawn, so the stream advances as for the whole batch,
+            and those of ``x``'s rows are applied.
 
         Returns
         -------
@@ -120,8 +126,19 @@ class RandomAffine:
         _check_batch(x, self.image_shape, "RandomAffine")
         if self.is_identity:
             return x
-        angles, shifts, scales = self.sample(x.shape[0], rng)
-        return affine_transform(x, self.image_shape, angles, shifts, scales)
+        if rows is None:
+            start, stop = 0, x.shape[0]
+            total = x.shape[0]
+        else:
+            start, stop = (int(r) for r in rows)
+            if total is None or not 0 <= start <= stop <= total or stop - start != x.shape[0]:
+                raise ValueError(f"RandomAffine: rows {rows!r} of a batch of total={total!r} "
+                                 f"images do not match the {x.shape[0]} given.")
+        angles, shifts, scales = self.sample(total, rng)
+        if stop == start:
+            return x
+        return affine_transform(x, self.image_shape, angles[start:stop], shifts[start:stop],
+                                scales[start:stop])
 
     def __repr__(self) -> str:
         return (f"RandomAffine(rotation={self.rotation:g}, translation={self.translation:g}, "

@@ -102,7 +102,7 @@ class HiggsData:
         return self.x_val, self.y_val
 
     def sample_epoch(self, rng: numpy.random.Generator) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """A fresh random sample of training rows for one epoch.
+        """A fresh random sample of training rows for one epoch: ``take(epoch_rows(rng))``.
 
         ``train_samples`` distinct rows drawn by ``rng`` (all training rows,
         in a fresh order, when that is every row).
@@ -112,13 +112,23 @@ class HiggsData:
         x : (train_samples, 21) float32
         y : (train_samples,) float32, 0 or 1
         """
+        return self.take(self.epoch_rows(rng))
+
+    def epoch_rows(self, rng: numpy.random.Generator) -> numpy.ndarray:
+        """The training rows (indices) one epoch uses, drawn by ``rng``.
+
+        With :meth:`take` this lets each rank of a data-parallel run copy only
+        the rows of its shards (``cupynn.fit(..., comm=)`` does so).
+        """
         if not isinstance(rng, numpy.random.Generator):
             raise TypeError("The 'rng' parameter of HiggsData.sample_epoch must be a "
                             f"numpy.random.Generator. Got {type(rng).__name__} instead.")
         if self.train_samples < self.n_train_rows:
-            rows = rng.choice(self.n_train_rows, self.train_samples, replace=False)
-        else:
-            rows = rng.permutation(self.n_train_rows)
+            return rng.choice(self.n_train_rows, self.train_samples, replace=False)
+        return rng.permutation(self.n_train_rows)
+
+    def take(self, rows: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Copies of the given training rows: ``(x (len, 21) float32, y (len,) float32)``."""
         return self.x_train[rows], self.y_train[rows]
 
     def summary(self) -> str:

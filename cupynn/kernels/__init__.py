@@ -306,6 +306,8 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True) ->
     n_rows = _rows_of(what, indptr)
     _check_pattern(what, indptr, indices, n_rows, x.shape[0], check, data)
     if backend.is_gpu:
+        if x.shape[1] == 0 or n_rows == 0:  # cuSPARSE is not asked about empty products
+            return backend.xp.zeros((n_rows, x.shape[1]), dtype=x.dtype)
         w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
         return backend.xp.ascontiguousarray(w @ x)
     from . import cpu
@@ -333,6 +335,8 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     _check_contiguous(what, dy=dy)
     _check_pattern(what, indptr, indices, dy.shape[0], n_cols, check, data)
     if backend.is_gpu:
+        if dy.shape[1] == 0 or dy.shape[0] == 0:  # cuSPARSE is not asked about empty products
+            return backend.xp.zeros((n_cols, dy.shape[1]), dtype=dy.dtype)
         w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
         return backend.xp.ascontiguousarray(w.T @ dy)
     from . import cpu

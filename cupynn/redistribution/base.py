@@ -96,23 +96,32 @@ class GradientProbe:
     From these a layer's dense weight gradient is ``dY @ X.T``, which growth
     criteria compute a block of rows at a time and discard. The pass also
     leaves ``grad_data`` / ``grad_bias`` set, like any backward pass.
+
+    With a communicator of several ranks, ``(x, y)`` is this rank's share of
+    a batch of ``total`` rows: the loss is its share of the batch's mean, and
+    every quantity growth reads (:attr:`loss`, :meth:`dense_gradient_rows`,
+    :meth:`error_signal`) is summed over the ranks, a block at a time, so that
+    every rank sees the whole batch's values and takes the same decisions.
     """
 
-    def __init__(self, model: Any, x: Any, y: Any, loss: str) -> None:
+    def __init__(self, model: Any, x: Any, y: Any, loss: str, *, total: int | None = None,
+                 comm: Any = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"The 'loss' argument must be one of {list(LOSSES)}. Got {loss!r}.")
         xp = model.backend.xp
+        self.comm = comm if comm is not None and comm.size > 1 else None
         layers = model.sparse_layers
         for layer in layers:
             layer.keep_output_grad = True
         try:
             logits = model.forward(x)
-            value, grad = LOSSES[loss](logits, xp.asarray(y), check=False)
+            value, grad = LOSSES[loss](logits, xp.asarray(y), check=False, total=total)
             model.backward(grad, need_input_grad=False)
         finally:
             for layer in layers:
                 layer.keep_output_grad = False
-        self.loss = float(value)
+        self.loss = float(value) if self.comm is None else float(
+            self.comm.allreduce(numpy.array([float(value)]))[0])
         self.inputs = [layer._x for layer in layers]
         self.output_grads = [layer._dy for layer in layers]
         for layer in layers:
@@ -124,11 +133,24 @@ class GradientProbe:
         ``out``, when given, is a C-contiguous (len(rows), in_features)
         array of the gradient's dtype to write into (reused across blocks).
         """
+        block = self.xp.matmul(self._output_grad(index)[rows], self.inputs[index].T, out=out)
+        return block if self.comm is None else self.comm.allreduce(block)
+
+    def error_signal(self, index: int) -> numpy.ndarray:
+        """|sum over the batch of dY| per output neuron of sparse layer ``index`` (host)."""
+        from ..backend import to_numpy
+
+        signal = self._output_grad(index).sum(axis=1)
+        if self.comm is not None:
+            self.comm.allreduce(signal)
+        return numpy.abs(to_numpy(signal))
+
+    def _output_grad(self, index: int) -> Any:
         dy = self.output_grads[index]
         if dy is None:
             raise RuntimeError(f"GradientProbe: the output gradient of sparse layer {index} was "
                                f"released.")
-        return self.xp.matmul(dy[rows], self.inputs[index].T, out=out)
+        return dy
 
     @property
     def xp(self) -> Any:
@@ -212,6 +234,7 @@ class Redistributor:
     name = "base"
     is_global = False
     uses_batch = False
+    comm: Any = None  # a cupynn.distributed.Communicator, set by the training loop
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = check_int(seed, "seed", type(self).__name__, low=0)
@@ -245,7 +268,8 @@ class Redistributor:
 
     # -------------------------------------------------------------- template
     def redistribute(self, model: Any, optimizer: Any, fraction: float, x: Any = None,
-                     y: Any = None, loss: str = "cross_entropy") -> list[dict[str, int]]:
+                     y: Any = None, loss: str = "cross_entropy", *,
+                     total: int | None = None) -> list[dict[str, int]]:
         """Apply one redistribution moving ``fraction`` of the active weights.
 
         Parameters
@@ -256,6 +280,9 @@ class Redistributor:
         fraction : float in [0, 1]
         x, y : batch used where gradients or error signals are needed
         loss : {"cross_entropy", "binary_cross_entropy"}
+        total : int, optional
+            With a communicator of several ranks (:attr:`comm`): ``x, y`` are this
+            rank's rows of a batch of ``total`` rows (see :class:`GradientProbe`).
 
         Returns
         -------
@@ -271,7 +298,8 @@ class Redistributor:
         if self.uses_batch and (x is None or y is None):
             raise ValueError(f"The {self.name!r} redistribution needs a batch (x, y).")
         with one_blas_thread(model.backend.xp):
-            probe = GradientProbe(model, x, y, loss) if self.uses_batch else None
+            probe = (GradientProbe(model, x, y, loss, total=total, comm=self.comm)
+                     if self.uses_batch else None)
             for layer in layers:  # the weight gradients belong to the old topology
                 layer.grad_data = None
             drops = self.drop(model, fraction, probe)

@@ -50,7 +50,7 @@ class LossGrowth(Redistributor):
                 probe.release(i)
                 continue
             n_rows, n_cols = layer.out_features, layer.in_features
-            signal = to_numpy(xp.abs(probe.output_grads[i].sum(axis=1)))
+            signal = probe.error_signal(i)
             ranking = numpy.lexsort((numpy.arange(n_rows), -signal))  # |δ| desc, index asc
             bounds = xp.arange(n_rows + 1, dtype=xp.int64) * n_cols
             kept_per_row = to_numpy(xp.diff(xp.searchsorted(kept, bounds)))

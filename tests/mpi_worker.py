@@ -1,0 +1,123 @@
+"""A program that tests/test_distributed.py runs under ``mpiexec -n R`` (not a test module).
+
+``python tests/mpi_worker.py train OUT`` trains every configuration of
+:func:`configs` with the MPI communicator and, on rank 0, writes each final
+model and history to ``OUT/<name>.npz`` / ``.json``; the test compares them
+with one-process runs. Every rank checks that all ranks ended with the same
+history. ``fault`` and ``mismatch`` modes make one rank fail or disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy
+
+import cupynn
+from cupynn import distributed
+from cupynn.redistribution import NAMES
+
+EPOCHS = 5  # the schedule's length: epochs 1-3 redistribute (E_end = 3.75); 3 are run
+RUN_EPOCHS = 3
+BATCH = 48
+
+
+def data(binary: bool = False, rows: int = 241, features: int = 16):
+    """Seeded data; 241 rows at batch 48 end in a batch of one row (empty shards)."""
+    rng = numpy.random.default_rng(7)
+    x = rng.standard_normal((rows, features))
+    w = rng.standard_normal((features, 4))
+    y = (x @ w).argmax(axis=1)
+    if binary:
+        y = (y % 2).astype(numpy.float64)
+    test = rng.standard_normal((57, features))
+    yt = (test @ w).argmax(axis=1)
+    return (x, y), (test, (yt % 2).astype(numpy.float64) if binary else yt)
+
+
+class Sampler:
+    """An epoch sampler that can draw rows and copy chosen ones, as HiggsData does."""
+
+    def __init__(self, x, y, per_epoch: int, fail_rank: int | None = None) -> None:
+        self.x_train, self.y_train, self.train_samples = x, y, per_epoch
+        self.fail_rank, self.calls = fail_rank, 0
+
+    def epoch_rows(self, rng):
+        return rng.choice(len(self.y_train), self.train_samples, replace=False)
+
+    def take(self, rows):
+        self.calls += 1
+        if self.fail_rank is not None and self.calls == 3 \
+                and distributed.init().rank == self.fail_rank:
+            raise FileNotFoundError("rank-specific failure: this rank lost its copy of the data")
+        return self.x_train[rows], self.y_train[rows]
+
+    def sample_epoch(self, rng):
+        return self.take(self.epoch_rows(rng))
+
+
+def configs():
+    """name -> keyword arguments of :func:`run`."""
+    out = {name: dict(algorithm=name) for name in NAMES}
+    out["dense"] = dict(algorithm=None, dense=True)
+    out["binary-gradient-global"] = dict(algorithm="gradient-global", binary=True)
+    out["sampler-woodtaylor"] = dict(algorithm="woodtaylor", sampler=True)
+    out["augment-random"] = dict(algorithm="random", augment=True)
+    return out
+
+
+def run(comm, algorithm=None, dense=False, binary=False, sampler=False, augment=False,
+        lr=2e-2, fail_rank=None):
+    """One training run; returns (model, history)."""
+    train, test = data(binary)
+    sizes = [16, 24, 24, 1 if binary else 4]
+    model = cupynn.MLP(sizes, density=1.0 if dense else 0.3,
+                       dense_layers=(0, 1, 2) if dense else ((-1,) if binary else ()),
+                       seed=3, dtype="float64", device="cpu")
+    if sampler:
+        train = Sampler(*train, per_epoch=200, fail_rank=fail_rank)
+    transform = None
+    if augment:
+        from cupynn.data import RandomAffine
+
+        transform = RandomAffine(rotation=20, translation=1, image_shape=(4, 4))
+    history = cupynn.fit(model, cupynn.Adam(model, lr=lr), train, test, epochs=EPOCHS,
+                         batch_size=BATCH, seed=11, progress=False, redistribution=algorithm,
+                         growth_batches=2, augment=transform,
+                         loss="binary_cross_entropy" if binary else "cross_entropy",
+                         on_epoch_end=lambda m: m["epoch"] < RUN_EPOCHS, comm=comm)
+    return model, history
+
+
+def comparable(history):
+    """The history without wall-clock fields (these are the slowest rank's, not a one-process
+    run's)."""
+    return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in history]
+
+
+def main(argv):
+    mode, out = argv[1], Path(argv[2])
+    comm = distributed.init()
+    assert comm.size > 1, "run me under mpiexec -n 2 or more"
+    if mode == "train":
+        for name, kwargs in configs().items():
+            model, history = run(comm, **kwargs)
+            histories = comm.allgather(json.dumps(history, sort_keys=True, default=str))
+            if comm.is_root:
+                numpy.savez(out / f"{name}.npz", **model.state_dict())
+                (out / f"{name}.json").write_text(json.dumps({
+                    "history": comparable(history), "ranks": comm.size,
+                    "histories_equal": len(set(histories)) == 1}, default=str))
+    elif mode == "fault":
+        run(comm, algorithm="random", sampler=True, fail_rank=comm.size - 1)
+    elif mode == "mismatch":
+        run(comm, algorithm="random", lr=2e-2 if comm.rank == 0 else 3e-2)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

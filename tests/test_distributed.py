@@ -1,0 +1,238 @@
+"""Data-parallel training over MPI (cupynn.distributed).
+
+The central claim: R ranks with global batch B end with the model one process
+trains with batch B (CPU, float64, every algorithm, 3 epochs with a
+redistribution after each, uneven and empty shards) — run for real under
+``mpiexec -n 2`` and ``-n 3`` (tests/mpi_worker.py, a subprocess under a
+timeout). Also: a rank that fails ends the whole job with its message and
+never hangs; ranks that disagree on the configuration are told which setting
+differs; and the pieces (shards, the gradient packing, loss shares, the
+checks) on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+import cupynn
+from cupynn import distributed
+from cupynn.distributed import Communicator, GradientReducer, SingleProcess, shard
+from cupynn.losses import binary_cross_entropy, cross_entropy
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import mpi_worker  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
+MPI_TIMEOUT = 180
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the mpich wheel's), else on PATH; skip (fail in CI)."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        found = None
+    if found is None:
+        reason = "needs mpi4py and mpiexec (pip install -e '.[mpi]')"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI installs the mpi extra, so this test must run.")
+        pytest.skip(reason)
+    return found
+
+
+def launch(ranks: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(HERE / "mpi_worker.py"),
+                           *args], capture_output=True, text=True, timeout=MPI_TIMEOUT, env=env,
+                          cwd=HERE.parent)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def trained(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"mpi{request.param}")
+    done = launch(request.param, "train", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return request.param, out
+
+
+@pytest.mark.parametrize("name", list(mpi_worker.configs()))
+def test_ranks_train_the_one_process_model(trained, name):
+    ranks, out = trained
+    model, history = mpi_worker.run(SingleProcess(), **mpi_worker.configs()[name])
+    reference = model.state_dict()
+    got = dict(numpy.load(out / f"{name}.npz"))
+    meta = json.loads((out / f"{name}.json").read_text())
+    assert meta["ranks"] == ranks and meta["histories_equal"], "ranks returned different histories"
+    assert sorted(got) == sorted(reference)
+    for key in reference:  # topology identical
+        if key.endswith(("indptr", "indices")):
+            numpy.testing.assert_array_equal(got[key], reference[key], err_msg=key)
+    scale = max(numpy.abs(v).max() for k, v in reference.items() if not k.endswith(("ptr", "ces")))
+    for key in reference:
+        if not key.endswith(("indptr", "indices")):
+            numpy.testing.assert_allclose(got[key], reference[key], rtol=0, atol=1e-9 * scale,
+                                          err_msg=key)
+    mine = mpi_worker.comparable(history)
+    assert len(mine) == len(meta["history"]) == mpi_worker.RUN_EPOCHS
+    for a, b in zip(mine, meta["history"]):
+        assert a["nnz"] == b["nnz"]
+        for key in ("train_loss", "test_loss", "test_accuracy", "test_auc",
+                    "induced_loss_before", "induced_loss_after"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+        assert a.get("redistribution") == b.get("redistribution")
+    if name not in ("static", "dense"):
+        assert all(sum(r["added"] for r in h["redistribution"]) > 0 for h in mine)
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
+    done = launch(2, "fault", str(tmp_path))
+    assert done.returncode != 0
+    assert "this rank lost its copy of the data" in done.stderr
+    assert "[rank 1 of 2]" in done.stderr
+
+
+def test_ranks_that_disagree_are_told_what_differs(tmp_path):
+    done = launch(2, "mismatch", str(tmp_path))
+    assert done.returncode != 0
+    assert "The 2 ranks disagree on the configuration: optimizer:" in done.stderr
+    assert "'lr': 0.02" in done.stderr and "'lr': 0.03" in done.stderr
+
+
+# ----------------------------------------------------------------- the pieces
+@pytest.mark.parametrize("n, size", [(0, 3), (1, 3), (10, 3), (48, 2), (47, 5), (5, 5)])
+def test_shards_cover_the_rows_in_order(n, size):
+    bounds = [shard(n, r, size) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    lengths = [stop - start for start, stop in bounds]
+    assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+def test_one_process_without_a_launcher(monkeypatch):
+    for name in distributed.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_WORLD", [])
+    comm = distributed.init()
+    assert isinstance(comm, SingleProcess) and (comm.rank, comm.size) == (0, 1)
+    assert distributed.init() is comm
+    a = numpy.arange(4.0)
+    assert comm.allreduce(a) is a and list(a) == [0, 1, 2, 3]
+    assert comm.bcast({"x": 1}) == {"x": 1} and comm.allgather(5) == [5]
+    assert comm.shard(7) == (0, 7)
+    with pytest.raises(ValueError, match=r"must be one of \['sum', 'max'\]"):
+        comm.allreduce(a, op="min")
+    with pytest.raises(TypeError, match="must be a cupynn.distributed.Communicator"):
+        distributed.as_communicator("world")
+
+
+def test_a_launcher_without_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(distributed, "_WORLD", [])
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails
+    with pytest.raises(ImportError, match=r"started by an MPI launcher.*cupynn\[mpi\]"):
+        distributed.init()
+
+
+class TwoAlike(Communicator):
+    """Two ranks holding the same values, simulated in one process: sums double."""
+
+    size = 2
+
+    def __init__(self, others=None):
+        self.others = others or []
+
+    def allreduce(self, array, op="sum"):
+        if op == "sum":
+            array *= 2
+        return array
+
+    def allgather(self, obj):
+        return [obj, *self.others] if self.others else [obj, obj]
+
+
+def test_the_gradient_reducer_packs_everything_in_one_buffer():
+    model = cupynn.MLP([6, 5, 2], density=0.5, dense_layers=(-1,), dtype="float64", device="cpu")
+    logits = model.forward(numpy.random.default_rng(0).standard_normal((4, 6)))
+    value, grad = cross_entropy(logits, numpy.array([0, 1, 1, 0]))
+    model.backward(grad, need_input_grad=False)
+    before = [g.copy() for layer in model.layers for _, _, g in layer.parameters()]
+    reducer = GradientReducer(TwoAlike())
+    total = reducer.reduce(model, value)
+    assert float(total) == pytest.approx(2 * float(value))
+    after = [g for layer in model.layers for _, _, g in layer.parameters()]
+    for a, b in zip(before, after):
+        numpy.testing.assert_array_equal(b, 2 * a)
+        assert numpy.shares_memory(b, reducer._buffer)  # views of the one buffer
+    assert reducer._buffer.shape == (sum(a.size for a in before) + 1,)
+
+
+def test_check_same_names_the_settings_that_differ():
+    comm = TwoAlike(others=[{"lr": 0.1, "seed": 1, "extra": True}])
+    comm.check_same("x", {"lr": 0.1, "seed": 1, "extra": True})  # the same: passes
+    with pytest.raises(ValueError, match=r"disagree on the setup: extra: rank 0 None, rank 1 "
+                                         r"True; seed: rank 0 2, rank 1 1"):
+        comm.check_same("setup", {"lr": 0.1, "seed": 2})
+
+
+def test_diverged_models_are_named_by_layer():
+    model = cupynn.MLP([6, 5, 2], density=0.5, device="cpu")
+    other = cupynn.MLP([6, 5, 2], density=0.5, device="cpu")
+    other.layers[1].data[0] += 1
+
+    def hashes(m):
+        return [[distributed.array_hash(getattr(layer, n)) for n in ("indptr", "indices", "data")]
+                for layer in m.layers]
+
+    TwoAlike(others=[hashes(model)]).check_identical_model(model, "now")
+    with pytest.raises(RuntimeError, match=r"diverged now: layer 1's data differs on rank\(s\) "
+                                           r"\[1\]"):
+        TwoAlike(others=[hashes(other)]).check_identical_model(model, "now")
+
+
+@pytest.mark.parametrize("loss, labels", [
+    (cross_entropy, numpy.array([0, 2, 1, 1, 0, 2, 2])),
+    (binary_cross_entropy, numpy.array([0, 1, 1, 0, 1, 0, 1.0])),
+])
+def test_loss_shares_add_up_to_the_mean(loss, labels):
+    rng = numpy.random.default_rng(3)
+    logits = rng.standard_normal((7, 3 if loss is cross_entropy else 1))
+    whole, whole_grad = loss(logits, labels)
+    parts = [loss(logits[a:b], labels[a:b], total=7) for a, b in [(0, 3), (3, 5), (5, 7), (7, 7)]]
+    assert sum(float(v) for v, _ in parts) == pytest.approx(float(whole), rel=1e-14)
+    numpy.testing.assert_allclose(numpy.concatenate([g for _, g in parts]), whole_grad,
+                                  rtol=1e-14)
+    with pytest.raises(ValueError, match="must be an int >= the batch size 7"):
+        loss(logits, labels, total=6)
+
+
+def test_loss_share_gradient_is_the_derivative():
+    """Gradient check of a share: d(sum over rows / total) / d logits."""
+    from gradcheck import assert_close_gradient, numeric_gradient
+
+    rng = numpy.random.default_rng(4)
+    logits, labels = rng.standard_normal((3, 4)), numpy.array([1, 3, 0])
+    _, grad = cross_entropy(logits, labels, total=10)
+    numeric = numeric_gradient(lambda: float(cross_entropy(logits, labels, total=10)[0]), logits)
+    assert_close_gradient(grad, numeric, "cross_entropy share")
+
+
+def test_augment_without_rows_is_refused_with_several_ranks():
+    model = cupynn.MLP([4, 3, 2], density=0.5, device="cpu")
+    x, y = numpy.zeros((10, 4)), numpy.zeros(10, int)
+    with pytest.raises(TypeError, match="must take rows= and total="):
+        cupynn.Trainer(model, cupynn.Adam(model), (x, y), epochs=1, batch_size=5,
+                       augment=lambda xb, rng: xb, comm=TwoAlike())
