@@ -72,7 +72,14 @@ def load_checkpoint(path: str | Path, trainer: Any) -> dict[str, Any]:
     The trainer must have been built with the same model configuration.
     Returns the checkpoint's metadata.
     """
-    meta, arrays = read_checkpoint(path)
+    return restore_checkpoint(read_checkpoint(path), trainer)
+
+
+def restore_checkpoint(checkpoint: tuple[dict[str, Any], dict[str, numpy.ndarray]],
+                       trainer: Any) -> dict[str, Any]:
+    """:func:`load_checkpoint` from a checkpoint already read (:func:`read_checkpoint`), for
+    example by one rank and sent to the others."""
+    meta, arrays = checkpoint
     config = trainer.model.config()
     if meta["model"] != config:
         raise ValueError(f"The checkpoint's model {meta['model']} differs from the trainer's "

@@ -15,6 +15,15 @@ dense baseline) and writes to its output directory:
 
 A run never writes into a directory that holds another run's files unless
 told to (``overwrite``).
+
+Under an MPI launcher (``mpiexec -n 4 python scripts/train_higgs.py ...``) the
+run is data-parallel (:mod:`cupynn.distributed`): the first rank loads the
+data first (so that it alone parses and caches it) and the others after it;
+only the first rank checks and writes the output directory, shows progress
+and writes the files above (``config.json`` records the number of ranks), and
+reads a checkpoint to resume, which it sends to the others; since every rank
+holds the same state, a run checkpointed on R ranks resumes on any number. An
+error on any rank ends every rank with its message.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from typing import Any, Callable
 import numpy
 
 from .backend import get_backend
-from .checkpoint import FILENAME as CHECKPOINT, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (FILENAME as CHECKPOINT, read_checkpoint, restore_checkpoint,
+                         save_checkpoint)
 from .memory import MemoryTracker
 from .model import MLP
 from .optim import Adam
@@ -198,20 +208,45 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run(experiment: Experiment, argv: list[str] | None = None) -> int:
-    """Parse ``argv``, train, write the results; return the exit status."""
+    """Parse ``argv``, train, write the results; return the exit status.
+
+    Under an MPI launcher every rank runs this (see the module doc); an error
+    on any rank aborts them all."""
+    from .distributed import init
+
+    comm = init()
+    with comm.guard():
+        return _run(experiment, argv, comm)
+
+
+def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
+    """``work()`` on the first rank, then on the others (a shared cache is written once)."""
+    if comm.is_root:
+        result = work()
+    comm.barrier()
+    if not comm.is_root:
+        result = work()
+    return result
+
+
+def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
     parser = build_parser(experiment)
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    out = _prepare_output(args, experiment)
+    root = comm.is_root
+    out = comm.bcast(_prepare_output(args, experiment) if root else None)
     if args.resume is not None:  # the run's own settings win over the command line's
-        saved = json.loads((out / "config.json").read_text())["arguments"]
+        saved = comm.bcast(json.loads((out / "config.json").read_text())["arguments"]
+                           if root else None)
         for key, value in saved.items():
             if key not in ("resume", "quiet", "device", "out", "overwrite"):
                 setattr(args, key, Path(value) if key == "data_dir" and value else value)
+    if not root:
+        args.quiet = True  # one progress display: the first rank's
 
     backend = get_backend(args.device)
-    train, test, dataset, notes = experiment.load(args)
-    for note in notes:
+    train, test, dataset, notes = _first_then_others(comm, lambda: experiment.load(args))
+    for note in (notes if root else []):
         print(f"note: {note}", file=sys.stderr)
     sizes = experiment.sizes(args)
     dense_layers = experiment.dense_layers
@@ -242,25 +277,28 @@ def run(experiment: Experiment, argv: list[str] | None = None) -> int:
     metrics_path = out / "metrics.jsonl"
 
     def on_epoch_end(metrics: dict[str, Any]) -> None:
+        if not root:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics, default=_json_default) + "\n")
         if args.checkpoint_every and (metrics["epoch"] % args.checkpoint_every == 0
                                       or metrics["epoch"] == args.epochs):
-            save_checkpoint(out, trainer)
+            save_checkpoint(out, trainer)  # written to a temporary file, then renamed
 
     trainer = Trainer(model, optimizer, train, test, epochs=args.epochs,
                       batch_size=args.batch_size, loss=experiment.loss, seed=args.seed,
                       progress=not args.quiet, redistribution=redistribution, alpha=args.alpha,
                       redistribute_every=args.redistribute_every, end_fraction=args.end_fraction,
                       augment=experiment.augment(args), track_memory=memory,
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, comm=comm)
     if args.resume is not None:
-        load_checkpoint(out, trainer)
-        # Drop lines written after the checkpoint (a crash between the two).
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in lines[:trainer.epoch]))
-        print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
-    else:
+        restore_checkpoint(comm.bcast(read_checkpoint(out) if root else None), trainer)
+        if root:
+            # Drop lines written after the checkpoint (a crash between the two).
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in lines[:trainer.epoch]))
+            print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
+    elif root:
         config = {
             "experiment": experiment.name,
             "arguments": vars(args),
@@ -274,6 +312,7 @@ def run(experiment: Experiment, argv: list[str] | None = None) -> int:
             "dataset_notes": notes,
             "backend": backend.name,
             "device": backend.device_name(),
+            "ranks": comm.size,
             "versions": versions(backend),
             "command": " ".join(sys.argv),
             **experiment.extra_config,
@@ -282,6 +321,7 @@ def run(experiment: Experiment, argv: list[str] | None = None) -> int:
         metrics_path.write_text("")
 
     status, message, code = "completed", "", 0
+    comm.barrier()  # the output is ready before any rank trains
     start = time.perf_counter()
     try:
         trainer.run()
@@ -293,6 +333,8 @@ def run(experiment: Experiment, argv: list[str] | None = None) -> int:
         message = f"{exc} {_kept(out)[0].upper()}{_kept(out)[1:]}"
     finally:
         memory.stop()
+    if not root:
+        return code
     history = trainer.history
     summary = {"status": status, "message": message, "epochs_completed": trainer.epoch,
                "epochs": args.epochs, "dataset": dataset, "seconds": time.perf_counter() - start,

@@ -44,6 +44,7 @@ DENSITIES = (0.1, 0.06, 0.03)
 SEEDS = (0, 1, 2)
 LOG = "log.txt"
 GRID_FILE = "grid.json"
+DEFAULT_LAUNCHER = "mpiexec -n {ranks}"
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) holding cupynn
 # Arguments the script itself takes from the command line even when resuming;
 # they do not make two runs different.
@@ -70,6 +71,7 @@ class Run:
     seed: int
     out: Path
     args: tuple[str, ...]
+    launcher: tuple[str, ...] = ()  # e.g. ("mpiexec", "-n", "4"): a data-parallel run
 
     @property
     def name(self) -> str:
@@ -94,7 +96,7 @@ class Run:
             where = ["--resume", str(self.out)]
         else:
             where = ["--out", str(self.out)] + (["--overwrite"] if state == "restart" else [])
-        return [*_program(self.dataset), *self.args, *where]
+        return [*self.launcher, *_program(self.dataset), *self.args, *where]
 
 
 def _program(dataset: str) -> list[str]:
@@ -111,7 +113,8 @@ def _program(dataset: str) -> list[str]:
 def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str] = NAMES,
          densities: Sequence[float] = DENSITIES, seeds: Sequence[int] = SEEDS,
          baselines: Sequence[str] = BASELINES, options: dict[str, Any] | None = None,
-         extra: Sequence[str] = ()) -> list[Run]:
+         extra: Sequence[str] = (), ranks: int = 1,
+         launcher: str = DEFAULT_LAUNCHER) -> list[Run]:
     """Every run of the grid, sparse runs first (algorithm, density, seed), then baselines.
 
     Parameters
@@ -125,6 +128,12 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
         ``lr``, ``train_from_test``, ``train_samples``, ``val_samples``,
         ``data_dir``); ``None`` values are left to the script's defaults.
     extra : further script arguments, given to every run as they are.
+    ranks : int
+        MPI ranks per run (data-parallel, :mod:`cupynn.distributed`); with more
+        than one, each command starts with ``launcher``.
+    launcher : str
+        The MPI launch prefix, ``{ranks}`` replaced: ``"mpiexec -n {ranks}"``
+        (default) or ``"srun -n {ranks}"``, say.
 
     Raises
     ------
@@ -140,6 +149,12 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
         unknown = [name for name in given if name not in valid]
         if unknown:
             raise GridError(f"Unknown {what} {unknown[0]!r}. Valid names: {', '.join(valid)}.")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise GridError(f"--ranks must be an int >= 1. Got {ranks!r} instead.")
+    if ranks > 1 and "{ranks}" not in launcher:
+        raise GridError(f"--launcher must contain {{ranks}} (the number of ranks). Got "
+                        f"{launcher!r} instead.")
+    prefix = tuple(shlex.split(launcher.replace("{ranks}", str(ranks)))) if ranks > 1 else ()
     if not seeds or not (baselines or (algorithms and densities)):
         raise GridError("The grid is empty: give at least one seed and one algorithm with one "
                         "density, or a baseline.")
@@ -160,12 +175,12 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
                         *common)
                 name = f"{algorithm}/d{density:g}/s{seed}"
                 runs.append(Run(dataset, algorithm, None, float(density), int(seed), base / name,
-                                args))
+                                args, prefix))
     for baseline in baselines:
         for seed in seeds:
             args = ("--baseline", baseline, "--seed", str(seed), *common)
             runs.append(Run(dataset, None, baseline, None, int(seed),
-                            base / f"baseline-{baseline}/s{seed}", args))
+                            base / f"baseline-{baseline}/s{seed}", args, prefix))
     for run in runs:
         expected_arguments(run)
     return runs
@@ -459,6 +474,12 @@ def build_grid_parser() -> argparse.ArgumentParser:
         help="print one shell command per unfinished run (for a cluster scheduler) instead of "
              "running them")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--ranks", type=int, default=1,
+        help="MPI ranks per run: each run is data-parallel over this many processes, started "
+             "by --launcher")
+    add("--launcher", default=DEFAULT_LAUNCHER,
+        help="how a run of several ranks is started; {ranks} is replaced (e.g. "
+             "'srun -n {ranks}' on a Slurm cluster)")
     group = parser.add_argument_group("run settings (default: the script's)")
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int)
@@ -490,7 +511,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     try:
         runs = plan(args.dataset, args.grid_dir, algorithms=args.algorithms,
                     densities=args.densities, seeds=args.seeds, baselines=args.baselines,
-                    options=options, extra=extra)
+                    options=options, extra=extra, ranks=args.ranks, launcher=args.launcher)
     except GridError as exc:
         parser.error(str(exc))
     if args.print_commands:

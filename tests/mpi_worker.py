@@ -5,6 +5,9 @@
 model and history to ``OUT/<name>.npz`` / ``.json``; the test compares them
 with one-process runs. Every rank checks that all ranks ended with the same
 history. ``fault`` and ``mismatch`` modes make one rank fail or disagree.
+``script kmnist|higgs ARGS...`` runs a training script's code with ARGS;
+``script-interrupt`` does the same with a Ctrl-C on the first rank during
+epoch 3.
 """
 
 from __future__ import annotations
@@ -98,7 +101,22 @@ def comparable(history):
 
 
 def main(argv):
-    mode, out = argv[1], Path(argv[2])
+    mode = argv[1]
+    if mode in ("script", "script-interrupt"):
+        from cupynn.experiments import HIGGS, KMNIST, run as run_script
+        from cupynn.training import Trainer
+
+        if mode == "script-interrupt":
+            original = Trainer._epoch
+
+            def interrupted(self, epoch):
+                if epoch == 3 and self.comm.is_root:
+                    raise KeyboardInterrupt
+                return original(self, epoch)
+
+            Trainer._epoch = interrupted
+        return run_script({"kmnist": KMNIST, "higgs": HIGGS}[argv[2]], argv[3:])
+    out = Path(argv[2])
     comm = distributed.init()
     assert comm.size > 1, "run me under mpiexec -n 2 or more"
     if mode == "train":

@@ -112,6 +112,61 @@ def test_ranks_that_disagree_are_told_what_differs(tmp_path):
     assert "'lr': 0.02" in done.stderr and "'lr': 0.03" in done.stderr
 
 
+def higgs_args(data_dir: Path, out: Path) -> list[str]:
+    return ["--data-dir", str(data_dir), "--epochs", "4", "--train-samples", "1500",
+            "--val-samples", "400", "--hidden", "24", "--batch-size", "64", "--dtype", "float64",
+            "--device", "cpu", "--algorithm", "gradient-global", "--no-cache", "--quiet",
+            "--out", str(out)]
+
+
+def test_script_checkpoint_from_two_ranks_resumes_on_one_exactly(tmp_path):
+    """mpiexec -n 2 train_higgs.py, Ctrl-C on rank 0 in epoch 3: every rank ends, the
+    checkpoint of epoch 2 stays whole; one process resumes it and ends where an
+    uninterrupted one-process run ends."""
+    from conftest import shared_data
+    from cupynn.experiments import HIGGS, run
+
+    data = shared_data("higgs")
+    part, whole = tmp_path / "part", tmp_path / "whole"
+    done = launch(2, "script-interrupt", "higgs", *higgs_args(data, part))
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
+    config = json.loads((part / "config.json").read_text())
+    assert config["ranks"] == 2
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone wrote
+    assert run(HIGGS, ["--resume", str(part), "--quiet"]) == 0
+    assert run(HIGGS, higgs_args(data, whole)) == 0
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight):
+        for key in ("train_loss", "test_loss", "test_auc", "induced_loss_after"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-9), (a["epoch"], key)
+        assert a["nnz"] == b["nnz"]
+    final = [dict(numpy.load(d / "checkpoint.npz")) for d in (part, whole)]
+    for key in final[1]:
+        if key.startswith("model/") and key.endswith(("indptr", "indices")):
+            numpy.testing.assert_array_equal(final[0][key], final[1][key])
+        elif key.startswith("model/"):
+            numpy.testing.assert_allclose(final[0][key], final[1][key], rtol=1e-9, atol=1e-12)
+
+
+def test_script_under_mpi_writes_one_run(tmp_path):
+    from conftest import shared_data
+
+    data = shared_data("kmnist")
+    out = tmp_path / "kmnist"
+    done = launch(2, "script", "kmnist", "--data-dir", str(data), "--train-from-test", "0.2",
+                  "--epochs", "2", "--hidden", "32", "--batch-size", "128", "--device", "cpu",
+                  "--algorithm", "loss", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert json.loads((out / "config.json").read_text())["ranks"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert done.stdout.count("results in") == 1  # only the first rank reports
+
+
 # ----------------------------------------------------------------- the pieces
 @pytest.mark.parametrize("n, size", [(0, 3), (1, 3), (10, 3), (48, 2), (47, 5), (5, 5)])
 def test_shards_cover_the_rows_in_order(n, size):

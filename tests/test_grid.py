@@ -338,3 +338,29 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, capsys):
     assert "1 run(s) did not complete" in err and f"log: {log}" in err
     assert "static/d0.1/s0: failed: exit status 1" in err
     assert "kmnist-test-imgs" in log.read_text()
+
+
+@pytest.mark.parametrize("launcher, prefix", [(None, ["mpiexec", "-n", "4"]),
+                                              ("srun -n {ranks} --mpi=pmix",
+                                               ["srun", "-n", "4", "--mpi=pmix"])])
+def test_print_commands_for_several_ranks(tmp_path, capsys, launcher, prefix):
+    argv = ["higgs", "--grid-dir", str(tmp_path), "--seeds", "0", "--algorithms", "random",
+            "--densities", "0.1", "--baselines", "--print-commands", "--ranks", "4"]
+    assert grid.main(argv + (["--launcher", launcher] if launcher else [])) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    words = shlex.split(line)
+    words = words[1:] if words[0].startswith("PYTHONPATH=") else words
+    assert words[:len(prefix)] == prefix
+    assert words[len(prefix)] == sys.executable
+    assert words[len(prefix) + 1].endswith("scripts/train_higgs.py")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ranks=0), "--ranks must be an int >= 1. Got 0"),
+    (dict(ranks=2, launcher="srun -n 2"), "--launcher must contain {ranks}"),
+])
+def test_plan_rejects_bad_ranks(kwargs, message):
+    with pytest.raises(GridError, match=message):
+        plan("higgs", "g", **kwargs)
+    assert plan("higgs", "g", seeds=[0], algorithms=["random"], densities=[0.1],
+                baselines=[])[0].launcher == ()
