@@ -72,7 +72,7 @@ PARITY_RTOL = 1e-8  # float64, two epochs: rounding differences only
 PARITY_EPOCHS = 2
 HIGGS_TARGET_S = 0.6  # one HIGGS epoch on an H100
 HIGGS_PEER_TARGET = 1.0  # x the masked-dense peer's epoch on the same GPU
-BUDGET_S = 345  # the whole check on a GPU: under six minutes
+BUDGET_S = 350  # the whole check on a GPU: under six minutes
 REPORT_JSON, REPORT_MD, TESTS_LOG = "gpu-check.json", "gpu-check.md", "gpu-tests.log"
 
 
@@ -85,13 +85,14 @@ class Part:
 
 
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 100, 60),
+    Part("tests", "GPU tests (pytest -m gpu)", 95, 60),
     Part("parity", "CPU <-> GPU parity, 2 epochs, float64", 40, 60),
     Part("steps", "training step and peak memory", 40, 60),
     Part("sddmm", "SDDMM kernels: thread vs warp", 20, 30),
     Part("launches", "kernel launches and host waits per step", 25, 20),
-    Part("higgs", "one HIGGS-sized epoch", 55, 40),
+    Part("higgs", "one HIGGS-sized epoch", 50, 40),
     Part("redistribution", "seconds per redistribution", 40, 60),
+    Part("mpi", "2 MPI ranks sharing the GPU against 1 process", 25, 40),
     Part("env", "environment", 15, 15),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
@@ -676,6 +677,43 @@ def part_redistribution(ctx: Context) -> dict[str, Any]:
     return result(ctx.measured(), summary, {"rows": rows, "settings": report["settings"]})
 
 
+# ----------------------------------------------------------------- part: mpi
+MPI_CONFIGS = ("gradient-global", "woodfisher", "dense")
+
+
+def part_mpi(ctx: Context) -> dict[str, Any]:
+    """tests/mpi_worker.py under mpiexec -n 2 on the device (device arrays through MPI),
+    against one process on the same device."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import mpi_worker
+
+    beside = Path(sys.executable).parent / "mpiexec"
+    launcher = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if launcher is None or importlib.util.find_spec("mpi4py") is None:
+        return result("skipped: no mpiexec or mpi4py", "MPI is not installed here")
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([launcher, "-n", "2", sys.executable,
+                               str(ROOT / "tests" / "mpi_worker.py"), "train", tmp, ctx.device,
+                               *MPI_CONFIGS], capture_output=True, text=True, env=env,
+                              timeout=max(5.0, ctx.remaining() - 10))
+        if done.returncode:
+            return result(FAILED, f"mpiexec -n 2 ended with status {done.returncode}",
+                          notes=[done.stderr[-3000:]])
+        rows = [{"config": name, **mpi_worker.compare(Path(tmp), name, ctx.device)}
+                for name in MPI_CONFIGS]
+    for row in rows:
+        row["ok"] = bool(row["histories_equal"] and row["topology_equal"] and row["same_moves"]
+                         and row["weight_rel_diff"] <= 1e-9 and row["history_rel_diff"] <= 1e-9)
+    ok = all(r["ok"] for r in rows)
+    summary = (f"{sum(r['ok'] for r in rows)}/{len(rows)} configurations equal to one process "
+               f"(worst weight diff {max(r['weight_rel_diff'] for r in rows):.1e})")
+    return result((ctx.measured() if ok else FAILED), summary, {"rows": rows})
+
+
 # ----------------------------------------------------------------- part: env
 def git_commit() -> str | None:
     try:
@@ -739,7 +777,7 @@ def part_env(ctx: Context) -> dict[str, Any]:
 PART_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "tests": part_tests, "parity": part_parity, "steps": part_steps, "sddmm": part_sddmm,
     "launches": part_launches, "higgs": part_higgs, "redistribution": part_redistribution,
-    "env": part_env}
+    "mpi": part_mpi, "env": part_env}
 
 
 # ----------------------------------------------------------------- driver
@@ -1039,6 +1077,12 @@ def _details(p: dict[str, Any]) -> list[str]:
              "static step ms", "overhead / epoch"],
             [[r["setting"], r["algorithm"], r["redistribute_ms"], r["start_epoch_ms"],
               r["observe_ms"], r["static_step_ms"], r["overhead_share"]] for r in d["rows"]])
+    elif p["name"] == "mpi" and d.get("rows"):
+        out += [""] + _md_table(
+            ["config", "topology equal", "weight rel diff", "history rel diff", "ranks agree",
+             "ok"],
+            [[r["config"], r["topology_equal"], r["weight_rel_diff"], r["history_rel_diff"],
+              r["histories_equal"], r["ok"]] for r in d["rows"]])
     elif p["name"] == "env" and d:
         out += [""] + [f"- {k}: {v}" for k, v in d.items()]
     elif p["name"] == "tests" and d.get("failures"):

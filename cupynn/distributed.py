@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Any, Iterator
 
@@ -225,8 +226,9 @@ class MPICommunicator(Communicator):
         self.size = int(self.comm.Get_size())
         self.cuda_aware = _cuda_aware(mpi) if cuda_aware is None else bool(cuda_aware)
         self._host = numpy.empty(0, dtype=numpy.uint8)  # staging for device arrays, kept
-        self.reductions = 0  # allreduce calls made (benchmarks read it)
+        self.reductions = 0  # allreduce calls made, their bytes and seconds (benchmarks read them)
         self.reduced_bytes = 0
+        self.reduce_seconds = 0.0
 
     def _staging(self, nbytes: int) -> numpy.ndarray:
         if self._host.nbytes < nbytes:
@@ -240,18 +242,20 @@ class MPICommunicator(Communicator):
         mpi_op = self.MPI.SUM if op == "sum" else self.MPI.MAX
         self.reductions += 1
         self.reduced_bytes += int(array.nbytes)
+        begin = time.perf_counter()
         backend = backend_of(array)
         if not backend.is_gpu:
             self.comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
-            return array
-        backend.synchronize()  # MPI knows nothing of CUDA streams
-        if self.cuda_aware:
-            self.comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
-            return array
-        host = self._staging(array.nbytes).view(array.dtype).reshape(array.shape)
-        array.get(out=host)
-        self.comm.Allreduce(self.MPI.IN_PLACE, host, op=mpi_op)
-        array.set(host)
+        else:
+            backend.synchronize()  # MPI knows nothing of CUDA streams
+            if self.cuda_aware:
+                self.comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
+            else:
+                host = self._staging(array.nbytes).view(array.dtype).reshape(array.shape)
+                array.get(out=host)
+                self.comm.Allreduce(self.MPI.IN_PLACE, host, op=mpi_op)
+                array.set(host)
+        self.reduce_seconds += time.perf_counter() - begin
         return array
 
     def bcast(self, obj: Any, root: int = 0) -> Any:

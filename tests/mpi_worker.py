@@ -1,6 +1,6 @@
 """A program that tests/test_distributed.py runs under ``mpiexec -n R`` (not a test module).
 
-``python tests/mpi_worker.py train OUT`` trains every configuration of
+``python tests/mpi_worker.py train OUT [DEVICE [NAME ...]]`` trains every configuration of
 :func:`configs` with the MPI communicator and, on rank 0, writes each final
 model and history to ``OUT/<name>.npz`` / ``.json``; the test compares them
 with one-process runs. Every rank checks that all ranks ended with the same
@@ -72,13 +72,13 @@ def configs():
 
 
 def run(comm, algorithm=None, dense=False, binary=False, sampler=False, augment=False,
-        lr=2e-2, fail_rank=None):
+        lr=2e-2, fail_rank=None, device="cpu"):
     """One training run; returns (model, history)."""
     train, test = data(binary)
     sizes = [16, 24, 24, 1 if binary else 4]
     model = cupynn.MLP(sizes, density=1.0 if dense else 0.3,
                        dense_layers=(0, 1, 2) if dense else ((-1,) if binary else ()),
-                       seed=3, dtype="float64", device="cpu")
+                       seed=3, dtype="float64", device=device)
     if sampler:
         train = Sampler(*train, per_epoch=200, fail_rank=fail_rank)
     transform = None
@@ -100,6 +100,38 @@ def comparable(history):
     return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in history]
 
 
+HISTORY_KEYS = ("train_loss", "test_loss", "test_accuracy", "test_auc", "induced_loss_before",
+                "induced_loss_after")
+
+
+def compare(out: Path, name: str, device: str = "cpu") -> dict:
+    """How the model and history that ``train`` wrote for ``name`` differ from a one-process
+    run's: topology equal, largest weight difference over the largest weight, largest
+    relative difference of the history's losses and accuracies, and what else must match."""
+    model, history = run(distributed.SingleProcess(), device=device, **configs()[name])
+    reference = model.state_dict()
+    got = dict(numpy.load(out / f"{name}.npz"))
+    meta = json.loads((out / f"{name}.json").read_text())
+    pattern = [k for k in reference if k.endswith(("indptr", "indices"))]
+    topology = sorted(got) == sorted(reference) and all(
+        numpy.array_equal(got[k], reference[k]) for k in pattern)
+    values = [k for k in reference if k not in pattern]
+    scale = max(float(numpy.abs(reference[k]).max()) for k in values)
+    weights = (max(float(numpy.abs(got[k] - reference[k]).max()) for k in values) / scale
+               if topology else float("inf"))
+    mine = comparable(history)
+    losses = max((abs(b[key] - a[key]) / max(abs(a[key]), 1e-12)
+                  for a, b in zip(mine, meta["history"]) for key in HISTORY_KEYS if key in a),
+                 default=0.0)
+    same_moves = all(a.get("redistribution") == b.get("redistribution") and a["nnz"] == b["nnz"]
+                     for a, b in zip(mine, meta["history"]))
+    moved = [sum(r["added"] for r in h["redistribution"]) for h in mine if "redistribution" in h]
+    return {"ranks": meta["ranks"], "histories_equal": meta["histories_equal"],
+            "epochs": (len(mine), len(meta["history"])), "topology_equal": topology,
+            "weight_rel_diff": weights, "history_rel_diff": losses, "same_moves": same_moves,
+            "moved": moved}
+
+
 def main(argv):
     mode = argv[1]
     if mode in ("script", "script-interrupt"):
@@ -119,9 +151,11 @@ def main(argv):
     out = Path(argv[2])
     comm = distributed.init()
     assert comm.size > 1, "run me under mpiexec -n 2 or more"
-    if mode == "train":
-        for name, kwargs in configs().items():
-            model, history = run(comm, **kwargs)
+    if mode == "train":  # train OUT [DEVICE [NAME ...]]
+        device = argv[3] if len(argv) > 3 else "cpu"
+        names = argv[4:] or list(configs())
+        for name in names:
+            model, history = run(comm, device=device, **configs()[name])
             histories = comm.allgather(json.dumps(history, sort_keys=True, default=str))
             if comm.is_root:
                 numpy.savez(out / f"{name}.npz", **model.state_dict())

@@ -41,7 +41,7 @@ def test_dry_run_runs_every_part_and_never_passes(dry_run):
     assert list(statuses) == list(gpu_check.PART_NAMES)
     assert "passed" not in statuses.values(), statuses
     assert statuses["tests"] == statuses["launches"] == "skipped: no GPU"
-    for name in ("parity", "steps", "sddmm", "higgs", "redistribution", "env"):
+    for name in ("parity", "steps", "sddmm", "higgs", "redistribution", "mpi", "env"):
         assert statuses[name] == "dry run", (name, report["parts"])
     for part in report["parts"]:
         assert part["wall_seconds"] > 0 and part["limit_seconds"] > 0
@@ -56,6 +56,8 @@ def test_dry_run_runs_every_part_and_never_passes(dry_run):
     assert {r["model"] for r in parts["steps"]["data"]["steps"]} >= {"dense", "sparse"}
     assert parts["higgs"]["data"]["higgs"]["cupynn"]["steps"] == 32
     assert len(parts["redistribution"]["data"]["rows"]) == 7
+    assert [r["config"] for r in parts["mpi"]["data"]["rows"]] == list(gpu_check.MPI_CONFIGS)
+    assert all(r["ok"] for r in parts["mpi"]["data"]["rows"])
 
 
 def test_dry_run_prints_the_verdict_table_last_and_writes_markdown(dry_run):
@@ -155,6 +157,9 @@ def gpu_shaped_report() -> dict:
                                        "redistribute_ms": 3.0, "start_epoch_ms": 0.1,
                                        "observe_ms": 0.0, "static_step_ms": 0.4,
                                        "overhead_share": 0.01}]}),
+        part("passed", "s", {"rows": [{"config": "woodfisher", "topology_equal": True,
+                                       "weight_rel_diff": 1e-15, "history_rel_diff": 0.0,
+                                       "histories_equal": True, "ok": True}]}),
         part("passed", "H100", {"device": "NVIDIA H100", "driver": 13000}),
     ]
     for entry, spec in zip(parts, gpu_check.PARTS):
@@ -173,6 +178,7 @@ def test_reports_of_a_gpu_run():
     assert "| 784-256-256-10 | sparse | 0.1 | 4 | 0.25 | 32 | 0.125 |" in markdown
     assert "| higgs | HIGGS epoch (s) | 1.01 | 0.6 | missed |" in markdown
     assert "| higgs | HIGGS epoch / peer epoch | - | 1 | not measured |" in markdown
+    assert "| woodfisher | True | 1e-15 | 0 | True | True |" in markdown
     table = gpu_check.format_table(report)
     assert table.splitlines()[0].startswith("cupynn GPU check: FAILED on NVIDIA H100")
     assert "target HIGGS epoch (s) <= 0.6: 1.01 missed" in table
