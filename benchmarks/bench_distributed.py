@@ -123,14 +123,11 @@ def child(args: argparse.Namespace) -> int:
 
 
 def mpiexec() -> str:
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.exists():
-        return str(beside)
-    import shutil
+    from cupynn.distributed import find_mpiexec
 
-    found = shutil.which("mpiexec")
+    found = find_mpiexec()
     if found is None:
-        raise SystemExit("error: mpiexec not found; pip install -e '.[mpi]'")
+        raise SystemExit("error: mpiexec or mpi4py not found; pip install -e '.[mpi]'")
     return found
 
 

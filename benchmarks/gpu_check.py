@@ -684,14 +684,13 @@ MPI_CONFIGS = ("gradient-global", "woodfisher", "dense")
 def part_mpi(ctx: Context) -> dict[str, Any]:
     """tests/mpi_worker.py under mpiexec -n 2 on the device (device arrays through MPI),
     against one process on the same device."""
-    import shutil
+    from cupynn.distributed import find_mpiexec
 
     sys.path.insert(0, str(ROOT / "tests"))
     import mpi_worker
 
-    beside = Path(sys.executable).parent / "mpiexec"
-    launcher = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if launcher is None or importlib.util.find_spec("mpi4py") is None:
+    launcher = find_mpiexec()
+    if launcher is None:
         return result("skipped: no mpiexec or mpi4py", "MPI is not installed here")
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

@@ -298,6 +298,19 @@ def _cuda_aware(mpi: Any) -> bool:
         return False
 
 
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` to start ranks with: the one beside this Python (the mpich wheel puts
+    it in the environment's bin/), else the first on PATH; None when there is none or
+    mpi4py cannot be imported."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
 def launched_by_mpi() -> bool:
     """Whether an MPI launcher (mpiexec, mpirun, srun) started this process."""
     return any(os.environ.get(name) for name in LAUNCHER_VARIABLES)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,12 +37,7 @@ MPI_TIMEOUT = 180
 
 def mpiexec() -> str:
     """The mpiexec beside this Python (the mpich wheel's), else on PATH; skip (fail in CI)."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        found = None
+    found = distributed.find_mpiexec()
     if found is None:
         reason = "needs mpi4py and mpiexec (pip install -e '.[mpi]')"
         if IN_CI:
