@@ -2,7 +2,7 @@
 
 import sys
 
-from cupynn.report import main
+from cupynn.paper.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

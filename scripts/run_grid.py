@@ -2,7 +2,7 @@
 
 import sys
 
-from cupynn.grid import main
+from cupynn.paper.grid import main
 
 if __name__ == "__main__":
     sys.exit(main())

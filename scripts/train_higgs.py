@@ -2,7 +2,7 @@
 
 import sys
 
-from cupynn.experiments import HIGGS, run
+from cupynn.paper.experiments import HIGGS, run
 
 if __name__ == "__main__":
     sys.exit(run(HIGGS))

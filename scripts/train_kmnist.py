@@ -2,7 +2,7 @@
 
 import sys
 
-from cupynn.experiments import KMNIST, run
+from cupynn.paper.experiments import KMNIST, run
 
 if __name__ == "__main__":
     sys.exit(run(KMNIST))

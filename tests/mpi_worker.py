@@ -135,7 +135,7 @@ def compare(out: Path, name: str, device: str = "cpu") -> dict:
 def main(argv):
     mode = argv[1]
     if mode in ("script", "script-interrupt"):
-        from cupynn.experiments import HIGGS, KMNIST, run as run_script
+        from cupynn.paper.experiments import HIGGS, KMNIST, run as run_script
         from cupynn.training import Trainer
 
         if mode == "script-interrupt":

@@ -101,7 +101,7 @@ def test_script_checkpoint_from_two_ranks_resumes_on_one_exactly(tmp_path):
     checkpoint of epoch 2 stays whole; one process resumes it and ends where an
     uninterrupted one-process run ends."""
     from conftest import shared_data
-    from cupynn.experiments import HIGGS, run
+    from cupynn.paper.experiments import HIGGS, run
 
     data = shared_data("higgs")
     part, whole = tmp_path / "part", tmp_path / "whole"

@@ -1,0 +1,14 @@
+"""The paper's experiments: its two training scripts, the grid of runs and the report.
+
+- :mod:`.experiments`: the KMNIST and HIGGS experiments as library code
+  (``scripts/train_kmnist.py`` and ``train_higgs.py`` parse arguments and call
+  :func:`.experiments.run`);
+- :mod:`.grid`: every algorithm x density x seed plus the dense baselines, one
+  process per run (``scripts/run_grid.py``);
+- :mod:`.report`: the paper's figures, tables and claims from a grid's runs
+  (``scripts/report.py``).
+
+They build on the library (``cupynn``) and nothing in it depends on them. The
+old names ``cupynn.experiments``, ``cupynn.grid`` and ``cupynn.report`` still
+import the same modules.
+"""

@@ -1,0 +1,445 @@
+"""The paper's experiments as library code; ``scripts/`` only parse arguments.
+
+A run trains one model (a sparse MLP with one redistribution algorithm, or a
+dense baseline) and writes to its output directory:
+
+- ``config.json`` — every setting, library versions, backend and device, the
+  dataset actually used and any notice about it;
+- ``metrics.jsonl`` — one JSON object per epoch (train/test loss, accuracy,
+  AUC for HIGGS, seconds of training and redistribution, peak memory, nnz
+  per layer, and for epochs that redistributed the fraction moved and the
+  induced loss before/after);
+- ``checkpoint.npz`` — every ``checkpoint_every`` epochs (see
+  :mod:`cupynn.checkpoint`), from which ``--resume`` continues exactly;
+- ``summary.json`` — the final state: completed, interrupted or failed.
+
+A run never writes into a directory that holds another run's files unless
+told to (``overwrite``).
+
+Under an MPI launcher (``mpiexec -n 4 python scripts/train_higgs.py ...``) the
+run is data-parallel (:mod:`cupynn.distributed`): the first rank loads the
+data first (so that it alone parses and caches it) and the others after it;
+only the first rank checks and writes the output directory, shows progress
+and writes the files above (``config.json`` records the number of ranks), and
+reads a checkpoint to resume, which it sends to the others; since every rank
+holds the same state, a run checkpointed on R ranks resumes on any number. An
+error on any rank ends every rank with its message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy
+
+from ..backend import get_backend
+from ..checkpoint import (FILENAME as CHECKPOINT, read_checkpoint, restore_checkpoint,
+                         save_checkpoint)
+from ..memory import MemoryTracker
+from ..model import MLP
+from ..optim import Adam
+from ..redistribution import NAMES, create
+from ..training import Trainer
+
+BASELINES = ("neuron", "parameter")
+RESULT_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT)
+
+
+@dataclass
+class Experiment:
+    """What a script contributes: its data, architecture and loss.
+
+    ``load(args)`` returns the training source ((x, y) or a sampler), the
+    test pair, the dataset's name and notices; ``sizes(args)`` the layer sizes.
+    """
+
+    name: str
+    loss: str
+    dense_layers: tuple[int, ...]
+    defaults: dict[str, Any]
+    load: Callable[[argparse.Namespace], tuple[Any, Any, str, list[str]]]
+    sizes: Callable[[argparse.Namespace], list[int]]
+    augment: Callable[[argparse.Namespace], Any] = lambda args: None
+    extra_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    describe: str = ""
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ baselines
+def sparse_weight_count(sizes: list[int], density: float, dense_layers: tuple[int, ...]) -> int:
+    """Weights of the sparse model (without biases), computed as cupynn builds it."""
+    from ..init import inputs_per_neuron
+
+    n_layers = len(sizes) - 1
+    dense = {i % n_layers for i in dense_layers}
+    return sum(fan_in * fan_out if i in dense else fan_out * inputs_per_neuron(density, fan_in)
+               for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])))
+
+
+def parameter_equivalent_width(sizes: list[int], density: float,
+                               dense_layers: tuple[int, ...]) -> int:
+    """The smallest equal hidden width whose dense weight count is at least the
+    sparse model's (SPEC §5): 33 for 784-256-256-10 and 79 for
+    21-256-256-256-1 (dense output) at density 0.1."""
+    target = sparse_weight_count(sizes, density, dense_layers)
+    n_hidden = len(sizes) - 2
+
+    def dense_count(h: int) -> int:
+        return sizes[0] * h + (n_hidden - 1) * h * h + h * sizes[-1]
+
+    width = 1
+    while dense_count(width) < target:
+        width += 1
+    return width
+
+
+# ------------------------------------------------------------------ arguments
+def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
+    d = experiment.defaults
+    parser = argparse.ArgumentParser(description=experiment.describe,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--algorithm", choices=NAMES, default="gradient-global",
+        help="redistribution algorithm (static = fixed topology)")
+    add("--baseline", choices=BASELINES, default=None,
+        help="train a dense baseline instead: same sizes (neuron) or the parameter-equivalent "
+             "width (parameter)")
+    add("--density", type=float, default=0.1)
+    add("--epochs", type=int, default=d["epochs"])
+    add("--batch-size", type=int, default=d["batch_size"])
+    add("--lr", type=float, default=d["lr"])
+    add("--hidden", type=int, default=d["hidden"], help="hidden width")
+    add("--block-size", type=int, default=34, help="woodfisher/woodtaylor block size")
+    add("--damp", type=float, default=None,
+        help="woodfisher/woodtaylor dampening λ (default: 1e-4 woodfisher, 1 woodtaylor)")
+    add("--joint", action="store_true", help="exact joint OBS update inside each block")
+    add("--redistribute-every", type=int, default=1)
+    add("--alpha", type=float, default=0.5, help="initial fraction moved")
+    add("--end-fraction", type=float, default=0.75, help="stop redistributing after this share of epochs")
+    add("--seed", type=int, default=0)
+    add("--device", choices=("auto", "cpu", "gpu"), default=None,
+        help="default: $CUPYNN_DEVICE or auto")
+    add("--dtype", choices=("float32", "float64"), default="float32")
+    add("--data-dir", type=Path, default=None,
+        help="folder with the dataset files (an error if they are missing there)")
+    add("--out", type=Path, default=None, help="output directory (default runs/<name>-<time>)")
+    add("--overwrite", action="store_true", help="allow writing into a directory with results")
+    add("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (0: never)")
+    add("--resume", type=Path, default=None, help="continue the run in this directory")
+    add("--quiet", action="store_true", help="no progress bars")
+    experiment.extra_arguments(parser)
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Range checks that argparse's types cannot express; errors exit with usage."""
+    checks = [
+        (0 < args.density <= 1, "--density must be in (0, 1]"),
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.lr > 0 and math.isfinite(args.lr), "--lr must be > 0"),
+        (args.hidden >= 1, "--hidden must be >= 1"),
+        (args.block_size >= 1, "--block-size must be >= 1"),
+        (args.damp is None or args.damp > 0, "--damp must be > 0"),
+        (args.redistribute_every >= 1, "--redistribute-every must be >= 1"),
+        (0 <= args.alpha <= 1, "--alpha must be in [0, 1]"),
+        (0 <= args.end_fraction <= 1, "--end-fraction must be in [0, 1]"),
+        (args.seed >= 0, "--seed must be >= 0"),
+        (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+
+
+# ------------------------------------------------------------------ run
+def versions(backend: Any) -> dict[str, str]:
+    import numba
+    import scipy
+    import sklearn
+
+    from .. import __version__
+
+    found = {"cupynn": __version__, "python": platform.python_version(),
+             "numpy": numpy.__version__, "scipy": scipy.__version__, "numba": numba.__version__,
+             "scikit-learn": sklearn.__version__}
+    if backend.is_gpu:
+        found["cupy"] = backend.xp.__version__
+    return found
+
+
+def _prepare_output(args: argparse.Namespace, experiment: Experiment) -> Path:
+    if args.resume is not None:
+        if not (args.resume / "config.json").exists() or not (args.resume / CHECKPOINT).exists():
+            raise SystemExit(f"error: --resume {args.resume}: no config.json and {CHECKPOINT} there "
+                             f"(a run writes its first checkpoint after --checkpoint-every epochs).")
+        return args.resume
+    out = args.out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    taken = [name for name in RESULT_FILES if (out / name).exists()]
+    if taken and not args.overwrite:
+        raise SystemExit(f"error: {out} already holds a run ({', '.join(taken)}); choose another "
+                         f"--out, --resume it, or pass --overwrite.")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in taken:
+        (out / name).unlink()
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, numpy.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def run(experiment: Experiment, argv: list[str] | None = None) -> int:
+    """Parse ``argv``, train, write the results; return the exit status.
+
+    Under an MPI launcher every rank runs this (see the module doc); an error
+    on any rank aborts them all."""
+    from ..distributed import init
+
+    comm = init()
+    with comm.guard():
+        return _run(experiment, argv, comm)
+
+
+def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
+    """``work()`` on the first rank, then on the others (a shared cache is written once)."""
+    if comm.is_root:
+        result = work()
+    comm.barrier()
+    if not comm.is_root:
+        result = work()
+    return result
+
+
+def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
+    parser = build_parser(experiment)
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    root = comm.is_root
+    out = comm.bcast(_prepare_output(args, experiment) if root else None)
+    if args.resume is not None:  # the run's own settings win over the command line's
+        saved = comm.bcast(json.loads((out / "config.json").read_text())["arguments"]
+                           if root else None)
+        for key, value in saved.items():
+            if key not in ("resume", "quiet", "device", "out", "overwrite"):
+                setattr(args, key, Path(value) if key == "data_dir" and value else value)
+    if not root:
+        args.quiet = True  # one progress display: the first rank's
+
+    backend = get_backend(args.device)
+    train, test, dataset, notes = _first_then_others(comm, lambda: experiment.load(args))
+    for note in (notes if root else []):
+        print(f"note: {note}", file=sys.stderr)
+    sizes = experiment.sizes(args)
+    dense_layers = experiment.dense_layers
+    if args.baseline is not None:
+        if args.baseline == "parameter":
+            width = parameter_equivalent_width(sizes, args.density, dense_layers)
+            sizes = [sizes[0]] + [width] * (len(sizes) - 2) + [sizes[-1]]
+        dense_layers = tuple(range(len(sizes) - 1))
+    # One-time work (kernel loading, lazy imports) before memory is tracked.
+    from sklearn.metrics import roc_auc_score
+    from tqdm.auto import tqdm  # noqa: F401
+
+    from ..kernels import warm_up
+
+    warm_up(backend, args.dtype)
+    roc_auc_score([0, 1], [0.2, 0.8])  # sklearn imports more on its first call
+    memory = MemoryTracker(backend).start()
+    model = MLP(sizes, density=1.0 if args.baseline else args.density, dense_layers=dense_layers,
+                seed=args.seed, dtype=args.dtype, device=backend)
+    optimizer = Adam(model, lr=args.lr)
+    redistribution = None
+    if args.baseline is None:
+        params: dict[str, Any] = {}
+        if args.algorithm in ("woodfisher", "woodtaylor"):
+            params = {"block_size": args.block_size, "damp": args.damp, "joint": args.joint}
+        redistribution = create(args.algorithm, seed=args.seed, **params)
+
+    metrics_path = out / "metrics.jsonl"
+
+    def on_epoch_end(metrics: dict[str, Any]) -> None:
+        if not root:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics, default=_json_default) + "\n")
+        if args.checkpoint_every and (metrics["epoch"] % args.checkpoint_every == 0
+                                      or metrics["epoch"] == args.epochs):
+            save_checkpoint(out, trainer)  # written to a temporary file, then renamed
+
+    trainer = Trainer(model, optimizer, train, test, epochs=args.epochs,
+                      batch_size=args.batch_size, loss=experiment.loss, seed=args.seed,
+                      progress=not args.quiet, redistribution=redistribution, alpha=args.alpha,
+                      redistribute_every=args.redistribute_every, end_fraction=args.end_fraction,
+                      augment=experiment.augment(args), track_memory=memory,
+                      on_epoch_end=on_epoch_end, comm=comm)
+    if args.resume is not None:
+        restore_checkpoint(comm.bcast(read_checkpoint(out) if root else None), trainer)
+        if root:
+            # Drop lines written after the checkpoint (a crash between the two).
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in lines[:trainer.epoch]))
+            print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
+    elif root:
+        config = {
+            "experiment": experiment.name,
+            "arguments": vars(args),
+            "sizes": sizes,
+            "dense_layers": list(dense_layers),
+            "model": model.config(),
+            "n_weights": model.n_weights,
+            "n_parameters": model.n_parameters,
+            "loss": experiment.loss,
+            "dataset": dataset,
+            "dataset_notes": notes,
+            "backend": backend.name,
+            "device": backend.device_name(),
+            "ranks": comm.size,
+            "versions": versions(backend),
+            "command": " ".join(sys.argv),
+            **experiment.extra_config,
+        }
+        _write_json(out / "config.json", config)
+        metrics_path.write_text("")
+
+    status, message, code = "completed", "", 0
+    comm.barrier()  # the output is ready before any rank trains
+    start = time.perf_counter()
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        status, code = "interrupted", 130
+        message = f"interrupted during epoch {trainer.epoch + 1}; {_kept(out)}"
+    except FloatingPointError as exc:
+        status, code = "failed", 1
+        message = f"{exc} {_kept(out)[0].upper()}{_kept(out)[1:]}"
+    finally:
+        memory.stop()
+    if not root:
+        return code
+    history = trainer.history
+    summary = {"status": status, "message": message, "epochs_completed": trainer.epoch,
+               "epochs": args.epochs, "dataset": dataset, "seconds": time.perf_counter() - start,
+               "n_weights": model.n_weights}
+    if history:
+        last = history[-1]
+        summary["final"] = {k: last[k] for k in ("train_loss", "test_loss", "test_accuracy",
+                                                   "test_auc") if k in last}
+        accuracies = [h["test_accuracy"] for h in history if "test_accuracy" in h]
+        summary["best_test_accuracy"] = max(accuracies) if accuracies else None
+        summary["train_seconds"] = sum(h["train_seconds"] for h in history)
+        summary["redistribution_seconds"] = sum(h["redistribution_seconds"] for h in history)
+        summary["peak_memory_bytes"] = max(h.get("peak_memory_bytes", 0) for h in history)
+    _write_json(out / "summary.json", summary)
+    if message:
+        print(f"{status}: {message}", file=sys.stderr)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("final", {}).items())
+    print(f"{status}: {trainer.epoch}/{args.epochs} epochs{', ' + final if final else ''}; "
+          f"results in {out}")
+    return code
+
+
+def _kept(out: Path) -> str:
+    if (out / CHECKPOINT).exists():
+        epoch = read_checkpoint(out)[0]["trainer"]["epoch"]
+        return f"the last good checkpoint (after epoch {epoch}) is kept"
+    return "no checkpoint had been written yet"
+
+
+# ------------------------------------------------------------------ KMNIST
+def _kmnist_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--train-from-test", type=float, default=None, metavar="FRACTION",
+        help="train on this stratified fraction of the official test images, test on the rest "
+             "(when the training images are not available)")
+    add("--no-download", action="store_true", help="never fetch missing files")
+    add("--rotation", type=float, default=10.0, help="augmentation: max rotation in degrees")
+    add("--translation", type=float, default=2.0, help="augmentation: max shift in pixels")
+    add("--scale", type=float, nargs=2, default=(0.9, 1.1), metavar=("MIN", "MAX"),
+        help="augmentation: scale range")
+    add("--no-augment", action="store_true", help="train on the images as they are")
+
+
+def _kmnist_load(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
+    from ..data import load_kmnist
+
+    if args.train_from_test is not None and not 0 < args.train_from_test < 1:
+        raise SystemExit("error: --train-from-test must be in (0, 1)")
+    data = load_kmnist(args.data_dir, train_from_test=args.train_from_test, seed=args.seed,
+                       download=not args.no_download, progress=not args.quiet,
+                       allow_fallback=args.data_dir is None)
+    args.n_features, args.image_shape = data.x_train.shape[1], data.image_shape
+    return data.train, data.test, data.summary(), list(data.notes)
+
+
+def _kmnist_augment(args: argparse.Namespace) -> Any:
+    if args.no_augment:
+        return None
+    from ..data import RandomAffine
+
+    return RandomAffine(rotation=args.rotation, translation=args.translation,
+                        scale=tuple(args.scale), image_shape=tuple(args.image_shape))
+
+
+KMNIST = Experiment(
+    name="kmnist",
+    loss="cross_entropy",
+    dense_layers=(),
+    defaults={"epochs": 80, "batch_size": 512, "lr": 5e-4, "hidden": 256},
+    load=_kmnist_load,
+    sizes=lambda args: [args.n_features, args.hidden, args.hidden, 10],
+    augment=_kmnist_augment,
+    extra_arguments=_kmnist_arguments,
+    describe="Train a sparse 784-256-256-10 MLP on KMNIST with dynamic redistribution (or a "
+             "dense baseline), as in the paper's first experiment.",
+)
+
+
+# ------------------------------------------------------------------ HIGGS
+def _higgs_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--train-samples", type=int, default=500_000, help="training rows drawn per epoch")
+    add("--val-samples", type=int, default=100_000, help="fixed validation rows")
+    add("--no-cache", action="store_true", help="do not read or write the parsed-data cache")
+
+
+def _higgs_load(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
+    from ..data import load_higgs
+
+    if args.train_samples < 1 or args.val_samples < 1:
+        raise SystemExit("error: --train-samples and --val-samples must be >= 1")
+    data = load_higgs(args.data_dir, seed=args.seed, train_samples=args.train_samples,
+                      val_samples=args.val_samples, cache=not args.no_cache,
+                      progress=not args.quiet)
+    return data, data.val, data.summary(), list(data.notes)
+
+
+HIGGS = Experiment(
+    name="higgs",
+    loss="binary_cross_entropy",
+    dense_layers=(-1,),
+    defaults={"epochs": 80, "batch_size": 128, "lr": 1e-3, "hidden": 256},
+    load=_higgs_load,
+    sizes=lambda args: [21, args.hidden, args.hidden, args.hidden, 1],
+    extra_arguments=_higgs_arguments,
+    describe="Train a sparse 21-256-256-256-1 MLP (dense output layer) on HIGGS with dynamic "
+             "redistribution (or a dense baseline), as in the paper's second experiment.",
+)
