@@ -132,4 +132,56 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
     return loss, grad.reshape(logits.shape)
 
 
-LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy}
+def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
+                       total: int | None = None) -> tuple[Any, Any]:
+    """Mean squared error, for regression.
+
+    loss = mean over the batch and the outputs of ``(pred - target)**2``;
+    grad = ``2 (pred - target) / (batch * outputs)``.
+
+    Parameters
+    ----------
+    pred : (batch, outputs) or (batch,) float
+    target : the same shape, or (batch,) when there is one output
+    check : bool
+        Check that the targets are finite (one reduction).
+    total : int, optional
+        Divide by ``total * outputs`` instead (see the module doc).
+
+    Returns
+    -------
+    loss : 0-d array
+    grad : array of ``pred``'s shape
+    """
+    owner = "mean_squared_error"
+    if getattr(pred, "ndim", None) not in (1, 2):
+        raise ValueError(f"The 'pred' argument of {owner} must have shape (batch, outputs) or "
+                         f"(batch,). Got {getattr(pred, 'shape', type(pred).__name__)} instead.")
+    if pred.dtype.kind != "f":
+        raise TypeError(f"The 'pred' argument of {owner} must be a float array. "
+                        f"Got {pred.dtype} instead.")
+    xp = backend_of(pred).xp
+    target = xp.asarray(target)
+    if target.shape != pred.shape:
+        if pred.ndim == 2 and pred.shape[1] == 1 and target.shape == (pred.shape[0],):
+            target = target.reshape(pred.shape)
+        else:
+            raise ValueError(f"The 'target' argument of {owner} must have the shape of pred "
+                             f"{pred.shape}. Got {target.shape} instead.")
+    n = pred.shape[0]
+    outputs = 1 if pred.ndim == 1 else pred.shape[1]
+    total = _check_total(total, n, owner)
+    if n == 0 and total is not None:  # a rank whose share of the batch is empty
+        return xp.zeros((), dtype=pred.dtype), xp.zeros_like(pred)
+    target = target.astype(pred.dtype, copy=False)
+    if check and n and not bool(to_numpy(xp.isfinite(target).all())):
+        raise ValueError(f"The 'target' argument of {owner} must be finite.")
+    diff = pred - target
+    squares = diff * diff
+    loss = squares.mean() if total is None else squares.sum() / (total * outputs)
+    grad = diff * (2.0 / ((n if total is None else total) * outputs))
+    return loss, grad.astype(pred.dtype, copy=False)
+
+
+LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
+          "mean_squared_error": mean_squared_error}

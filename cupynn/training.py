@@ -26,7 +26,13 @@ def _check_dataset(model: Any, data: Any, loss: str, name: str) -> tuple[numpy.n
     if x.ndim != 2 or x.shape[1] != model.sizes[0]:
         raise ValueError(f"The {name!r} inputs of {owner} must have shape (n, {model.sizes[0]}). "
                          f"Got {x.shape} instead.")
-    if y.shape != (x.shape[0],):
+    outputs = model.sizes[-1]
+    if loss == "mean_squared_error" and outputs > 1:
+        if y.shape != (x.shape[0], outputs):
+            raise ValueError(f"The {name!r} targets of {owner} must have shape ({x.shape[0]}, "
+                             f"{outputs}) for a model with {outputs} outputs. Got {y.shape} "
+                             f"instead.")
+    elif y.shape != (x.shape[0],):
         raise ValueError(f"The {name!r} labels of {owner} must have shape ({x.shape[0]},). "
                          f"Got {y.shape} instead.")
     if x.shape[0] == 0:
@@ -44,6 +50,11 @@ def _check_dataset(model: Any, data: Any, loss: str, name: str) -> tuple[numpy.n
         if y.min() < 0 or y.max() >= classes:
             raise ValueError(f"The {name!r} labels of {owner} must be in [0, {classes}) for a model "
                              f"with {classes} outputs. Got values in [{y.min()}, {y.max()}] instead.")
+    elif loss == "mean_squared_error":
+        if y.dtype.kind not in "fiub":
+            raise TypeError(f"The {name!r} targets of {owner} must be numbers for "
+                            f"mean_squared_error. Got {y.dtype} instead.")
+        check_finite(y.astype(numpy.float64), f"{name} y", owner)
     else:
         if model.sizes[-1] != 1:
             raise ValueError(f"binary_cross_entropy needs a model with one output. "
@@ -63,7 +74,7 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
     ----------
     x : (n, sizes[0]) host array
     y : (n,) labels
-    loss : {"cross_entropy", "binary_cross_entropy"}
+    loss : {"cross_entropy", "binary_cross_entropy", "mean_squared_error"}
     comm : cupynn.distributed.Communicator, optional
         With several ranks (each given the whole dataset), each evaluates its
         contiguous share of the rows and the sums are reduced; the scores for
@@ -72,7 +83,10 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
     Returns
     -------
     dict with ``loss``, ``accuracy`` and, for binary tasks, ``auc`` (NaN when
-    ``y`` holds one class only).
+    ``y`` holds one class only); for ``mean_squared_error``, ``loss``, ``mse``
+    and ``r2`` (the coefficient of determination, averaged over the outputs as
+    scikit-learn's ``r2_score`` does; a constant target gives 1 for a perfect
+    fit and 0 otherwise).
     """
     from .distributed import as_communicator
 
@@ -84,6 +98,8 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
     xp = backend.xp
     n = x.shape[0]
     first, stop = comm.shard(n)
+    if loss == "mean_squared_error":
+        return _evaluate_regression(model, x, y, batch_size, comm, first, stop)
     # Sums stay on the device (one read at the end, not one per batch).
     total = xp.zeros((), dtype=numpy.float64)
     correct = xp.zeros((), dtype=numpy.int64)
@@ -114,6 +130,31 @@ def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
         result["auc"] = (float(roc_auc_score(labels, comm.allgather_array(local)))
                          if 0 < labels.sum() < n else float("nan"))
     return result
+
+
+def _evaluate_regression(model: Any, x: numpy.ndarray, y: numpy.ndarray, batch_size: int,
+                         comm: Any, first: int, stop: int) -> dict[str, float]:
+    """MSE and R² from per-output sums of squared errors, targets and squared targets."""
+    xp = model.backend.xp
+    outputs = model.sizes[-1]
+    sums = xp.zeros((3, outputs), dtype=numpy.float64)  # residual², y, y²
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, stop)
+        pred = model.forward(x[start:end]).astype(numpy.float64)
+        target = model.backend.asarray(y[start:end], dtype=numpy.float64).reshape(pred.shape)
+        sums[0] += ((pred - target) ** 2).sum(axis=0)
+        sums[1] += target.sum(axis=0)
+        sums[2] += (target ** 2).sum(axis=0)
+    model.clear_cache()
+    host = numpy.ascontiguousarray(to_numpy(sums))
+    comm.allreduce(host)
+    n = x.shape[0]
+    residual, total, squares = host
+    spread = squares - total * total / n
+    r2 = numpy.where(spread > 0, 1 - residual / numpy.where(spread > 0, spread, 1),
+                     numpy.where(residual == 0, 1.0, 0.0))
+    mse = float(residual.sum()) / (n * outputs)
+    return {"loss": mse, "mse": mse, "r2": float(r2.mean())}
 
 
 class Trainer:
@@ -428,9 +469,9 @@ class Trainer:
             start = time.perf_counter()
             result = evaluate(model, *self.test, self.loss, self.eval_batch_size, self.comm)
             metrics["test_loss"] = result["loss"]
-            metrics["test_accuracy"] = result["accuracy"]
-            if "auc" in result:
-                metrics["test_auc"] = result["auc"]
+            for key in ("accuracy", "auc", "mse", "r2"):
+                if key in result:
+                    metrics[f"test_{key}"] = result[key]
             metrics["eval_seconds"] = time.perf_counter() - start
         if self.reducer is not None:  # the slowest rank's times and peak, the same everywhere
             keys = [k for k in ("train_seconds", "redistribution_seconds", "eval_seconds",
@@ -465,9 +506,10 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         ``sample_epoch(rng) -> (x, y)`` drawing each epoch's rows
     test : (x, y) pair, optional
         x is (n, sizes[0]); y holds class indices (cross_entropy) or 0/1
-        targets (binary_cross_entropy). Both are checked up front.
+        targets (binary_cross_entropy) or real targets, (n,) or (n, outputs)
+        (mean_squared_error). Both are checked up front.
     epochs, batch_size : int >= 1
-    loss : {"cross_entropy", "binary_cross_entropy"}
+    loss : {"cross_entropy", "binary_cross_entropy", "mean_squared_error"}
     seed : int >= 0
     progress : bool
         tqdm bars for epochs and batches.
@@ -505,7 +547,8 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
     list of dict, one per epoch: ``epoch`` (1-based), ``train_loss`` (mean of
     the batch losses), ``train_seconds``, ``n_batches``, ``nnz`` (per layer)
     and, with ``test``, ``test_loss``, ``test_accuracy``, ``eval_seconds``
-    (and ``test_auc`` for binary_cross_entropy), ``redistribution_seconds``
+    (and ``test_auc`` for binary_cross_entropy; ``test_mse`` and ``test_r2``
+    instead of the accuracy for mean_squared_error), ``redistribution_seconds``
     and, after a redistribution, ``fraction``, ``induced_loss_before`` /
     ``induced_loss_after`` (training loss on a fixed batch of training rows
     just before and after it) and ``redistribution`` (per-layer counts).

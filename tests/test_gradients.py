@@ -93,13 +93,28 @@ def test_binary_cross_entropy_gradient(backend, rng, shape):
     assert_close_gradient(grad, numeric, "binary_cross_entropy")
 
 
+@pytest.mark.parametrize("shape, target_shape", [((6, 3), (6, 3)), ((6, 1), (6,)), ((6,), (6,))])
+def test_mean_squared_error_gradient(backend, rng, shape, target_shape):
+    pred = backend.asarray(rng.standard_normal(shape))
+    target = backend.asarray(rng.standard_normal(target_shape))
+    _, grad = losses.mean_squared_error(pred, target)
+    assert grad.shape == pred.shape
+    numeric = numeric_gradient(lambda: float(losses.mean_squared_error(pred, target)[0]), pred)
+    assert_close_gradient(grad, numeric, "mean_squared_error")
+
+
 def _model_loss(model, x, y, loss):
     return float(loss(model.forward(x), y)[0])
 
 
-@pytest.mark.parametrize("case", ["classes", "binary"])
+@pytest.mark.parametrize("case", ["classes", "binary", "regression"])
 def test_mlp_gradients_mixing_sparse_and_dense(backend, rng, case):
-    if case == "classes":
+    if case == "regression":
+        model = cupynn.MLP([6, 8, 2], density=0.4, dense_layers=(0,), seed=5, dtype="float64",
+                           device=backend)
+        y = backend.asarray(rng.standard_normal((4, 2)))
+        loss = losses.mean_squared_error
+    elif case == "classes":
         model = cupynn.MLP([6, 8, 7, 3], density=0.4, dense_layers=(1,), seed=5, dtype="float64",
                            device=backend)
         y = backend.asarray(rng.integers(0, 3, size=4))

@@ -29,6 +29,16 @@ def test_binary_cross_entropy_value(backend):
     numpy.testing.assert_allclose(to_numpy(grad), (s - y) / 3, rtol=1e-12)
 
 
+def test_mean_squared_error_value(backend):
+    pred = numpy.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0]])
+    target = numpy.array([[0.0, 2.0], [1.0, 1.0], [3.0, -2.0]])
+    loss, grad = losses.mean_squared_error(backend.asarray(pred), backend.asarray(target))
+    assert float(loss) == pytest.approx(numpy.mean((pred - target) ** 2), rel=1e-14)
+    numpy.testing.assert_allclose(to_numpy(grad), 2 * (pred - target) / 6, rtol=1e-14)
+    one, _ = losses.mean_squared_error(backend.asarray(pred[:, :1]), backend.asarray(target[:, 0]))
+    assert float(one) == pytest.approx(numpy.mean((pred[:, 0] - target[:, 0]) ** 2), rel=1e-14)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_losses_stable_at_huge_logits(backend, dtype):
     big = numpy.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], dtype=dtype)
@@ -57,6 +67,12 @@ def test_losses_stable_at_huge_logits(backend, dtype):
      r"must be in \[0, 1\]"),
     (lambda: losses.binary_cross_entropy(numpy.zeros((2, 2)), numpy.array([0, 1])), ValueError,
      r"must have shape \(batch,\) or \(batch, 1\)"),
+    (lambda: losses.mean_squared_error(numpy.zeros((2, 2)), numpy.zeros(2)), ValueError,
+     r"'target' argument of mean_squared_error must have the shape of pred \(2, 2\)"),
+    (lambda: losses.mean_squared_error(numpy.zeros(2), numpy.array([0, numpy.nan])), ValueError,
+     "must be finite"),
+    (lambda: losses.mean_squared_error(numpy.zeros((2, 2, 2)), numpy.zeros(2)), ValueError,
+     r"must have shape \(batch, outputs\) or \(batch,\)"),
 ])
 def test_losses_reject_bad_input(call, error, message):
     with pytest.raises(error, match=message):

@@ -167,3 +167,25 @@ def test_progress_loss_never_waits_for_the_device():
     assert bar.shown[-1] == "0.2500"
     pending = cpu.read_later(numpy.array([1.5, 2.5]))
     assert pending.ready() and list(pending.value()) == [1.5, 2.5]
+
+
+def test_regression_fit_reports_mse_and_r2_as_scikit_learn_computes_them(backend, rng):
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    x = rng.standard_normal((400, 5)).astype(numpy.float32)
+    y = (x @ rng.standard_normal((5, 2)) + 0.1 * rng.standard_normal((400, 2))).astype(numpy.float32)
+    model = cupynn.MLP([5, 32, 2], density=0.5, seed=1, device=backend)
+    history = cupynn.fit(model, cupynn.Adam(model, lr=1e-2), (x[:300], y[:300]),
+                         (x[300:], y[300:]), epochs=20, batch_size=32, loss="mean_squared_error",
+                         redistribution="gradient", progress=False)
+    last = history[-1]
+    assert "test_accuracy" not in last and last["test_r2"] > 0.9 > history[0]["test_r2"]
+    pred = model.predict(x[300:])
+    assert last["test_r2"] == pytest.approx(r2_score(y[300:], pred), rel=1e-5)
+    assert last["test_mse"] == pytest.approx(mean_squared_error(y[300:], pred), rel=1e-5)
+    one = cupynn.evaluate(cupynn.MLP([5, 4, 1], density=0.5, device=backend), x, y[:, 0],
+                          "mean_squared_error")
+    assert set(one) == {"loss", "mse", "r2"}
+    with pytest.raises(ValueError, match=r"targets of fit must have shape \(400, 2\)"):
+        cupynn.fit(model, cupynn.Adam(model), (x, y[:, 0]), epochs=1, batch_size=8,
+                   loss="mean_squared_error", progress=False)
