@@ -10,12 +10,13 @@ from .layers import Linear, ReLU, Sigmoid, SparseLinear
 from .model import MLP
 from .memory import MemoryTracker
 from .optim import Adam
+from .serialization import ModelFileError, load, save
 from .training import Trainer, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam", "Backend", "Linear", "MLP", "MemoryTracker", "ReLU", "Sigmoid", "SparseLinear",
-    "Trainer", "data", "distributed", "evaluate", "fit", "get_backend", "gpu_available", "losses",
-    "redistribution", "to_numpy", "__version__",
+    "Adam", "Backend", "Linear", "MLP", "MemoryTracker", "ModelFileError", "ReLU", "Sigmoid",
+    "SparseLinear", "Trainer", "data", "distributed", "evaluate", "fit", "get_backend",
+    "gpu_available", "load", "losses", "redistribution", "save", "to_numpy", "__version__",
 ]

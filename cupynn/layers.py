@@ -199,6 +199,17 @@ class SparseLinear(Layer):
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
                               check=False)
 
+    def to_scipy(self) -> Any:
+        """The weights as a ``scipy.sparse.csr_array`` (out, in), host copies, canonical:
+        the same pattern and values, for inference or analysis with SciPy."""
+        import scipy.sparse
+
+        matrix = scipy.sparse.csr_array(
+            (to_numpy(self.data).copy(), to_numpy(self.indices).copy(),
+             to_numpy(self.indptr).copy()), shape=self.shape)
+        matrix.has_canonical_format = True  # checked whenever the topology is set
+        return matrix
+
     def to_dense(self) -> numpy.ndarray:
         """The weight matrix as a dense NumPy array (out, in). For tests and small layers."""
         dense = numpy.zeros(self.shape, dtype=self.dtype)

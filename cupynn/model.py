@@ -152,6 +152,23 @@ class MLP:
                 layer.weight = xp.asarray(weight, dtype=self.dtype)
             layer.bias = xp.asarray(bias)
 
+    # ---------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Host copies of every array and the configuration: a pickle from the GPU
+        unpickles where there is none (on the CPU), and the reverse."""
+        return {"config": self.config(), "state": self.state_dict(), "device": self.backend.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from .backend import gpu_available
+
+        config = state["config"]
+        device = "gpu" if state.get("device") == "gpu" and gpu_available() else "cpu"
+        self.__init__(config["sizes"], density=config["density"],
+                      dense_layers=config["dense_layers"], seed=config["seed"],
+                      dtype=config["dtype"], device=device, init=config["init"],
+                      activation=config["activation"])
+        self.load_state_dict(state["state"])
+
     # ---------------------------------------------------------------- passes
     def _input(self, x: Any) -> Any:
         """Check a (batch, in) input; return it feature-major on the device."""

@@ -89,6 +89,16 @@ class Adam:
                 self.state[index][name] = (xp.asarray(m, dtype=value.dtype),
                                            xp.asarray(v, dtype=value.dtype))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The model (pickled by its own rules) and :meth:`state_dict` (host copies)."""
+        return {"model": self.model, "state": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state["state"]
+        self.__init__(state["model"], lr=saved["lr"], betas=tuple(saved["betas"]),
+                      eps=saved["eps"])
+        self.load_state_dict(saved)
+
     def step(self) -> None:
         """Apply one update from the gradients of the last backward pass."""
         self.t += 1

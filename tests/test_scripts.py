@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy
+
+import cupynn
 import pytest
 
 from conftest import shared_data
@@ -63,6 +65,12 @@ def test_kmnist_every_algorithm(tmp_path, algorithm):
     assert summary["status"] == "completed" and summary["epochs_completed"] == 2
     assert summary["final"]["test_accuracy"] == metrics[-1]["test_accuracy"]
     assert (out / "checkpoint.npz").exists()
+    # The final model file holds the checkpoint's model.
+    assert summary["model_file"] == "model.npz"
+    saved = cupynn.load(out / "model.npz", device="cpu").state_dict()
+    with numpy.load(out / "checkpoint.npz") as checkpoint:
+        for key, value in saved.items():
+            numpy.testing.assert_array_equal(value, checkpoint[f"model/{key}"])
 
 
 @pytest.mark.parametrize("baseline, width", [("neuron", 256), ("parameter", 33)])

@@ -11,7 +11,8 @@ dense baseline) and writes to its output directory:
   induced loss before/after);
 - ``checkpoint.npz`` — every ``checkpoint_every`` epochs (see
   :mod:`cupynn.checkpoint`), from which ``--resume`` continues exactly;
-- ``summary.json`` — the final state: completed, interrupted or failed.
+- ``summary.json`` — the final state: completed, interrupted or failed;
+- ``model.npz`` — the trained model (:func:`cupynn.save`), when completed.
 
 A run never writes into a directory that holds another run's files unless
 told to (``overwrite``).
@@ -50,7 +51,8 @@ from ..redistribution import NAMES, create
 from ..training import Trainer
 
 BASELINES = ("neuron", "parameter")
-RESULT_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT)
+MODEL_FILE = "model.npz"
+RESULT_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, MODEL_FILE)
 
 
 @dataclass
@@ -348,6 +350,11 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
         summary["train_seconds"] = sum(h["train_seconds"] for h in history)
         summary["redistribution_seconds"] = sum(h["redistribution_seconds"] for h in history)
         summary["peak_memory_bytes"] = max(h.get("peak_memory_bytes", 0) for h in history)
+    if status == "completed":
+        from ..serialization import save
+
+        save(model, out / MODEL_FILE)
+        summary["model_file"] = MODEL_FILE
     _write_json(out / "summary.json", summary)
     if message:
         print(f"{status}: {message}", file=sys.stderr)

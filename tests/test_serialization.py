@@ -1,0 +1,144 @@
+"""Model files (cupynn.save / cupynn.load), pickling, and export for inference."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+
+import numpy
+import pytest
+
+import cupynn
+from cupynn import ModelFileError, to_numpy
+from cupynn.serialization import FORMAT_VERSION
+
+
+def trained(backend, dtype="float32"):
+    """A small model with a redistributed (non-initial) topology and a dense layer."""
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((120, 10)).astype(dtype)
+    y = rng.integers(0, 3, 120)
+    model = cupynn.MLP([10, 12, 8, 3], density=0.3, dense_layers=(1,), seed=2, dtype=dtype,
+                       device=backend, activation="sigmoid")
+    cupynn.fit(model, cupynn.Adam(model), (x, y), epochs=4, batch_size=30, progress=False,
+               redistribution="gradient-global")
+    return model, x
+
+
+def test_save_load_gives_identical_predictions(backend, tmp_path):
+    model, x = trained(backend)
+    path = cupynn.save(model, tmp_path / "sub" / "model.npz")
+    assert path.exists() and not list(path.parent.glob("*.tmp"))
+    for device in ("cpu", backend):
+        again = cupynn.load(path, device=device)
+        assert again.config() == model.config() and again.nnz == model.nnz
+        numpy.testing.assert_array_equal(again.predict(x), model.predict(x))
+        for a, b in zip(model.layers, again.layers):
+            numpy.testing.assert_array_equal(a.to_dense(), b.to_dense())
+
+
+def test_the_file_is_plain_numpy(tmp_path):
+    model, _ = trained("cpu", "float64")
+    cupynn.save(model, tmp_path / "m.npz")
+    with numpy.load(tmp_path / "m.npz", allow_pickle=False) as archive:
+        header = json.loads(str(archive["header"]))
+        assert header["format"] == "cupynn-model" and header["version"] == FORMAT_VERSION
+        assert header["config"]["sizes"] == [10, 12, 8, 3]
+        assert [l["kind"] for l in header["layers"]] == ["sparse", "dense", "sparse"]
+        assert archive["0.data"].dtype == numpy.float64 and archive["1.weight"].shape == (8, 12)
+
+
+def rewrite(path, change):
+    """The model file at ``path`` with its arrays changed by ``change(arrays)``."""
+    with numpy.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    change(arrays)
+    with open(path, "wb") as f:
+        numpy.savez(f, **arrays)
+
+
+def header_change(**fields):
+    def change(arrays):
+        header = json.loads(str(arrays["header"]))
+        header.update(fields)
+        arrays["header"] = numpy.array(json.dumps(header))
+    return change
+
+
+BAD_FILES = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:300]), "corrupt or truncated"),
+    "garbage": (lambda p: p.write_bytes(b"not a zip at all" * 20), "corrupt or truncated"),
+    "foreign npz": (lambda p: numpy.savez(p, weights=numpy.ones(3)),
+                    r"not a cupynn model file \(no cupynn header; it holds \['weights'\]\)"),
+    "checkpoint": (lambda p: rewrite(p, lambda a: a.update(header=numpy.array('{"format": 1}'))),
+                   "not a cupynn model file"),
+    "bad json": (lambda p: rewrite(p, lambda a: a.update(header=numpy.array("{oops"))),
+                 "its header is not JSON"),
+    "newer": (lambda p: rewrite(p, header_change(version=FORMAT_VERSION + 1, cupynn="9.0")),
+              rf"written in model-file format {FORMAT_VERSION + 1} by cupynn 9.0; this cupynn "
+              rf"\(0.1.0\) reads format {FORMAT_VERSION} and older. Upgrade cupynn"),
+    "missing array": (lambda p: rewrite(p, lambda a: a.pop("2.indices")),
+                      "layer 2 has no array 'indices'"),
+    "unsorted": (lambda p: rewrite(p, lambda a: a.update({"0.indices": a["0.indices"][::-1]})),
+                 "layer 0: column indices must be sorted and unique within each row"),
+    "wrong dtype": (lambda p: rewrite(p, lambda a: a.update({"1.weight": a["1.weight"].astype(numpy.float64)})),
+                    r"layer 1's weight must be float32 of shape \(8, 12\)"),
+    "bad bias": (lambda p: rewrite(p, lambda a: a.update({"0.bias": a["0.bias"][:3]})),
+                 r"layer 0's bias must be float32 of shape \(12,\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_are_rejected_with_their_problem(tmp_path, case):
+    model, _ = trained("cpu")
+    path = cupynn.save(model, tmp_path / "m.npz")
+    damage, message = BAD_FILES[case]
+    damage(path)
+    with pytest.raises(ModelFileError, match=message) as info:
+        cupynn.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No cupynn model file at .*nothing.npz"):
+        cupynn.load(tmp_path / "nothing.npz")
+
+
+def test_pickle_round_trips_and_training_continues_alike(backend):
+    model, x = trained(backend, "float64")
+    optimizer = cupynn.Adam(model, lr=3e-3)
+    y = numpy.arange(len(x)) % 3
+    cupynn.fit(model, optimizer, (x, y), epochs=1, batch_size=40, progress=False)
+    model2, optimizer2 = pickle.loads(pickle.dumps((model, optimizer)))
+    assert optimizer2.model is model2 and optimizer2.t == optimizer.t
+    numpy.testing.assert_array_equal(model2.predict(x), model.predict(x))
+    for m, o in ((model, optimizer), (model2, optimizer2)):
+        cupynn.fit(m, o, (x, y), epochs=2, batch_size=40, progress=False, seed=4,
+                   redistribution="random")
+    numpy.testing.assert_array_equal(model2.predict(x), model.predict(x))
+
+
+def test_to_scipy_is_the_layer(backend):
+    model, x = trained(backend, "float64")
+    for layer in model.sparse_layers:
+        matrix = layer.to_scipy()
+        assert matrix.shape == layer.shape and matrix.has_canonical_format
+        numpy.testing.assert_array_equal(matrix.toarray(), layer.to_dense())
+        numpy.testing.assert_array_equal(matrix.indptr, to_numpy(layer.indptr))
+
+
+def test_to_torch_computes_the_same_logits(backend):
+    torch = pytest.importorskip("torch", reason="PyTorch is an optional extra (peer)")
+    from cupynn.export import to_torch
+
+    for dtype in ("float32", "float64"):
+        model, x = trained(backend, dtype)
+        module = to_torch(model)
+        with torch.no_grad():
+            got = module(torch.from_numpy(x)).numpy()
+        numpy.testing.assert_allclose(got, model.predict(x), rtol=1e-5 if dtype == "float32"
+                                      else 1e-12, atol=1e-6 if dtype == "float32" else 1e-13)
+        assert isinstance(module.linear1, torch.nn.Linear)  # the dense layer
+        assert [b.layout for name, b in module.named_buffers() if name.startswith("weight")] \
+            == [torch.sparse_csr, torch.sparse_csr]
