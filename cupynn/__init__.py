@@ -15,8 +15,19 @@ from .training import Trainer, evaluate, fit
 
 __version__ = "0.1.0"
 
+_LAZY = {"SparseMLPClassifier": "estimators", "SparseMLPRegressor": "estimators"}
+
+
+def __getattr__(name: str):
+    """The scikit-learn estimators, imported on first use (scikit-learn is slow to import)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'cupynn' has no attribute {name!r}")
+
 __all__ = [
     "Adam", "Backend", "Linear", "MLP", "MemoryTracker", "ModelFileError", "ReLU", "Sigmoid",
-    "SparseLinear", "Trainer", "data", "distributed", "evaluate", "fit", "get_backend",
+    "SparseLinear", "SparseMLPClassifier", "SparseMLPRegressor", "Trainer", "data", "distributed", "evaluate", "fit", "get_backend",
     "gpu_available", "load", "losses", "redistribution", "save", "to_numpy", "__version__",
 ]
