@@ -65,6 +65,7 @@ sys.path.insert(1, str(HERE))
 import cupynn  # noqa: E402
 from cupynn import kernels  # noqa: E402
 from cupynn.backend import to_numpy  # noqa: E402
+from cupynn.cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main  # noqa: E402
 
 PASSED, FAILED, DRY_RUN = "passed", "failed", "dry run"
 NO_GPU = "skipped: no GPU"
@@ -802,6 +803,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"gets its own limit or what is left, whichever is less")
     p.add_argument("--commit", default=None,
                    help="the commit checked, for the report (default: git rev-parse HEAD)")
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     # Internal: run one part in this process and write its result as JSON.
     p.add_argument("--part", choices=PART_NAMES, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -1090,9 +1092,22 @@ def _details(p: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit status: 0 when the verdict is passed or a dry run, 1 when not, 2 for a
+    mistake in the input (said in one paragraph)."""
+    return run_main(_main, argv, "gpu_check.py")
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.part:
         return run_part_here(args)
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder. Give a copy of "
+                        f"../shared/data (kmnist/, higgs/), or leave it out.")
+    try:
+        cupynn.get_backend(args.device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {args.device}: {exc}") from None
     return run_all(args)
 
 

@@ -189,9 +189,9 @@ def test_unfinished_runs_are_listed_and_left_out(tmp_path):
     assert "random/d0.1/s7`: interrupted" in text
 
 
-def test_report_on_an_empty_directory_is_an_error(tmp_path):
-    with pytest.raises(SystemExit):
-        report.main([str(tmp_path)])
+def test_report_on_an_empty_directory_is_an_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "No runs (directories with config.json)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the grid runner
@@ -345,7 +345,7 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, capsys):
     err = capsys.readouterr().err
     log = tmp_path / "g" / "kmnist" / "static" / "d0.1" / "s0" / "log.txt"
     assert "1 run(s) did not complete" in err and f"log: {log}" in err
-    assert "static/d0.1/s0: failed: exit status 1" in err
+    assert "static/d0.1/s0: failed: exit status 2" in err  # the script's user error
     assert "kmnist-test-imgs" in log.read_text()
 
 

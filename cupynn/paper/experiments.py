@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy
 
 from ..backend import get_backend
+from ..cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main
 from ..checkpoint import (FILENAME as CHECKPOINT, read_checkpoint, restore_checkpoint,
                          save_checkpoint)
 from ..memory import MemoryTracker
@@ -137,6 +138,7 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
     add("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (0: never)")
     add("--resume", type=Path, default=None, help="continue the run in this directory")
     add("--quiet", action="store_true", help="no progress bars")
+    add(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     experiment.extra_arguments(parser)
     return parser
 
@@ -157,6 +159,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         (args.seed >= 0, "--seed must be >= 0"),
         (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
     ]
+    if args.resume is not None and (args.out is not None or args.overwrite):
+        checks.append((False, "--resume continues the run in its own directory: drop --out and "
+                              "--overwrite (or drop --resume to start a new run)"))
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -181,14 +186,17 @@ def versions(backend: Any) -> dict[str, str]:
 def _prepare_output(args: argparse.Namespace, experiment: Experiment) -> Path:
     if args.resume is not None:
         if not (args.resume / "config.json").exists() or not (args.resume / CHECKPOINT).exists():
-            raise SystemExit(f"error: --resume {args.resume}: no config.json and {CHECKPOINT} there "
-                             f"(a run writes its first checkpoint after --checkpoint-every epochs).")
+            raise UserError(f"--resume {args.resume}: no config.json and {CHECKPOINT} there (a run "
+                            f"writes its first checkpoint after --checkpoint-every epochs). Give "
+                            f"the directory of a run that wrote a checkpoint, or start a new run "
+                            f"with --out.")
         return args.resume
     out = args.out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     taken = [name for name in RESULT_FILES if (out / name).exists()]
     if taken and not args.overwrite:
-        raise SystemExit(f"error: {out} already holds a run ({', '.join(taken)}); choose another "
-                         f"--out, --resume it, or pass --overwrite.")
+        raise UserError(f"{out} already holds a run ({', '.join(taken)}). Choose another --out, "
+                        f"continue that run with --resume {out}, or pass --overwrite to replace "
+                        f"it.")
     out.mkdir(parents=True, exist_ok=True)
     for name in taken:
         (out / name).unlink()
@@ -212,13 +220,64 @@ def _write_json(path: Path, data: Any) -> None:
 def run(experiment: Experiment, argv: list[str] | None = None) -> int:
     """Parse ``argv``, train, write the results; return the exit status.
 
-    Under an MPI launcher every rank runs this (see the module doc); an error
-    on any rank aborts them all."""
+    A mistake in the input (:class:`cupynn.cli.UserError`) is one paragraph on
+    stderr and status 2 (``--debug``: its traceback). Under an MPI launcher
+    every rank runs this (see the module doc); an error on any rank aborts
+    them all."""
     from ..distributed import init
 
-    comm = init()
-    with comm.guard():
-        return _run(experiment, argv, comm)
+    prog = f"train_{experiment.name}.py"
+
+    def main(args: list[str]) -> int:
+        comm = init()
+        with comm.guard():
+            try:
+                return _run(experiment, args, comm)
+            except UserError as exc:
+                if comm.size == 1 or DEBUG_FLAG in args:
+                    raise
+                raise SystemExit(f"{prog}: error: {exc}") from None  # every rank ends, status 2
+
+    return run_main(main, argv, prog)
+
+
+def _resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      out: Path, saved: dict[str, Any]) -> None:
+    """Take the run's own settings; a different value given on the command line is an error."""
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=str))
+
+    conflicts = []
+    for key, value in saved.items():
+        if key in _RESUME_OWN:
+            continue
+        given = getattr(args, key, None)
+        if given != parser.get_default(key) and plain(given) != plain(value):
+            conflicts.append(f"--{key.replace('_', '-')} {given} (the run has {value})")
+        setattr(args, key, Path(value) if key == "data_dir" and value else value)
+    if conflicts:
+        raise UserError(f"--resume {out} continues that run with its own settings, but the "
+                        f"command line asks for others: {'; '.join(conflicts)}. Drop them, or "
+                        f"start a new run with --out.")
+
+
+# Arguments that --resume takes from the command line, not from the run.
+_RESUME_OWN = ("resume", "quiet", "device", "out", "overwrite", "debug")
+
+
+def _read_run(out: Path) -> tuple[dict[str, Any], Any]:
+    """The saved arguments and the checkpoint of a run to resume."""
+    try:
+        saved = json.loads((out / "config.json").read_text())["arguments"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume {out}: its config.json is not a run's configuration "
+                        f"({type(exc).__name__}: {exc}). Start a new run with --out.") from None
+    try:
+        checkpoint = read_checkpoint(out)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume {out}: {exc} It cannot be resumed; start a new run with "
+                        f"--out (or --overwrite it).") from None
+    return saved, checkpoint
 
 
 def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
@@ -237,17 +296,28 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
     check_arguments(parser, args)
     root = comm.is_root
     out = comm.bcast(_prepare_output(args, experiment) if root else None)
-    if args.resume is not None:  # the run's own settings win over the command line's
-        saved = comm.bcast(json.loads((out / "config.json").read_text())["arguments"]
-                           if root else None)
-        for key, value in saved.items():
-            if key not in ("resume", "quiet", "device", "out", "overwrite"):
-                setattr(args, key, Path(value) if key == "data_dir" and value else value)
+    checkpoint = None
+    if args.resume is not None:
+        saved, checkpoint = comm.bcast(_read_run(out) if root else None)
+        _resumed_settings(parser, args, out, saved)
     if not root:
         args.quiet = True  # one progress display: the first rank's
 
-    backend = get_backend(args.device)
-    train, test, dataset, notes = _first_then_others(comm, lambda: experiment.load(args))
+    try:
+        backend = get_backend(args.device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {args.device}: {exc}") from None
+
+    def load() -> Any:
+        try:
+            return experiment.load(args)
+        except (FileNotFoundError, ValueError) as exc:
+            where = (f" (--data-dir {args.data_dir})" if args.data_dir is not None else
+                     " (pass --data-dir with the folder that holds the files)")
+            raise UserError(f"the {experiment.name} data could not be loaded{where}: "
+                            f"{exc}") from None
+
+    train, test, dataset, notes = _first_then_others(comm, load)
     for note in (notes if root else []):
         print(f"note: {note}", file=sys.stderr)
     sizes = experiment.sizes(args)
@@ -293,8 +363,12 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
                       redistribute_every=args.redistribute_every, end_fraction=args.end_fraction,
                       augment=experiment.augment(args), track_memory=memory,
                       on_epoch_end=on_epoch_end, comm=comm)
-    if args.resume is not None:
-        restore_checkpoint(comm.bcast(read_checkpoint(out) if root else None), trainer)
+    if checkpoint is not None:
+        try:
+            restore_checkpoint(checkpoint, trainer)
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"--resume {out}: its checkpoint does not fit this run's model "
+                            f"({exc}). Start a new run with --out.") from None
         if root:
             # Drop lines written after the checkpoint (a crash between the two).
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
@@ -389,7 +463,8 @@ def _kmnist_load(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     from ..data import load_kmnist
 
     if args.train_from_test is not None and not 0 < args.train_from_test < 1:
-        raise SystemExit("error: --train-from-test must be in (0, 1)")
+        raise UserError("--train-from-test must be in (0, 1), the share of the official test "
+                        "images to train on.")
     data = load_kmnist(args.data_dir, train_from_test=args.train_from_test, seed=args.seed,
                        download=not args.no_download, progress=not args.quiet,
                        allow_fallback=args.data_dir is None)
@@ -432,7 +507,7 @@ def _higgs_load(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     from ..data import load_higgs
 
     if args.train_samples < 1 or args.val_samples < 1:
-        raise SystemExit("error: --train-samples and --val-samples must be >= 1")
+        raise UserError("--train-samples and --val-samples must be >= 1.")
     data = load_higgs(args.data_dir, seed=args.seed, train_samples=args.train_samples,
                       val_samples=args.val_samples, cache=not args.no_cache,
                       progress=not args.quiet)

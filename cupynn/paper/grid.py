@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..checkpoint import FILENAME as CHECKPOINT
+from ..cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main
 from .experiments import BASELINES, HIGGS, KMNIST, Experiment, build_parser, check_arguments
 from ..redistribution import NAMES
 
@@ -474,6 +475,7 @@ def build_grid_parser() -> argparse.ArgumentParser:
         help="print one shell command per unfinished run (for a cluster scheduler) instead of "
              "running them")
     add("--no-progress", action="store_true", help="no progress bar")
+    add(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     add("--ranks", type=int, default=1,
         help="MPI ranks per run: each run is data-parallel over this many processes, started "
              "by --launcher")
@@ -496,8 +498,12 @@ OPTION_KEYS = ("epochs", "batch_size", "lr", "train_from_test", "train_samples",
 
 
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
-    """``run_grid.py``: parse, then run the grid or print its commands; the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``run_grid.py``: parse, then run the grid or print its commands; the exit status
+    (2 for a mistake in the input, said in one paragraph)."""
+    return run_main(lambda args: _main(args, out), argv, "run_grid.py")
+
+
+def _main(argv: list[str], out: Any) -> int:
     out = out or sys.stdout
     extra: list[str] = []
     if "--" in argv:
@@ -508,6 +514,9 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     options = {key: getattr(args, key) for key in OPTION_KEYS}
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder. Give the folder that holds "
+                        f"the {args.dataset} files (every run reads it).")
     try:
         runs = plan(args.dataset, args.grid_dir, algorithms=args.algorithms,
                     densities=args.densities, seeds=args.seeds, baselines=args.baselines,

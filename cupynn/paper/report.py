@@ -42,6 +42,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy
 
+from ..cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main
 from .experiments import BASELINES
 from ..redistribution import NAMES
 
@@ -694,7 +695,11 @@ def write_report(grid_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``report.py``: parse, write the report; the exit status."""
+    """``report.py``: parse, write the report; the exit status (2 for a mistake in the input)."""
+    return run_main(_main, argv, "report.py")
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="report.py",
         description="Read a grid directory (scripts/run_grid.py) and write report.md with "
@@ -705,9 +710,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="output directory (default: GRID_DIR/report)")
     parser.add_argument("--dataset", choices=("kmnist", "higgs"), action="append",
                         help="only this dataset (repeatable; default: every one found)")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
+    if not args.grid_dir.is_dir():
+        raise UserError(f"{args.grid_dir} is not a folder. Give the --grid-dir that "
+                        f"scripts/run_grid.py ran.")
     try:
         write_report(args.grid_dir, args.out, args.dataset)
     except FileNotFoundError as exc:
-        parser.error(str(exc))
+        raise UserError(f"{exc} Give the --grid-dir that scripts/run_grid.py ran.") from None
+    except PermissionError as exc:
+        raise UserError(f"the report cannot be written ({exc}); choose another --out.") from None
     return 0
