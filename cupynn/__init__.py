@@ -4,7 +4,7 @@ Sparse weights are CSR arrays on the device from the first step to the last;
 forward and backward passes are hand-written; Adam is hand-written.
 """
 
-from . import data, distributed, losses, redistribution
+from . import data, distributed, export, losses, redistribution
 from .backend import Backend, get_backend, gpu_available, to_numpy
 from .layers import Linear, ReLU, Sigmoid, SparseLinear
 from .model import MLP
@@ -26,8 +26,10 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'cupynn' has no attribute {name!r}")
 
+
 __all__ = [
     "Adam", "Backend", "Linear", "MLP", "MemoryTracker", "ModelFileError", "ReLU", "Sigmoid",
-    "SparseLinear", "SparseMLPClassifier", "SparseMLPRegressor", "Trainer", "data", "distributed", "evaluate", "fit", "get_backend",
-    "gpu_available", "load", "losses", "redistribution", "save", "to_numpy", "__version__",
+    "SparseLinear", "SparseMLPClassifier", "SparseMLPRegressor", "Trainer", "data", "distributed",
+    "evaluate", "export", "fit", "get_backend", "gpu_available", "load", "losses",
+    "redistribution", "save", "to_numpy", "__version__",
 ]
