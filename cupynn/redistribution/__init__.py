@@ -1,8 +1,13 @@
 """Redistribution: move a fraction of a sparse network's weights while it trains.
 
 ``create(name, seed=0, **params)`` builds one of the algorithms of SPEC §4 by
-name; each follows the template of :mod:`.base` (drop by score, grow by score,
-rebuild canonical CSR, new weights 0, optimizer moments re-mapped).
+name, and ``create(drop=..., grow=..., scope=...)`` any composition of a
+removal and a growth (:mod:`.compose`; its name, such as ``"set+momentum"``,
+works as a name too). Each follows the template of :mod:`.base` (drop by
+score, grow by score, rebuild canonical CSR, new weights 0, optimizer moments
+re-mapped). :data:`NAMES` are the paper's seven (presets of the composition);
+:func:`parts` lists the removals, growths and scopes, and
+:func:`compositions` every valid composition's name.
 
 =================== ======================================== =========================================
 name                removes                                  adds
@@ -22,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Drop, GradientProbe, Redistributor
+from .compose import DROPS, GROWS, SCOPES, Composed, compositions, parse_name
 from .gradient import Gradient, GradientGlobal
 from .loss import LossGrowth
 from .random_growth import RandomGrowth
@@ -36,18 +42,38 @@ REGISTRY: dict[str, type[Redistributor]] = {
 NAMES = tuple(REGISTRY)
 
 
-def create(name: str, *, seed: int = 0, **params: Any) -> Redistributor:
-    """A redistributor by registry name; ``params`` go to its constructor.
+def parts() -> dict[str, Any]:
+    """The removals, the growths, and the scopes each growth takes."""
+    return {"drop": DROPS, "grow": GROWS, "scope": dict(SCOPES)}
+
+
+def create(name: str | None = None, *, drop: str | None = None, grow: str | None = None,
+           scope: str | None = None, seed: int = 0, **params: Any) -> Redistributor:
+    """A redistributor: a preset by name (``params`` go to its constructor), or a
+    composition, given by its parts or by its name ``"<drop>+<grow>[/<scope>]"``.
 
     Raises
     ------
     ValueError
-        For an unknown name (the message lists the valid ones).
+        For an unknown name or part, or a scope the growth does not take (the
+        message lists the valid ones).
     TypeError
         For a parameter the algorithm does not take.
     """
+    if name is not None and (drop or grow or scope):
+        raise ValueError("create takes a name, or drop= and grow= (and scope=), not both.")
+    if name is None:
+        if drop is None or grow is None:
+            raise ValueError(f"create needs a name ({', '.join(NAMES)}) or drop= and grow=. "
+                             f"Removals: {', '.join(DROPS)}; growths: {', '.join(GROWS)}.")
+        return Composed(drop=drop, grow=grow, scope=scope, seed=seed, **params)
+    if isinstance(name, str) and "+" in name:
+        drop, grow, scope = parse_name(name)
+        return Composed(drop=drop, grow=grow, scope=scope, seed=seed, **params)
     if name not in REGISTRY:
-        raise ValueError(f"Unknown redistribution {name!r}. Valid names: {', '.join(NAMES)}.")
+        raise ValueError(f"Unknown redistribution {name!r}. Valid names: {', '.join(NAMES)}. "
+                         f"Or compose one: '<drop>+<grow>[/<scope>]' with removals "
+                         f"{', '.join(DROPS)} and growths {', '.join(GROWS)}.")
     cls = REGISTRY[name]
     try:
         return cls(seed=seed, **params)
@@ -57,4 +83,5 @@ def create(name: str, *, seed: int = 0, **params: Any) -> Redistributor:
         raise
 
 
-__all__ = ["Drop", "GradientProbe", "NAMES", "REGISTRY", "Redistributor", "create", "fraction_at"]
+__all__ = ["Composed", "Drop", "GradientProbe", "NAMES", "REGISTRY", "Redistributor",
+           "compositions", "create", "fraction_at", "parts"]

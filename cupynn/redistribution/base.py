@@ -122,6 +122,11 @@ class GradientProbe:
                 layer.keep_output_grad = False
         self.loss = float(value) if self.comm is None else float(
             self.comm.allreduce(numpy.array([float(value)]))[0])
+        # dL/dw at the active entries (MEST's removal reads them), summed over the ranks.
+        self.active_gradients = [layer.grad_data for layer in layers]
+        if self.comm is not None:
+            for grad in self.active_gradients:
+                self.comm.allreduce(grad)
         self.inputs = [layer._x for layer in layers]
         self.output_grads = [layer._dy for layer in layers]
         for layer in layers:
@@ -159,9 +164,11 @@ class GradientProbe:
         return backend_of(self.inputs[0]).xp
 
     def release(self, index: int | None = None) -> None:
-        """Drop the output gradient of sparse layer ``index`` (all with None)."""
+        """Drop the output gradient of sparse layer ``index`` (all with None, and the
+        active gradients too)."""
         if index is None:
             self.output_grads = [None] * len(self.output_grads)
+            self.active_gradients = [None] * len(self.active_gradients)
         else:
             self.output_grads[index] = None
 
@@ -235,6 +242,7 @@ class Redistributor:
     is_global = False
     uses_batch = False
     comm: Any = None  # a cupynn.distributed.Communicator, set by the training loop
+    optimizer: Any = None  # the optimizer, during redistribute() only
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = check_int(seed, "seed", type(self).__name__, low=0)
@@ -297,6 +305,7 @@ class Redistributor:
             return [self._report(index_of[id(l)], l, 0, 0) for l in layers]
         if self.uses_batch and (x is None or y is None):
             raise ValueError(f"The {self.name!r} redistribution needs a batch (x, y).")
+        self.optimizer = optimizer  # for the scores that read its moments (momentum growth)
         with one_blas_thread(model.backend.xp):
             probe = (GradientProbe(model, x, y, loss, total=total, comm=self.comm)
                      if self.uses_batch else None)
@@ -308,6 +317,7 @@ class Redistributor:
             if probe is not None:
                 probe.release()
             del probe
+            self.optimizer = None
         reports = []
         for i, layer in enumerate(layers):
             removed = layer.nnz - int(kept[i].shape[0])

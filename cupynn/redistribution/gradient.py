@@ -53,6 +53,46 @@ def push_layer_gradient(top: StreamingTopK, probe: GradientProbe, index: int, la
         top.push(scores, key_offset + r0 * n_cols)
 
 
+def removed_counts(model: Any, kept_keys: list[Any]) -> list[int]:
+    """Per sparse layer, how many entries the drop removed."""
+    return [layer.nnz - int(kept.shape[0]) for layer, kept in zip(model.sparse_layers, kept_keys)]
+
+
+def grow_by_gradient(model: Any, kept_keys: list[Any], probe: GradientProbe, block_elements: int,
+                     counts: Any = None) -> list[Any]:
+    """Per sparse layer, ``counts[i]`` new keys (default: what it lost) at its largest
+    |dL/dW| among inactive positions; each layer's output gradient released when done."""
+    counts = removed_counts(model, kept_keys) if counts is None else counts
+    new = []
+    for i, (layer, kept, k) in enumerate(zip(model.sparse_layers, kept_keys, counts)):
+        top = StreamingTopK(layer.backend.xp, int(k), dtype=layer.dtype,
+                            key_dtype=_key_dtype(layer.out_features * layer.in_features))
+        push_layer_gradient(top, probe, i, layer, kept, 0, block_elements)
+        probe.release(i)
+        new.append(top.result())
+    return new
+
+
+def grow_by_gradient_globally(model: Any, kept_keys: list[Any], probe: GradientProbe,
+                              block_elements: int) -> list[Any]:
+    """The total removed count at the largest |dL/dW| over all sparse layers together."""
+    layers = model.sparse_layers
+    xp = model.backend.xp
+    offsets = [0]
+    for layer in layers:
+        offsets.append(offsets[-1] + layer.out_features * layer.in_features)
+    total = sum(removed_counts(model, kept_keys))
+    top = StreamingTopK(xp, total, dtype=model.dtype, key_dtype=_key_dtype(offsets[-1]))
+    for i, (layer, kept) in enumerate(zip(layers, kept_keys)):
+        push_layer_gradient(top, probe, i, layer, kept, offsets[i], block_elements)
+        probe.release(i)
+    chosen = top.result()
+    del top
+    bounds = xp.searchsorted(chosen, xp.asarray(offsets, dtype=xp.int64))
+    bounds = [int(b) for b in bounds]
+    return [chosen[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(layers))]
+
+
 class Gradient(Redistributor):
     """Per layer: remove round(α·nnz) smallest |w|; add as many at the largest
     |dL/dW| among inactive positions (gradient on the redistribution batch)."""
@@ -65,14 +105,7 @@ class Gradient(Redistributor):
         self.block_elements = check_int(block_elements, "block_elements", type(self).__name__, low=1)
 
     def grow(self, model, drops, kept_keys, probe):
-        new = []
-        for i, (layer, kept) in enumerate(zip(model.sparse_layers, kept_keys)):
-            top = StreamingTopK(layer.backend.xp, layer.nnz - int(kept.shape[0]), dtype=layer.dtype,
-                                key_dtype=_key_dtype(layer.out_features * layer.in_features))
-            push_layer_gradient(top, probe, i, layer, kept, 0, self.block_elements)
-            probe.release(i)
-            new.append(top.result())
-        return new
+        return grow_by_gradient(model, kept_keys, probe, self.block_elements)
 
 
 class GradientGlobal(Gradient):
@@ -83,18 +116,4 @@ class GradientGlobal(Gradient):
     is_global = True
 
     def grow(self, model, drops, kept_keys, probe):
-        layers = model.sparse_layers
-        xp = model.backend.xp
-        offsets = [0]
-        for layer in layers:
-            offsets.append(offsets[-1] + layer.out_features * layer.in_features)
-        total = sum(layer.nnz - int(kept.shape[0]) for layer, kept in zip(layers, kept_keys))
-        top = StreamingTopK(xp, total, dtype=model.dtype, key_dtype=_key_dtype(offsets[-1]))
-        for i, (layer, kept) in enumerate(zip(layers, kept_keys)):
-            push_layer_gradient(top, probe, i, layer, kept, offsets[i], self.block_elements)
-            probe.release(i)
-        chosen = top.result()
-        del top
-        bounds = xp.searchsorted(chosen, xp.asarray(offsets, dtype=xp.int64))
-        bounds = [int(b) for b in bounds]
-        return [chosen[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(layers))]
+        return grow_by_gradient_globally(model, kept_keys, probe, self.block_elements)

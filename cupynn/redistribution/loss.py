@@ -16,6 +16,8 @@ always regains exactly what it lost.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy
 
 from ..backend import to_numpy
@@ -23,6 +25,37 @@ from ..validation import check_int, check_real
 from .base import Redistributor
 from .gradient import BLOCK_ELEMENTS
 from .selection import allocate, round_half_up
+
+
+def grow_by_error_signal(model: Any, kept_keys: list[Any], probe: Any, neuron_share: float,
+                         block_elements: int) -> list[Any]:
+    """Per sparse layer, what it lost, at the neurons of largest error signal (module doc)."""
+    new = []
+    for i, (layer, kept) in enumerate(zip(model.sparse_layers, kept_keys)):
+        xp = layer.backend.xp
+        k = layer.nnz - int(kept.shape[0])
+        if k == 0:
+            new.append(xp.empty(0, dtype=xp.int64))
+            probe.release(i)
+            continue
+        n_rows, n_cols = layer.out_features, layer.in_features
+        signal = probe.error_signal(i)
+        ranking = numpy.lexsort((numpy.arange(n_rows), -signal))  # |δ| desc, index asc
+        bounds = xp.arange(n_rows + 1, dtype=xp.int64) * n_cols
+        kept_per_row = to_numpy(xp.diff(xp.searchsorted(kept, bounds)))
+        free = (n_cols - kept_per_row)[ranking]
+        # The top m neurons, widened by the next m in rank order while they are too full.
+        m = max(1, round_half_up(neuron_share * n_rows))
+        chosen = m
+        while free[:chosen].sum() < k:
+            chosen += m
+        weights = (numpy.arange(n_rows) < chosen).astype(numpy.float64)
+        shares = allocate(k, weights, free)
+        rows = ranking[shares > 0]
+        counts = shares[shares > 0]
+        new.append(LossGrowth._grow_rows(probe, i, layer, kept, rows, counts, block_elements))
+        probe.release(i)
+    return new
 
 
 class LossGrowth(Redistributor):
@@ -41,32 +74,8 @@ class LossGrowth(Redistributor):
         self.block_elements = check_int(block_elements, "block_elements", owner, low=1)
 
     def grow(self, model, drops, kept_keys, probe):
-        new = []
-        for i, (layer, kept) in enumerate(zip(model.sparse_layers, kept_keys)):
-            xp = layer.backend.xp
-            k = layer.nnz - int(kept.shape[0])
-            if k == 0:
-                new.append(xp.empty(0, dtype=xp.int64))
-                probe.release(i)
-                continue
-            n_rows, n_cols = layer.out_features, layer.in_features
-            signal = probe.error_signal(i)
-            ranking = numpy.lexsort((numpy.arange(n_rows), -signal))  # |δ| desc, index asc
-            bounds = xp.arange(n_rows + 1, dtype=xp.int64) * n_cols
-            kept_per_row = to_numpy(xp.diff(xp.searchsorted(kept, bounds)))
-            free = (n_cols - kept_per_row)[ranking]
-            # The top m neurons, widened by the next m in rank order while they are too full.
-            m = max(1, round_half_up(self.neuron_share * n_rows))
-            chosen = m
-            while free[:chosen].sum() < k:
-                chosen += m
-            weights = (numpy.arange(n_rows) < chosen).astype(numpy.float64)
-            shares = allocate(k, weights, free)
-            rows = ranking[shares > 0]
-            counts = shares[shares > 0]
-            new.append(self._grow_rows(probe, i, layer, kept, rows, counts, self.block_elements))
-            probe.release(i)
-        return new
+        return grow_by_error_signal(model, kept_keys, probe, self.neuron_share,
+                                    self.block_elements)
 
     @staticmethod
     def _grow_rows(probe, index, layer, kept, rows, counts, block_elements=BLOCK_ELEMENTS):

@@ -29,10 +29,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
 from ..validation import check_int, check_real
 from .base import Drop, Redistributor, chunks
 from .fisher import BlockFisherInverse
-from .selection import allocate, kth_smallest, round_half_up, sample_inactive, smallest_mask
+from .selection import allocate, kth_smallest, round_half_up, smallest_mask
+
+
+def grow_in_proportion(rng: numpy.random.Generator, model: Any, kept_keys: list[Any]
+                       ) -> list[Any]:
+    """The total removed count shared among the sparse layers in proportion to their size
+    (out x in; largest remainder, capped by free positions), added at random in each."""
+    from .random_growth import grow_at_random
+
+    layers = model.sparse_layers
+    sizes = [layer.out_features * layer.in_features for layer in layers]
+    removed = sum(layer.nnz - int(kept.shape[0]) for layer, kept in zip(layers, kept_keys))
+    capacity = [size - int(kept.shape[0]) for size, kept in zip(sizes, kept_keys)]
+    return grow_at_random(rng, model, kept_keys, allocate(removed, sizes, capacity))
 
 
 class WoodFisher(Redistributor):
@@ -48,6 +63,11 @@ class WoodFisher(Redistributor):
     joint : bool
         Exact joint OBS update inside each block instead of the sum of
         single-weight updates.
+    fisher_batches : int >= 1, optional
+        Build the Fisher from the last ``fisher_batches`` mini-batch gradients
+        of the epoch only (default: all of them, the paper's choice): the
+        per-batch Sherman–Morrison update then runs on those batches alone.
+        WoodTaylor's mean gradient ḡ is taken over the same batches.
     """
 
     name = "woodfisher"
@@ -56,7 +76,7 @@ class WoodFisher(Redistributor):
     default_damp = 1e-4
 
     def __init__(self, *, seed: int = 0, block_size: int = 34, damp: float | None = None,
-                 joint: bool = False) -> None:
+                 joint: bool = False, fisher_batches: int | None = None) -> None:
         super().__init__(seed=seed)
         owner = type(self).__name__
         self.block_size = check_int(block_size, "block_size", owner, low=1)
@@ -65,23 +85,32 @@ class WoodFisher(Redistributor):
         if not isinstance(joint, bool):
             raise TypeError(f"The 'joint' parameter of {owner} must be a bool. Got {joint!r}.")
         self.joint = joint
+        self.fisher_batches = (None if fisher_batches is None
+                               else check_int(fisher_batches, "fisher_batches", owner, low=1))
         self.fisher: BlockFisherInverse | None = None
         self._grad_sum: Any = None
+        self._skip = 0  # gradients of the epoch before the ones the Fisher takes
+        self.per_layer = False  # remove round(α·nnz) per layer (a composition's scope="layer")
 
     def start_epoch(self, model: Any, n_batches: int, will_redistribute: bool) -> None:
         """Start a fresh Fisher inverse when this epoch ends in a redistribution."""
         self.fisher = None
         self._grad_sum = None
         if will_redistribute:
+            m = n_batches if self.fisher_batches is None else min(self.fisher_batches, n_batches)
+            self._skip = n_batches - m
             n_params = sum(layer.nnz for layer in model.sparse_layers)
             self.fisher = BlockFisherInverse(model.backend.xp, n_params, self.block_size,
-                                             self.damp, model.dtype, n_batches)
+                                             self.damp, model.dtype, m)
             if self.taylor:
                 self._grad_sum = model.backend.xp.zeros(n_params, dtype=model.dtype)
 
     def observe(self, model: Any) -> None:
         """One Sherman–Morrison step with the gradient of the last backward pass."""
         if self.fisher is None:
+            return
+        if self._skip > 0:  # not yet among the last fisher_batches of the epoch
+            self._skip -= 1
             return
         self.fisher.update([layer.grad_data for layer in model.sparse_layers], self._grad_sum)
 
@@ -123,7 +152,15 @@ class WoodFisher(Redistributor):
         for a, b, r in pieces():
             rho[a:b] = r * r / (2 * diag[a:b])
         k = round_half_up(fraction * n)
-        if 0 < k < n:
+        if self.per_layer:  # round(α·nnz) of each layer, by the OBS score
+            removed = xp.empty(n, dtype=bool)
+            offset = 0
+            for layer in layers:
+                stop = offset + layer.nnz
+                removed[offset:stop] = smallest_mask(rho[offset:stop],
+                                                     round_half_up(fraction * layer.nnz))
+                offset = stop
+        elif 0 < k < n:
             threshold = kth_smallest(rho, k, overwrite=True)
             for a, b, r in pieces():  # the partition reordered rho
                 rho[a:b] = r * r / (2 * diag[a:b])
@@ -157,13 +194,7 @@ class WoodFisher(Redistributor):
         return drops
 
     def grow(self, model, drops, kept_keys, probe):
-        layers = model.sparse_layers
-        sizes = [layer.out_features * layer.in_features for layer in layers]
-        removed = sum(layer.nnz - int(kept.shape[0]) for layer, kept in zip(layers, kept_keys))
-        capacity = [size - int(kept.shape[0]) for size, kept in zip(sizes, kept_keys)]
-        counts = allocate(removed, sizes, capacity)
-        return [sample_inactive(self.rng, layer.backend.xp, kept, size, int(count))
-                for layer, kept, size, count in zip(layers, kept_keys, sizes, counts)]
+        return grow_in_proportion(self.rng, model, kept_keys)
 
 
 class WoodTaylor(WoodFisher):
