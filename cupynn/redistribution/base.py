@@ -105,7 +105,7 @@ class GradientProbe:
     """
 
     def __init__(self, model: Any, x: Any, y: Any, loss: str, *, total: int | None = None,
-                 comm: Any = None) -> None:
+                 comm: Any = None, keep_active_gradients: bool = False) -> None:
         if loss not in LOSSES:
             raise ValueError(f"The 'loss' argument must be one of {list(LOSSES)}. Got {loss!r}.")
         xp = model.backend.xp
@@ -122,9 +122,11 @@ class GradientProbe:
                 layer.keep_output_grad = False
         self.loss = float(value) if self.comm is None else float(
             self.comm.allreduce(numpy.array([float(value)]))[0])
-        # dL/dw at the active entries (MEST's removal reads them), summed over the ranks.
-        self.active_gradients = [layer.grad_data for layer in layers]
-        if self.comm is not None:
+        # dL/dw at the active entries (MEST's removal reads them), summed over the ranks;
+        # kept only when asked for: the template frees them at once otherwise.
+        self.active_gradients = [layer.grad_data if keep_active_gradients else None
+                                 for layer in layers]
+        if self.comm is not None and keep_active_gradients:
             for grad in self.active_gradients:
                 self.comm.allreduce(grad)
         self.inputs = [layer._x for layer in layers]
@@ -241,6 +243,7 @@ class Redistributor:
     name = "base"
     is_global = False
     uses_batch = False
+    keeps_active_gradients = False  # the probe keeps dL/dw at active entries for drop()
     comm: Any = None  # a cupynn.distributed.Communicator, set by the training loop
     optimizer: Any = None  # the optimizer, during redistribute() only
 
@@ -307,7 +310,8 @@ class Redistributor:
             raise ValueError(f"The {self.name!r} redistribution needs a batch (x, y).")
         self.optimizer = optimizer  # for the scores that read its moments (momentum growth)
         with one_blas_thread(model.backend.xp):
-            probe = (GradientProbe(model, x, y, loss, total=total, comm=self.comm)
+            probe = (GradientProbe(model, x, y, loss, total=total, comm=self.comm,
+                                   keep_active_gradients=self.keeps_active_gradients)
                      if self.uses_batch else None)
             for layer in layers:  # the weight gradients belong to the old topology
                 layer.grad_data = None

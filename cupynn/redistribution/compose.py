@@ -153,6 +153,7 @@ class Composed(Redistributor):
             self.second.per_layer = scope == "layer"
         self.is_global = scope == "global"
         self.uses_batch = drop == "mest" or grow in ("gradient", "momentum", "loss")
+        self.keeps_active_gradients = drop == "mest"
 
     # ------------------------------------------------------------ hooks
     def start_epoch(self, model: Any, n_batches: int, will_redistribute: bool) -> None:
