@@ -81,7 +81,9 @@ def restore_checkpoint(checkpoint: tuple[dict[str, Any], dict[str, numpy.ndarray
     example by one rank and sent to the others."""
     meta, arrays = checkpoint
     config = trainer.model.config()
-    if meta["model"] != config:
+    saved = dict(meta["model"])
+    saved.setdefault("allocation", "uniform")  # checkpoints from before allocations existed
+    if saved != config:
         raise ValueError(f"The checkpoint's model {meta['model']} differs from the trainer's "
                          f"{config}.")
     trainer.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model/")})

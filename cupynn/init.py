@@ -23,6 +23,31 @@ import math
 import numpy
 
 INITS = ("paper", "fan_in")
+ALLOCATIONS = ("uniform", "erdos-renyi")
+
+
+def erdos_renyi_densities(shapes: list[tuple[int, int]], density: float) -> list[float]:
+    """Per-layer densities of the Erdős–Rényi allocation (SET; RigL's ERK for dense layers).
+
+    Layer l of ``(in_l, out_l)`` gets d_l = ε (in_l + out_l) / (in_l out_l), ε such that
+    Σ d_l in_l out_l = density Σ in_l out_l; a layer whose d_l would exceed 1 is made
+    dense (d_l = 1) and ε is worked out again over the others, until none exceeds 1.
+    Small layers thus get more of their connections than large ones.
+    """
+    sizes = [fan_in * fan_out for fan_in, fan_out in shapes]
+    budget = density * sum(sizes)
+    dense: set[int] = set()
+    while True:
+        rest = [l for l in range(len(shapes)) if l not in dense]
+        if not rest:
+            return [1.0] * len(shapes)
+        left = budget - sum(sizes[l] for l in dense)
+        eps = left / sum(shapes[l][0] + shapes[l][1] for l in rest)
+        over = [l for l in rest if eps * (shapes[l][0] + shapes[l][1]) > sizes[l]]
+        if not over:
+            return [1.0 if l in dense else eps * (shapes[l][0] + shapes[l][1]) / sizes[l]
+                    for l in range(len(shapes))]
+        dense.update(over)
 
 
 def inputs_per_neuron(density: float, in_features: int) -> int:

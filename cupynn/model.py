@@ -8,7 +8,7 @@ from typing import Any
 import numpy
 
 from .backend import Backend, backend_of, get_backend, resolve_dtype
-from .init import INITS
+from .init import ALLOCATIONS, INITS, erdos_renyi_densities
 from .layers import ACTIVATIONS, Layer, Linear, SparseLinear
 from .validation import check_choice, check_finite, check_int, check_real
 
@@ -22,7 +22,8 @@ class MLP:
         Feature counts, input first: ``(784, 256, 256, 10)`` makes three
         linear layers.
     density : float in (0, 1], or one per linear layer
-        Density of each sparse layer.
+        Density of the sparse layers: one float, shared out by ``allocation``, or
+        one per linear layer (then used as given).
     dense_layers : sequence of int
         Indices (negative allowed) of linear layers kept dense, e.g. ``(-1,)``
         for a dense output layer.
@@ -34,6 +35,13 @@ class MLP:
     init : {"paper", "fan_in"}
     activation : {"relu", "sigmoid"}
         Applied after every layer but the last; the model returns logits.
+    allocation : {"uniform", "erdos-renyi"}
+        How one ``density`` is shared among the sparse layers: every layer at
+        ``density`` (the paper's), or Erdős–Rényi (SET, RigL's ERK):
+        d_l ∝ (in + out) / (in × out), scaled so that the sparse layers hold
+        ``density`` × their weights in all, a layer capped at dense giving its
+        surplus to the others (:func:`cupynn.init.erdos_renyi_densities`). Each
+        layer then gets ``max(1, round(d_l × in))`` inputs per neuron (SPEC §2).
 
     Attributes
     ----------
@@ -46,25 +54,32 @@ class MLP:
     def __init__(self, sizes: Sequence[int], density: float | Sequence[float] = 0.1,
                  dense_layers: Sequence[int] = (), seed: int = 0, dtype: str = "float32",
                  device: str | Backend | None = "auto", *, init: str = "paper",
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", allocation: str = "uniform") -> None:
         owner = "MLP"
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) < 2:
             raise ValueError(f"The 'sizes' parameter of {owner} must be a sequence of at least two "
                              f"ints. Got {sizes!r} instead.")
         self.sizes = tuple(check_int(s, "sizes", owner, low=1) for s in sizes)
         n_layers = len(self.sizes) - 1
-        densities = (list(density) if isinstance(density, Sequence) and not isinstance(density, str)
-                     else [density] * n_layers)
+        self.allocation = check_choice(allocation, "allocation", owner, ALLOCATIONS)
+        per_layer = isinstance(density, Sequence) and not isinstance(density, str)
+        densities = list(density) if per_layer else [density] * n_layers
         if len(densities) != n_layers:
             raise ValueError(f"The 'density' parameter of {owner} must be one float or one per "
                              f"layer ({n_layers}). Got {len(densities)} values instead.")
-        self.densities = tuple(check_real(d, "density", owner, 0.0, 1.0, closed="right")
-                               for d in densities)
+        densities = [check_real(d, "density", owner, 0.0, 1.0, closed="right")
+                     for d in densities]
         dense = set()
         for i in dense_layers:
             check_int(i, "dense_layers", owner, low=-n_layers, high=n_layers - 1)
             dense.add(i % n_layers)
         self.dense_layers = tuple(sorted(dense))
+        if not per_layer and self.allocation == "erdos-renyi":
+            sparse = [i for i in range(n_layers) if i not in dense]
+            shapes = [(self.sizes[i], self.sizes[i + 1]) for i in sparse]
+            for i, d in zip(sparse, erdos_renyi_densities(shapes, densities[0])):
+                densities[i] = d
+        self.densities = tuple(densities)
         self.seed = check_int(seed, "seed", owner, low=0)
         self.dtype = resolve_dtype(dtype, owner)
         self.init = check_choice(init, "init", owner, INITS)
@@ -108,7 +123,8 @@ class MLP:
         """The constructor arguments (JSON-able), enough to rebuild the architecture."""
         return {"sizes": list(self.sizes), "density": list(self.densities),
                 "dense_layers": list(self.dense_layers), "seed": self.seed,
-                "dtype": self.dtype.name, "init": self.init, "activation": self.activation}
+                "dtype": self.dtype.name, "init": self.init, "activation": self.activation,
+                "allocation": self.allocation}
 
     def state_dict(self) -> dict[str, numpy.ndarray]:
         """Every array of the model as host copies, keyed ``"<layer>.<name>"``.
@@ -166,7 +182,8 @@ class MLP:
         self.__init__(config["sizes"], density=config["density"],
                       dense_layers=config["dense_layers"], seed=config["seed"],
                       dtype=config["dtype"], device=device, init=config["init"],
-                      activation=config["activation"])
+                      activation=config["activation"],
+                      allocation=config.get("allocation", "uniform"))
         self.load_state_dict(state["state"])
 
     # ---------------------------------------------------------------- passes

@@ -4,8 +4,9 @@
 arrays, readable by NumPy alone) holding:
 
 - ``header``: a JSON string — ``{"format": "cupynn-model", "version": 1,
-  "cupynn": <version that wrote it>, "config": {"sizes", "density",
-  "dense_layers", "seed", "dtype", "init", "activation"}, "layers": [{"kind":
+  "cupynn": <version that wrote it>, "config": {"sizes", "density" (per
+  layer), "dense_layers", "seed", "dtype", "init", "activation",
+  "allocation"}, "layers": [{"kind":
   "sparse" | "dense", "shape": [out, in], "nnz": ...}, ...]}``;
 - for each layer ``i``: sparse ``<i>.indptr`` (int32, out + 1),
   ``<i>.indices`` (int32, nnz, sorted and unique per row), ``<i>.data``
@@ -176,7 +177,8 @@ def load(path: str | os.PathLike, device: Any = "auto") -> Any:
         model = MLP(config["sizes"], density=config["density"],
                     dense_layers=config["dense_layers"], seed=config["seed"],
                     dtype=config["dtype"], device=device, init=config["init"],
-                    activation=config["activation"])
+                    activation=config["activation"],
+                    allocation=config.get("allocation", "uniform"))
         model.load_state_dict(arrays)
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{Path(path)}: its configuration or arrays do not make a model "

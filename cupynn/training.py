@@ -10,7 +10,7 @@ import numpy
 
 from .backend import to_numpy
 from .losses import LOSSES
-from .redistribution.schedule import fraction_at
+from .redistribution.schedule import SCHEDULES, fraction_at
 from .validation import check_choice, check_finite, check_int, check_real
 
 EVAL_BATCH = 8192
@@ -184,7 +184,8 @@ class Trainer:
                  augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
                  track_memory: Any = False,
                  on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
-                 comm: Any = None) -> None:
+                 comm: Any = None, schedule: str = "cosine",
+                 redistribute_unit: str = "epoch") -> None:
         from .distributed import GradientReducer, as_communicator
 
         owner = "fit"
@@ -198,6 +199,9 @@ class Trainer:
         self.redistribute_every = check_int(redistribute_every, "redistribute_every", owner, low=1)
         self.end_fraction = check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
         self.growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
+        self.schedule = check_choice(schedule, "schedule", owner, SCHEDULES)
+        self.redistribute_unit = check_choice(redistribute_unit, "redistribute_unit", owner,
+                                              ("epoch", "step"))
         if augment is not None and not callable(augment):
             raise TypeError(f"The 'augment' parameter of {owner} must be callable. Got {augment!r}.")
         distributed = self.comm.size > 1
@@ -247,6 +251,7 @@ class Trainer:
             self.probe = (probe_source[0][rows], probe_source[1][rows])
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
+        self._interval_open = False  # step-wise: an interval's start_epoch has been called
         if distributed:
             self.comm.check_same("configuration", self._settings())
 
@@ -270,6 +275,7 @@ class Trainer:
                 "seed": self.seed, "alpha": self.alpha,
                 "redistribute_every": self.redistribute_every,
                 "end_fraction": self.end_fraction, "growth_batches": self.growth_batches,
+                "schedule": self.schedule, "redistribute_unit": self.redistribute_unit,
                 "eval_batch_size": self.eval_batch_size, "redistribution": params,
                 "augment": None if self.augment is None else repr(self.augment),
                 "train data": data,
@@ -417,6 +423,46 @@ class Trainer:
             return x_train[idx], y_train[idx], n - b0 * size
         return batch, n, rows_from
 
+    def _step_fraction(self, step: int, n_batches: int) -> float:
+        """The fraction moved after global step ``step`` (redistribution every t steps)."""
+        total = self.epochs * n_batches
+        if step > total:
+            return 0.0
+        return fraction_at(step, total, self.alpha, self.redistribute_every, self.end_fraction,
+                           self.schedule)
+
+    def _start_interval(self, step: int, first_of_epoch: bool, n_batches: int) -> None:
+        """Tell the redistributor an interval of t steps begins (its Fisher, say), at the
+        interval's first step, or on the first step of a resumed run inside one."""
+        every = self.redistribute_every
+        into = (step - 1) % every
+        if into and not (first_of_epoch and not self._interval_open):
+            return
+        end = step - into + every - 1  # the interval's last step
+        self.redistributor.start_epoch(self.model, every - into,
+                                       self._step_fraction(end, n_batches) > 0)
+        self._interval_open = True
+
+    def _redistribute_at_step(self, step: int, n_batches: int, rows: tuple[Any, ...],
+                              moves: list[dict[str, Any]]) -> None:
+        """After step ``step``: redistribute when the schedule says so, growing from this
+        step's batch (this rank's share of it)."""
+        if step % self.redistribute_every:
+            return
+        self._interval_open = False
+        fraction = self._step_fraction(step, n_batches)
+        if fraction <= 0:
+            return
+        x, y, *shard = rows
+        record = _redistribute(self.model, self.optimizer, self.redistributor, fraction,
+                               (x, y, shard[0][2] if shard else None), self.probe, self.loss,
+                               self.comm)
+        self.comm.check_identical_model(self.model, f"after the redistribution of step {step}")
+        moves.append({"step": step, "fraction": fraction,
+                      "seconds": record["redistribution_seconds"],
+                      **{k: record[k] for k in ("induced_loss_before", "induced_loss_after",
+                                                "redistribution")}})
+
     def _epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -424,9 +470,11 @@ class Trainer:
         batch, n, rows_from = self._epoch_data()
         n_batches = -(-n // batch_size)
         redistributor = self.redistributor
-        fraction = (fraction_at(epoch, self.epochs, self.alpha, self.redistribute_every,
-                                self.end_fraction) if redistributor is not None else 0.0)
-        if redistributor is not None:
+        stepwise = redistributor is not None and self.redistribute_unit == "step"
+        fraction = 0.0
+        if redistributor is not None and not stepwise:
+            fraction = fraction_at(epoch, self.epochs, self.alpha, self.redistribute_every,
+                                   self.end_fraction, self.schedule)
             redistributor.start_epoch(model, n_batches, fraction > 0)
         if self.memory is not None:
             self.memory.reset_peak()
@@ -436,15 +484,22 @@ class Trainer:
         batch_bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False,
                          disable=not self.progress, unit="batch")
         shown = None  # the loss on its way to the progress bar (never waited for)
+        moves: list[dict[str, Any]] = []  # redistributions every t steps, within the epoch
         for b in batch_bar:
-            value = self.train_batch(*batch(b))
+            step = (epoch - 1) * n_batches + b + 1
+            if stepwise:
+                self._start_interval(step, b == 0, n_batches)
+            rows = batch(b)
+            value = self.train_batch(*rows)
             batch_losses[b] = value
+            if stepwise:
+                self._redistribute_at_step(step, n_batches, rows, moves)
             if self.progress and b % 50 == 0:
                 shown = _show_loss(batch_bar, shown, backend, value)
         host_losses = to_numpy(batch_losses)  # one sync per epoch
         model.clear_cache()
         backend.synchronize()
-        train_seconds = time.perf_counter() - start
+        train_seconds = time.perf_counter() - start - sum(m["seconds"] for m in moves)
         bad = numpy.flatnonzero(~numpy.isfinite(host_losses))
         if bad.size:
             raise FloatingPointError(
@@ -457,6 +512,9 @@ class Trainer:
             "n_batches": n_batches,
             "redistribution_seconds": 0.0,
         }
+        if moves:
+            metrics["redistributions"] = moves
+            metrics["redistribution_seconds"] = sum(m["seconds"] for m in moves)
         if fraction > 0:
             growth = rows_from(max(0, n_batches - self.growth_batches))
             metrics.update(_redistribute(model, self.optimizer, redistributor, fraction, growth,
@@ -491,7 +549,8 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
         track_memory: Any = False,
         on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
-        comm: Any = None) -> list[dict[str, Any]]:
+        comm: Any = None, schedule: str = "cosine",
+        redistribute_unit: str = "epoch") -> list[dict[str, Any]]:
     """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
 
     Each epoch visits the training rows in a fresh permutation drawn from a
@@ -520,6 +579,16 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         the active weights, using the last ``growth_batches`` mini-batches of
         the epoch for gradients; its ``observe`` runs after every backward pass.
     alpha, redistribute_every, end_fraction : the schedule (SPEC §3)
+    schedule : {"cosine", "constant", "linear"}
+        How the fraction falls from ``alpha`` (:func:`cupynn.redistribution.fraction_at`).
+    redistribute_unit : {"epoch", "step"}
+        ``"step"``: redistribute after every ``redistribute_every`` training
+        steps instead of epochs (RigL: every 100), the schedule counting steps
+        (E_end = ``end_fraction`` × all steps), growth from the step's batch;
+        each epoch's metrics then list its ``redistributions`` (step, fraction,
+        seconds, induced loss, counts). WoodFisher's Fisher gathers the
+        gradients of each interval; a run resumed in the middle of one starts
+        it again from that point.
     growth_batches : int >= 1
     augment : callable ``(x_batch, rng) -> x_batch``, optional
         Applied on the device to every training batch, with a generator of
@@ -563,7 +632,8 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
                    redistribution=redistribution, alpha=alpha,
                    redistribute_every=redistribute_every, end_fraction=end_fraction,
                    growth_batches=growth_batches, augment=augment, track_memory=track_memory,
-                   on_epoch_end=on_epoch_end, comm=comm).run()
+                   on_epoch_end=on_epoch_end, comm=comm, schedule=schedule,
+                   redistribute_unit=redistribute_unit).run()
 
 
 def _show_loss(bar: Any, shown: Any, backend: Any, value: Any) -> Any:

@@ -48,7 +48,10 @@ from ..checkpoint import (FILENAME as CHECKPOINT, read_checkpoint, restore_check
 from ..memory import MemoryTracker
 from ..model import MLP
 from ..optim import Adam
-from ..redistribution import NAMES, create
+from ..init import ALLOCATIONS
+from ..redistribution import NAMES, compositions, create
+from ..redistribution.compose import DROP_PARAMS, DROPS, GROW_PARAMS, GROWS, parse_name
+from ..redistribution.schedule import SCHEDULES
 from ..training import Trainer
 
 BASELINES = ("neuron", "parameter")
@@ -110,8 +113,21 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=experiment.describe,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--algorithm", choices=NAMES, default="gradient-global",
-        help="redistribution algorithm (static = fixed topology)")
+    add("--algorithm", type=_algorithm, default="gradient-global", metavar="NAME",
+        help=f"redistribution: one of the paper's ({', '.join(NAMES)}; static = fixed "
+             f"topology) or a composition '<drop>+<grow>[/<scope>]' such as set+momentum")
+    add("--drop", choices=DROPS, default=None,
+        help="compose the redistribution: the removal (with --grow; instead of --algorithm)")
+    add("--grow", choices=GROWS, default=None, help="compose the redistribution: the growth")
+    add("--scope", choices=("layer", "global"), default=None,
+        help="compose the redistribution: per-layer counts or network-wide (default: the "
+             "growth's own)")
+    add("--allocation", choices=ALLOCATIONS, default="uniform",
+        help="how --density is shared among the sparse layers (erdos-renyi: SET's / RigL's ERK)")
+    add("--schedule", choices=SCHEDULES, default="cosine",
+        help="how the fraction moved falls from --alpha")
+    add("--redistribute-unit", choices=("epoch", "step"), default="epoch",
+        help="--redistribute-every counts epochs or training steps (RigL: every 100 steps)")
     add("--baseline", choices=BASELINES, default=None,
         help="train a dense baseline instead: same sizes (neuron) or the parameter-equivalent "
              "width (parameter)")
@@ -124,6 +140,11 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
     add("--damp", type=float, default=None,
         help="woodfisher/woodtaylor dampening λ (default: 1e-4 woodfisher, 1 woodtaylor)")
     add("--joint", action="store_true", help="exact joint OBS update inside each block")
+    add("--fisher-batches", type=int, default=None,
+        help="woodfisher/woodtaylor: the Fisher from the last N mini-batches of the epoch "
+             "(default: all)")
+    add("--mest-lambda", type=float, default=None,
+        help="mest removal: the weight of |g| in |w| + lambda |g| (default 0.01)")
     add("--redistribute-every", type=int, default=1)
     add("--alpha", type=float, default=0.5, help="initial fraction moved")
     add("--end-fraction", type=float, default=0.75, help="stop redistributing after this share of epochs")
@@ -143,6 +164,29 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
     return parser
 
 
+def _algorithm(text: str) -> str:
+    """argparse type of --algorithm: a preset's name or a valid composition's."""
+    if text in NAMES or text in compositions():
+        return text
+    if "+" in text:
+        try:
+            return create(text).name
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(NAMES)}, and not a "
+                                     f"composition '<drop>+<grow>[/<scope>]'")
+
+
+def _parameters_of(algorithm: str) -> set[str]:
+    """The script parameters (block_size, damp, ...) that ``algorithm`` takes."""
+    if algorithm in ("woodfisher", "woodtaylor"):
+        return {"block_size", "damp", "joint", "fisher_batches"}
+    if "+" in algorithm:
+        drop, grow, _ = parse_name(algorithm)
+        return set(DROP_PARAMS.get(drop, {})) | set(GROW_PARAMS.get(grow, {}))
+    return set()
+
+
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Range checks that argparse's types cannot express; errors exit with usage."""
     checks = [
@@ -158,7 +202,31 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         (0 <= args.end_fraction <= 1, "--end-fraction must be in [0, 1]"),
         (args.seed >= 0, "--seed must be >= 0"),
         (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+        (args.fisher_batches is None or args.fisher_batches >= 1, "--fisher-batches must be >= 1"),
+        (args.mest_lambda is None or args.mest_lambda >= 0, "--mest-lambda must be >= 0"),
     ]
+    if (args.drop is None) != (args.grow is None):
+        checks.append((False, "--drop and --grow compose a redistribution together: give both"))
+    elif args.drop is not None:
+        if args.algorithm != parser.get_default("algorithm"):
+            checks.append((False, "--algorithm and --drop/--grow both name the redistribution: "
+                                  "give one or the other"))
+        else:
+            try:
+                args.algorithm = create(drop=args.drop, grow=args.grow, scope=args.scope).name
+            except ValueError as exc:
+                checks.append((False, str(exc)))
+    elif args.scope is not None:
+        checks.append((False, "--scope goes with --drop and --grow"))
+    if args.baseline is None:
+        taken = _parameters_of(args.algorithm)
+        given = {"block_size": args.block_size != 34, "damp": args.damp is not None,
+                 "joint": args.joint, "fisher_batches": args.fisher_batches is not None,
+                 "mest_lambda": args.mest_lambda is not None}
+        extra = [f"--{k.replace('_', '-')}" for k, on in given.items() if on and k not in taken]
+        if extra:
+            checks.append((False, f"{', '.join(extra)} do(es) not apply to --algorithm "
+                                  f"{args.algorithm}"))
     if args.resume is not None and (args.out is not None or args.overwrite):
         checks.append((False, "--resume continues the run in its own directory: drop --out and "
                               "--overwrite (or drop --resume to start a new run)"))
@@ -337,13 +405,14 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
     roc_auc_score([0, 1], [0.2, 0.8])  # sklearn imports more on its first call
     memory = MemoryTracker(backend).start()
     model = MLP(sizes, density=1.0 if args.baseline else args.density, dense_layers=dense_layers,
-                seed=args.seed, dtype=args.dtype, device=backend)
+                seed=args.seed, dtype=args.dtype, device=backend, allocation=args.allocation)
     optimizer = Adam(model, lr=args.lr)
     redistribution = None
     if args.baseline is None:
-        params: dict[str, Any] = {}
-        if args.algorithm in ("woodfisher", "woodtaylor"):
-            params = {"block_size": args.block_size, "damp": args.damp, "joint": args.joint}
+        values = {"block_size": args.block_size, "damp": args.damp, "joint": args.joint,
+                  "fisher_batches": args.fisher_batches, "mest_lambda": args.mest_lambda}
+        params = {k: v for k, v in values.items()
+                  if k in _parameters_of(args.algorithm) and v is not None}
         redistribution = create(args.algorithm, seed=args.seed, **params)
 
     metrics_path = out / "metrics.jsonl"
@@ -362,7 +431,8 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
                       progress=not args.quiet, redistribution=redistribution, alpha=args.alpha,
                       redistribute_every=args.redistribute_every, end_fraction=args.end_fraction,
                       augment=experiment.augment(args), track_memory=memory,
-                      on_epoch_end=on_epoch_end, comm=comm)
+                      on_epoch_end=on_epoch_end, comm=comm, schedule=args.schedule,
+                      redistribute_unit=args.redistribute_unit)
     if checkpoint is not None:
         try:
             restore_checkpoint(checkpoint, trainer)

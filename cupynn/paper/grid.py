@@ -38,7 +38,7 @@ from typing import Any, Sequence
 from ..checkpoint import FILENAME as CHECKPOINT
 from ..cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main
 from .experiments import BASELINES, HIGGS, KMNIST, Experiment, build_parser, check_arguments
-from ..redistribution import NAMES
+from ..redistribution import NAMES, compositions
 
 EXPERIMENTS: dict[str, Experiment] = {"kmnist": KMNIST, "higgs": HIGGS}
 DENSITIES = (0.1, 0.06, 0.03)
@@ -49,7 +49,7 @@ DEFAULT_LAUNCHER = "mpiexec -n {ranks}"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) holding cupynn
 # Arguments the script itself takes from the command line even when resuming;
 # they do not make two runs different.
-_NOT_SETTINGS = {"out", "overwrite", "resume", "quiet", "device", "checkpoint_every"}
+_NOT_SETTINGS = {"out", "overwrite", "resume", "quiet", "device", "checkpoint_every", "debug"}
 
 
 class GridError(ValueError):
@@ -145,11 +145,16 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
     """
     if dataset not in EXPERIMENTS:
         raise GridError(f"Unknown dataset {dataset!r}. Valid names: {', '.join(EXPERIMENTS)}.")
-    for given, valid, what in ((algorithms, NAMES, "algorithm"),
+    algorithms = [_canonical(name) for name in algorithms]
+    for given, valid, what in ((algorithms, (*NAMES, *compositions()), "algorithm"),
                                (baselines, BASELINES, "baseline")):
         unknown = [name for name in given if name not in valid]
         if unknown:
-            raise GridError(f"Unknown {what} {unknown[0]!r}. Valid names: {', '.join(valid)}.")
+            named = valid if what == "baseline" else NAMES
+            raise GridError(f"Unknown {what} {unknown[0]!r}. Valid names: {', '.join(named)}"
+                            + ("" if what == "baseline" else
+                               ", or a composition '<drop>+<grow>[/<scope>]' (see "
+                               "cupynn.redistribution.compositions())") + ".")
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise GridError(f"--ranks must be an int >= 1. Got {ranks!r} instead.")
     if ranks > 1 and "{ranks}" not in launcher:
@@ -185,6 +190,18 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
     for run in runs:
         expected_arguments(run)
     return runs
+
+
+def _canonical(name: str) -> str:
+    """A composition's canonical name (``set+momentum/global`` -> ``set+momentum``)."""
+    if "+" not in str(name):
+        return name
+    from ..redistribution import create
+
+    try:
+        return create(name).name
+    except (ValueError, TypeError):
+        return name  # reported as unknown below
 
 
 def expected_arguments(run: Run) -> dict[str, Any]:
@@ -464,8 +481,9 @@ def build_grid_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("dataset", choices=tuple(EXPERIMENTS))
     add("--grid-dir", type=Path, default=Path("runs/grid"), help="the grid's directory")
-    add("--algorithms", nargs="+", choices=NAMES, default=list(NAMES), metavar="NAME",
-        help=f"redistribution algorithms ({', '.join(NAMES)})")
+    add("--algorithms", nargs="+", default=list(NAMES), metavar="NAME",
+        help=f"redistribution algorithms: the paper's ({', '.join(NAMES)}) or compositions "
+             f"'<drop>+<grow>[/<scope>]' such as set+momentum or mest+gradient/global")
     add("--densities", nargs="+", type=float, default=list(DENSITIES), metavar="D")
     add("--seeds", nargs="+", type=int, default=list(SEEDS), metavar="S")
     add("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), metavar="KIND",

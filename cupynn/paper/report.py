@@ -172,9 +172,18 @@ def group(runs: Iterable[RunResult]) -> Groups:
     for run in runs:
         if run.completed:
             groups.setdefault((run.key, run.density), []).append(run)
-    rank = {key: i for i, key in enumerate(ORDER)}
-    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0][0],
+    return dict(sorted(groups.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][0],
                                                         -(kv[0][1] or 0))))
+
+
+def _rank(key: str) -> int:
+    """The paper's algorithms first, in its order; then compositions (by name); then the
+    dense baselines."""
+    if key in NAMES:
+        return NAMES.index(key)
+    if key.startswith("baseline-"):
+        return len(ORDER) + ORDER.index(key) if key in ORDER else 2 * len(ORDER)
+    return len(NAMES)
 
 
 def densities(groups: Groups) -> list[float]:
@@ -419,7 +428,7 @@ def settings_lines(runs: Sequence[RunResult], dataset: str, grid_info: dict[str,
                      f"augmentation off: {_values(runs, arg('no_augment'))}")
     seeds = sorted({r.seed for r in runs})
     dens = sorted({r.density for r in runs if r.density is not None}, reverse=True)
-    algorithms = [k for k in ORDER if any(r.key == k for r in runs)]
+    algorithms = sorted({r.key for r in runs}, key=lambda k: (_rank(k), k))
     lines += [
         f"- seeds: {', '.join(map(str, seeds))}; densities: {', '.join(f'{d:g}' for d in dens)}",
         f"- algorithms and baselines: {', '.join(LABELS.get(k, k) for k in algorithms)}",
