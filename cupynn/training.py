@@ -534,10 +534,13 @@ class Trainer:
         if self.reducer is not None:  # the slowest rank's times and peak, the same everywhere
             keys = [k for k in ("train_seconds", "redistribution_seconds", "eval_seconds",
                                 "peak_memory_bytes") if k in metrics]
-            slowest = numpy.array([float(metrics[k]) for k in keys])
+            slowest = numpy.array([float(metrics[k]) for k in keys]
+                                  + [m["seconds"] for m in moves])
             self.comm.allreduce(slowest, op="max")
             for k, v in zip(keys, slowest.tolist()):
                 metrics[k] = int(v) if k == "peak_memory_bytes" else v
+            for m, v in zip(moves, slowest[len(keys):].tolist()):
+                m["seconds"] = v
         return metrics
 
 

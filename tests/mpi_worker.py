@@ -68,11 +68,13 @@ def configs():
     out["binary-gradient-global"] = dict(algorithm="gradient-global", binary=True)
     out["sampler-woodtaylor"] = dict(algorithm="woodtaylor", sampler=True)
     out["augment-random"] = dict(algorithm="random", augment=True)
+    out["mest+momentum"] = dict(algorithm="mest+momentum")
+    out["set+random-global-steps"] = dict(algorithm="set+random/global", unit="step")
     return out
 
 
 def run(comm, algorithm=None, dense=False, binary=False, sampler=False, augment=False,
-        lr=2e-2, fail_rank=None, device="cpu"):
+        lr=2e-2, fail_rank=None, device="cpu", unit="epoch"):
     """One training run; returns (model, history)."""
     train, test = data(binary)
     sizes = [16, 24, 24, 1 if binary else 4]
@@ -88,7 +90,8 @@ def run(comm, algorithm=None, dense=False, binary=False, sampler=False, augment=
         transform = RandomAffine(rotation=20, translation=1, image_shape=(4, 4))
     history = cupynn.fit(model, cupynn.Adam(model, lr=lr), train, test, epochs=EPOCHS,
                          batch_size=BATCH, seed=11, progress=False, redistribution=algorithm,
-                         growth_batches=2, augment=transform,
+                         growth_batches=2, augment=transform, redistribute_unit=unit,
+                         redistribute_every=3 if unit == "step" else 1,
                          loss="binary_cross_entropy" if binary else "cross_entropy",
                          on_epoch_end=lambda m: m["epoch"] < RUN_EPOCHS, comm=comm)
     return model, history
@@ -123,9 +126,13 @@ def compare(out: Path, name: str, device: str = "cpu") -> dict:
     losses = max((abs(b[key] - a[key]) / max(abs(a[key]), 1e-12)
                   for a, b in zip(mine, meta["history"]) for key in HISTORY_KEYS if key in a),
                  default=0.0)
-    same_moves = all(a.get("redistribution") == b.get("redistribution") and a["nnz"] == b["nnz"]
+    def moves(h):  # every redistribution of an epoch: after it, or every t steps within it
+        counts = [h["redistribution"]] if "redistribution" in h else []
+        return counts + [m["redistribution"] for m in h.get("redistributions", [])]
+
+    same_moves = all(moves(a) == moves(b) and a["nnz"] == b["nnz"]
                      for a, b in zip(mine, meta["history"]))
-    moved = [sum(r["added"] for r in h["redistribution"]) for h in mine if "redistribution" in h]
+    moved = [sum(r["added"] for counts in moves(h) for r in counts) for h in mine if moves(h)]
     return {"ranks": meta["ranks"], "histories_equal": meta["histories_equal"],
             "epochs": (len(mine), len(meta["history"])), "topology_equal": topology,
             "weight_rel_diff": weights, "history_rel_diff": losses, "same_moves": same_moves,
