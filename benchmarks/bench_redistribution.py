@@ -153,8 +153,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke run: settings kmnist,higgs, 2 timed steps and 1 timed "
                         "redistribution per algorithm after 1 warm-up, 1 training step "
                         "before it (overrides those options)")
+    p.add_argument("--fisher-batches", default="64,16", metavar="M,...",
+                   help="woodfisher/woodtaylor overhead also when the Fisher takes only the last "
+                        "M mini-batches of an epoch (fisher_batches=M): start_epoch + "
+                        "redistribute + min(M, n_batches) x observe, from the same measurements "
+                        "('' for none)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
+    try:
+        args.fisher_batches = [int(m) for m in args.fisher_batches.split(",") if m.strip()]
+    except ValueError:
+        p.error(f"--fisher-batches must be comma-separated ints; got {args.fisher_batches!r}")
+    if any(m < 1 for m in args.fisher_batches):
+        p.error("--fisher-batches must be >= 1")
     if args.quick:
         args.settings = [s for s in args.settings if s in PAPER_SETTINGS] or ["kmnist"]
         args.steps, args.per_round, args.repeats, args.train_steps, args.warmup = 2, 1, 1, 1, 1
@@ -412,6 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     static_steps: dict[str, list[float]] = {}  # the static model's step samples, ms
     epoch_rows: list[dict[str, Any]] = []
+    fisher_rows: list[dict[str, Any]] = []
     for name in args.settings:
         setting = Setting(name, args, backend)
         steps = time_steps(setting, args.algorithms)
@@ -449,6 +461,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "observe_ms_samples": [1e3 * s for s in steps[a]["observe_samples"]],
                 "redistribute_ms_samples": [1e3 * s for s in redist[a]["redistribute_samples"]],
             })
+        for a in (a for a in args.algorithms if a in ("woodfisher", "woodtaylor")):
+            for m in args.fisher_batches:
+                # The blocks, the redistribution and one update cost the same with fewer
+                # batches; only the number of updates per epoch changes.
+                used = min(m, setting.n_batches)
+                overhead = (redist[a]["start_epoch"] + redist[a]["redistribute"]
+                            + used * steps[a]["observe"])
+                fisher_rows.append({"setting": name, "sizes": "-".join(map(str, setting.sizes)),
+                                    "algorithm": a, "fisher_batches": m, "updates": used,
+                                    "n_batches": setting.n_batches, "overhead_s": overhead,
+                                    "overhead_share": overhead / epoch})
         static_steps[name] = [1e3 * s for s in steps["(no observe)"]["step_samples"]]
         if args.epochs and name in PAPER_SETTINGS:
             epochs = time_epochs(setting, args.algorithms)
@@ -472,12 +495,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "train_steps": args.train_steps, "warmup": args.warmup,
                      "pause": args.pause, "dtype": args.dtype, "lr": args.lr, "seed": args.seed,
                      "epochs": args.epochs, "augment": args.augment,
+                     "fisher_batches": args.fisher_batches,
                      "wall_seconds": round(time.perf_counter() - start, 1),
                      "command": " ".join(["python", *sys.argv])},
         "results": rows,
         "static_step_ms_samples": static_steps,
         "epochs": epoch_rows,
         "targets": targets(rows, epoch_rows),
+        "fisher_batches": fisher_rows,
     }
 
 
@@ -564,6 +589,18 @@ def format_report(report: dict[str, Any]) -> str:
             lambda r: (f"{'':<22} {r['algorithm']:<15} {r['epoch_s']:>8.3f} {r['train_s']:>8.3f} "
                        f"{r['redistribution_s']:>8.4f} {r['fraction']:>8.3f} "
                        f"{_epoch_share(r):>7}"))
+    if report.get("fisher_batches"):
+        lines += ["", "woodfisher/woodtaylor with the Fisher from the epoch's last M batches "
+                      "(fisher_batches=M): overhead = start_epoch + redistribute + min(M, "
+                      "n_batches) x observe, from the measurements above", ""]
+        header = f"{'network':<22} {'algorithm':<15} {'M':>6} {'updates':>8} {'overhead s':>10} " \
+                 f"{'% epoch':>7}"
+        lines += _grouped(
+            report["fisher_batches"], header,
+            lambda r: f"{r['setting']}: {r['sizes']}, {r['n_batches']} batches/epoch",
+            lambda r: (f"{'':<22} {r['algorithm']:<15} {r['fisher_batches']:>6} "
+                       f"{r['updates']:>8} {r['overhead_s']:>10.3f} "
+                       f"{100 * r['overhead_share']:>7.2f}"))
     if report["targets"]:
         lines += ["", "targets:"]
         for t in report["targets"]:
