@@ -210,6 +210,8 @@ def test_grid_takes_compositions(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert ["set+momentum" in lines[0], "mest+gradient/global" in lines[1],
             "--algorithm set+random " in lines[2] + " "] == [True, True, True]
+    # A scope goes into the folder name after '@': one folder per run, not a subfolder.
+    assert f"{tmp_path.resolve()}/kmnist/mest+gradient@global/d0.1/s0" in lines[1]
     with pytest.raises(SystemExit) as info:
         grid.main(["kmnist", "--grid-dir", str(tmp_path), "--algorithms", "set+bogus",
                    "--print-commands"])

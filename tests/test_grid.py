@@ -373,3 +373,19 @@ def test_plan_rejects_bad_ranks(kwargs, message):
         plan("higgs", "g", **kwargs)
     assert plan("higgs", "g", seeds=[0], algorithms=["random"], densities=[0.1],
                 baselines=[])[0].launcher == ()
+
+
+def test_report_includes_compositions(tmp_path):
+    finals = dict(HOLDS)
+    finals[("set+momentum", 0.1)] = [86, 86, 86]
+    finals[("mest+gradient/global", 0.1)] = [85, 87, 89]
+    root = _synthetic_grid(tmp_path, finals)
+    path = report.write_report(root)
+    text = path.read_text()
+    assert "| set+momentum | 86.00 ± 0.00 (n=3) |" in text
+    assert "| mest+gradient/global | 87.00 ± 2.00 (n=3) |" in text
+    # After the paper's seven, before the dense baselines.
+    order = [text.index(f"| {k} |") for k in ("woodtaylor", "mest+gradient/global",
+                                                 "set+momentum", "dense neuron-eq")]
+    assert order == sorted(order)
+    assert "set+momentum" in text.split("algorithms and baselines:")[1].splitlines()[0]

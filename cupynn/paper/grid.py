@@ -79,7 +79,7 @@ class Run:
         """The run's directory relative to ``<grid-dir>/<dataset>``, e.g. ``random/d0.1/s0``."""
         if self.baseline is not None:
             return f"baseline-{self.baseline}/s{self.seed}"
-        return f"{self.algorithm}/d{self.density:g}/s{self.seed}"
+        return f"{run_folder(self.algorithm)}/d{self.density:g}/s{self.seed}"
 
     @property
     def dataset_dir(self) -> Path:
@@ -179,7 +179,7 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
             for seed in seeds:
                 args = ("--algorithm", algorithm, "--density", f"{density:g}", "--seed", str(seed),
                         *common)
-                name = f"{algorithm}/d{density:g}/s{seed}"
+                name = f"{run_folder(algorithm)}/d{density:g}/s{seed}"
                 runs.append(Run(dataset, algorithm, None, float(density), int(seed), base / name,
                                 args, prefix))
     for baseline in baselines:
@@ -190,6 +190,11 @@ def plan(dataset: str, grid_dir: str | os.PathLike, *, algorithms: Sequence[str]
     for run in runs:
         expected_arguments(run)
     return runs
+
+
+def run_folder(algorithm: str) -> str:
+    """An algorithm's folder name: a composition's scope after '@', not '/' (no subfolder)."""
+    return algorithm.replace("/", "@")
 
 
 def _canonical(name: str) -> str:
