@@ -11,7 +11,8 @@ same methods and fitted attributes (``classes_``, ``n_features_in_``,
 ``validation_scores_``, ``best_validation_score_``), and they pass
 scikit-learn's estimator checks. Underneath is :func:`cupynn.fit`: every hidden
 and output layer is a truly sparse :class:`cupynn.SparseLinear` (``density``),
-rewired after every ``redistribute_every`` epochs by ``redistribution``.
+rewired after every ``redistribute_every`` epochs by ``redistribution`` (one
+of the paper's seven or a composition such as ``"set+momentum"``).
 
 Note: ``alpha`` here is the fraction of the active weights the first
 redistribution moves (the paper's α₀, as in :func:`cupynn.fit`), not
@@ -38,7 +39,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .redistribution import NAMES
+from .redistribution import NAMES, compositions
 
 BATCH_AUTO = 200  # "auto": min(200, n_samples), as MLPClassifier
 
@@ -50,7 +51,7 @@ class _SparseMLP(BaseEstimator):
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(numbers.Integral, 1, None, closed="left")],
         "density": [Interval(numbers.Real, 0, 1, closed="right")],
-        "redistribution": [StrOptions(set(NAMES)), None],
+        "redistribution": [StrOptions(set(NAMES) | set(compositions())), None],
         "alpha": [Interval(numbers.Real, 0, 1, closed="both")],
         "redistribute_every": [Interval(numbers.Integral, 1, None, closed="left")],
         "end_fraction": [Interval(numbers.Real, 0, 1, closed="both")],
