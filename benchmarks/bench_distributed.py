@@ -30,6 +30,15 @@ Run ``python benchmarks/bench_distributed.py --help``; see docs/distributed.md.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the best dense BLAS for the baselines: before NumPy loads
+    import os as _os
+    import sys as _sys
+
+    _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+    import blas_pin
+
+    blas_pin.release()
+
 import argparse
 import json
 import math

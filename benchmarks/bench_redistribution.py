@@ -57,6 +57,15 @@ see ``benchmarks/README.md`` and ``docs/redistribution-benchmark.md``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the best dense BLAS for the baselines: before NumPy loads
+    import os as _os
+    import sys as _sys
+
+    _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+    import blas_pin
+
+    blas_pin.release()
+
 import argparse
 import gc
 import os

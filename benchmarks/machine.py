@@ -77,6 +77,9 @@ def machine_info(backend: Any) -> dict[str, Any]:
     if backend.is_gpu:
         info["cupy"] = backend.xp.__version__
     info["thread_env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+    from blas_pin import blas_state
+
+    info["blas_kernels"] = blas_state()
     return info
 
 
@@ -95,10 +98,14 @@ def finish_info(info: dict[str, Any], load_before: list[float] | None) -> None:
 def header_lines(m: dict[str, Any]) -> list[str]:
     """The machine, device and software lines of a report."""
     blas_threads = f", threads {m['blas_threads']}" if m.get("blas_threads") else ""
+    from blas_pin import describe
+
+    kernels = f"; {describe(m['blas_kernels'])}" if m.get("blas_kernels") else ""
     return [
         f"machine : {m['cpu']}, {m['cpu_count']} cores; {m['platform']}",
         f"device  : {m['backend']}: {m['device_name']}",
-        f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}), "
+        f"software: python {m['python']}, numpy {m['numpy']} ({m['blas']}{blas_threads}"
+        f"{kernels}), "
         f"numba {m['numba']} ({m['numba_threads']} threads, "
         f"{m.get('numba_threading_layer') or 'no'} layer)"
         + (f", cupy {m['cupy']}" if "cupy" in m else "") + f", cupynn {m['cupynn']}",

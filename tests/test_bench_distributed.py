@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,11 @@ def test_projection_follows_its_formula():
 def test_the_script_runs_end_to_end(tmp_path):
     mpiexec()  # skips (or fails under CI) without MPI
     out = tmp_path / "report.json"
+    env = dict(os.environ, CUPYNN_BLAS_PIN="keep")  # tests keep the image's BLAS as it is
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_distributed.py"),
                            "--densities", "0.1", "--ranks", "1,2", "--scaling-sizes", "30-24-4",
                            "--batch", "16", "--steps", "3", "--pause", "0", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["ranks"] for r in report["scaling"]] == [1, 2]
