@@ -100,6 +100,7 @@ class SparseLinear(Layer):
     # Redistribution's gradient probe asks backward to keep dy (out, batch).
     keep_output_grad = False
     _dy: Any = None
+    _y: Any = None  # the output after a ReLU applied by forward(relu=True)
 
     def __init__(self, in_features: int, out_features: int, density: float = 0.1, *,
                  seed: int | numpy.random.Generator = 0, dtype: str = "float32",
@@ -171,29 +172,36 @@ class SparseLinear(Layer):
         self.grad_data = None
         self.topology_version += 1
 
-    def forward(self, x: Any) -> Any:
-        """x (in_features, batch) -> y = W x + b, (out_features, batch)."""
+    def forward(self, x: Any, relu: bool = False) -> Any:
+        """x (in_features, batch) -> y = W x + b (with ``relu``: max(W x + b, 0)),
+        (out_features, batch).
+
+        With ``relu`` the layer applies its activation itself (in the same pass
+        on the CPU) and :meth:`backward` takes the gradient through it.
+        """
         _check_input(x, self.in_features, self.dtype, self.backend, type(self).__name__)
         self._x = x
-        y = kernels.spmm(self.indptr, self.indices, self.data, x, check=False)
-        y += self.bias[:, None]
+        y = kernels.spmm(self.indptr, self.indices, self.data, x, check=False, bias=self.bias,
+                         relu=relu)
+        self._y = y if relu else None
         return y
 
     def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
         """dy (out_features, batch) -> dx (in_features, batch), or None.
 
-        Sets ``grad_data`` (the SDDMM ``dy x^T`` at the active entries only)
-        and ``grad_bias`` (``dy`` summed over the batch). With
-        ``need_input_grad=False`` (the first layer in training) the input
+        ``dy`` is the gradient of the layer's output (after its ReLU when
+        forward applied one). Sets ``grad_data`` (the SDDMM ``dy x^T`` at the
+        active entries only) and ``grad_bias`` (``dy`` summed over the batch).
+        With ``need_input_grad=False`` (the first layer in training) the input
         gradient, a third sparse product, is skipped.
         """
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
         dy = self.backend.xp.ascontiguousarray(dy)
+        dy, self.grad_bias = kernels.relu_grad_rowsum(dy, self._y)
         if self.keep_output_grad:
             self._dy = dy
         self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
-        self.grad_bias = dy.sum(axis=1)
         if not need_input_grad:
             return None
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
@@ -265,19 +273,28 @@ class Linear(Layer):
     def nnz(self) -> int:
         return int(self.weight.size)
 
-    def forward(self, x: Any) -> Any:
-        """x (in_features, batch) -> W x + b, (out_features, batch)."""
+    _y: Any = None  # the output after a ReLU applied by forward(relu=True)
+
+    def forward(self, x: Any, relu: bool = False) -> Any:
+        """x (in_features, batch) -> W x + b (with ``relu``: max(W x + b, 0)),
+        (out_features, batch)."""
         _check_input(x, self.in_features, self.dtype, self.backend, type(self).__name__)
         self._x = x
         y = self.weight @ x
         y += self.bias[:, None]
+        if relu:
+            self.backend.xp.maximum(y, 0, out=y)
+        self._y = y if relu else None
         return y
 
     def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
         """dy (out_features, batch) -> dx (in_features, batch), or None without
-        ``need_input_grad``; sets the gradients."""
+        ``need_input_grad``; sets the gradients. ``dy`` is the gradient of the
+        output after the ReLU when forward applied one."""
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
+        if self._y is not None:
+            dy = dy * (self._y > 0)
         self.grad_weight = dy @ self._x.T
         self.grad_bias = dy.sum(axis=1)
         return self.weight.T @ dy if need_input_grad else None

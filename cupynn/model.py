@@ -215,9 +215,11 @@ class MLP:
         (batch, sizes[-1]) array of the model's dtype, on its device.
         """
         h = self._input(x)
+        fused = self.activation == "relu"  # the layers apply their ReLU themselves
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h)
-            if i < len(self.activations):
+            hidden = i < len(self.activations)
+            h = layer.forward(h, relu=True) if hidden and fused else layer.forward(h)
+            if hidden and not fused:
                 h = self.activations[i].forward(h)
         return self.backend.xp.ascontiguousarray(h.T)
 
@@ -245,8 +247,9 @@ class MLP:
             raise ValueError(f"The 'grad_logits' argument of MLP.backward must have shape "
                              f"(batch, {self.sizes[-1]}). Got {g.shape} instead.")
         g = xp.ascontiguousarray(g.T)
+        fused = self.activation == "relu"  # the layers took the ReLU's gradient themselves
         for i in range(len(self.layers) - 1, -1, -1):
-            if i < len(self.activations):
+            if i < len(self.activations) and not fused:
                 g = self.activations[i].backward(g)
             g = self.layers[i].backward(g, need_input_grad=i > 0 or need_input_grad)
         return xp.ascontiguousarray(g.T) if need_input_grad else None
@@ -255,7 +258,7 @@ class MLP:
         """Drop the activations kept for ``backward`` (after evaluation, say),
         so they do not hold memory until the next forward pass."""
         for layer in self.layers:
-            layer._x = None
+            layer._x = layer._y = None
             if isinstance(layer, SparseLinear):
                 layer._dy = None
         for activation in self.activations:

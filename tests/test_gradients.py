@@ -12,6 +12,7 @@ import pytest
 
 import cupynn
 from cupynn import losses
+from cupynn.backend import to_numpy
 from cupynn.layers import Linear, ReLU, Sigmoid, SparseLinear
 from gradcheck import assert_close_gradient, numeric_gradient
 
@@ -21,14 +22,17 @@ def _probe(backend, shape, rng):
     return backend.asarray(rng.standard_normal(shape))
 
 
-def _check_layer(layer, backend, rng, batch=5):
+def _check_layer(layer, backend, rng, batch=5, relu=False):
     x = backend.asarray(rng.standard_normal((layer.in_features, batch)))
     probe = _probe(backend, (layer.out_features, batch), rng)
 
     def scalar():
-        return float((layer.forward(x) * probe).sum())
+        return float((layer.forward(x, relu=relu) * probe).sum())
 
-    layer.forward(x)
+    if relu:  # the checks below need pre-activations away from ReLU's kink, and on both sides
+        pre = to_numpy(layer.forward(x))
+        assert numpy.abs(pre).min() > 1e-4 and (pre > 0).any() and (pre < 0).any()
+    layer.forward(x, relu=relu)
     dx = layer.backward(probe)
     for name, value, grad in layer.parameters():
         assert_close_gradient(grad, numeric_gradient(scalar, value), f"{name}")
@@ -56,6 +60,20 @@ def test_sparse_linear_with_empty_rows(backend, rng):
 
 def test_dense_linear_gradients(backend, rng):
     _check_layer(Linear(7, 4, seed=1, dtype="float64", device=backend), backend, rng)
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_sparse_linear_with_its_relu_gradients(backend, rng, density):
+    """forward(relu=True) applies the activation in the product's pass; backward
+    takes the gradient through it and the bias gradient in one pass."""
+    layer = SparseLinear(9, 6, density, seed=3, dtype="float64", device=backend)
+    layer.bias[...] = backend.asarray(numpy.linspace(-0.5, 0.5, 6))
+    _check_layer(layer, backend, rng, relu=True)
+
+
+def test_dense_linear_with_its_relu_gradients(backend, rng):
+    layer = Linear(7, 4, seed=1, dtype="float64", device=backend)
+    _check_layer(layer, backend, rng, relu=True)
 
 
 @pytest.mark.parametrize("activation", [ReLU, Sigmoid])

@@ -701,6 +701,68 @@ def test_cpu_spmm_t_batch_slices(n_chunks, dtype):
     assert_close(out, expected.astype(dtype), bound, dtype)
 
 
+def fused_inputs(case: Case, dtype: type) -> dict:
+    """The case's arrays plus a bias, and a ``y`` with zeros, negatives, -0.0 and NaN."""
+    a = case.arrays(dtype)
+    rng = numpy.random.default_rng(7)
+    a["bias"] = rng.standard_normal(case.n_rows).astype(dtype)
+    y = rng.standard_normal(a["dy"].shape).astype(dtype)
+    y.flat[::5] = 0.0
+    y.flat[1::7] = -0.0
+    y.flat[2::11] = numpy.nan
+    a["y"] = y
+    return a
+
+
+def assert_fused_spmm(kernels_spmm, a: dict, xp_to_numpy, dtype: type) -> None:
+    """spmm with bias (and relu) gives, bit for bit, spmm then ``+= bias`` then ``maximum``."""
+    plain = xp_to_numpy(kernels_spmm(a, {}))
+    with_bias = xp_to_numpy(kernels_spmm(a, {"bias": True}))
+    with_relu = xp_to_numpy(kernels_spmm(a, {"bias": True, "relu": True}))
+    bias = xp_to_numpy(a["bias"])
+    expected = plain + bias[:, None]
+    numpy.testing.assert_array_equal(with_bias, expected)
+    expected = numpy.maximum(expected, 0)
+    numpy.testing.assert_array_equal(with_relu, expected)
+    numpy.testing.assert_array_equal(numpy.signbit(with_relu), numpy.signbit(expected))
+    assert with_bias.dtype == with_relu.dtype == dtype
+
+
+def call_fused_spmm(a: dict, options: dict):
+    bias = a["bias"] if options.get("bias") else None
+    return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"], bias=bias,
+                        relu=options.get("relu", False))
+
+
+@case_params
+@dtype_params
+def test_cpu_spmm_with_bias_and_relu(case, dtype):
+    a = fused_inputs(case, dtype)
+    if a["x"].size:  # reaches every row with column 0: NaN passes the ReLU as NaN
+        a["x"][0, 0] = numpy.nan
+    assert_fused_spmm(call_fused_spmm, a, numpy.asarray, dtype)
+
+
+def assert_relu_grad_rowsum(a: dict, xp_to_numpy, dtype: type) -> None:
+    dy, y = a["dy"], a["y"]
+    dy_before = xp_to_numpy(dy).copy()
+    for live in (y, None):
+        out, sums = kernels.relu_grad_rowsum(dy, live)
+        host_dy = xp_to_numpy(dy)
+        expected = host_dy if live is None else host_dy * (xp_to_numpy(live) > 0)
+        numpy.testing.assert_array_equal(xp_to_numpy(out), expected)
+        assert out.dtype == sums.dtype == dtype and sums.shape == (dy.shape[0],)
+        bound = numpy.abs(expected).sum(axis=1)
+        assert_close(sums, expected.sum(axis=1), bound, dtype)
+    numpy.testing.assert_array_equal(xp_to_numpy(dy), dy_before)  # dy is not modified
+
+
+@case_params
+@dtype_params
+def test_cpu_relu_grad_rowsum(case, dtype):
+    assert_relu_grad_rowsum(fused_inputs(case, dtype), numpy.asarray, dtype)
+
+
 @pytest.mark.parametrize("n", ADAM_SIZES + [100_003])
 @dtype_params
 def test_cpu_adam_matches_twin(n, dtype):
@@ -756,12 +818,17 @@ def call_sddmm(s, **change):
 
 def call_spmm(s, **change):
     a = dict(s, **change)
-    return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"])
+    return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"], **a.get("kw", {}))
 
 
 def call_spmm_t(s, **change):
     a = dict(s, **change)
     return kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], a["x"].shape[0])
+
+
+def call_relu_grad_rowsum(s, **change):
+    a = dict(s, **change)
+    return kernels.relu_grad_rowsum(a["dy"], a.get("y", a["dy"]))
 
 
 def call_adam(s, **change):
@@ -775,11 +842,26 @@ def test_valid_inputs_pass(small):
     assert call_sddmm(small).shape == (3,)
     assert call_spmm(small).shape == (3, 5)
     assert call_spmm_t(small).shape == (4, 5)
+    assert call_spmm(small, kw=dict(bias=numpy.ones(3), relu=True)).shape == (3, 5)
+    assert [r.shape for r in call_relu_grad_rowsum(small)] == [(3, 5), (3,)]
     call_adam(small)
 
 
 I32 = numpy.int32
 BAD_INPUTS = [
+    # the fused layer epilogue
+    ("spmm_bias_shape", call_spmm, dict(kw=dict(bias=numpy.ones(4))),
+     ValueError, r"bias must be a \(3,\) array on the operands' device. Got \(4,\)"),
+    ("spmm_bias_dtype", call_spmm, dict(kw=dict(bias=numpy.ones(3, dtype=numpy.float32))),
+     TypeError, "one dtype. Got float64 and float32"),
+    ("spmm_relu_without_bias", call_spmm, dict(kw=dict(relu=True)),
+     ValueError, "relu=True goes with a bias"),
+    ("relu_grad_shapes", call_relu_grad_rowsum, dict(y=numpy.ones((3, 4))),
+     ValueError, r"dy must be 2-D and y of its shape. Got \(3, 5\) and \(3, 4\)"),
+    ("relu_grad_dtype", call_relu_grad_rowsum, dict(y=numpy.ones((3, 5), dtype=numpy.float32)),
+     TypeError, "one dtype"),
+    ("relu_grad_strided", call_relu_grad_rowsum, dict(dy=numpy.ones((5, 3)).T),
+     ValueError, "C-contiguous"),
     # wrong dtypes
     ("sddmm_int_operands", call_sddmm, dict(dy=numpy.ones((3, 5), dtype=numpy.int64)),
      TypeError, "float arrays must be float32 or float64. Got int64"),
@@ -934,6 +1016,23 @@ def test_gpu_spmm_matches_twin(case, dtype):
     expected = twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype)
     bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
     assert_close(result, expected, bound, dtype)
+
+
+@gpu
+@case_params
+@dtype_params
+def test_gpu_spmm_with_bias_and_relu(case, dtype):
+    a = fused_inputs(case, dtype)
+    if a["x"].size:
+        a["x"][0, 0] = numpy.nan
+    assert_fused_spmm(call_fused_spmm, to_gpu(a), to_numpy, dtype)
+
+
+@gpu
+@case_params
+@dtype_params
+def test_gpu_relu_grad_rowsum(case, dtype):
+    assert_relu_grad_rowsum(to_gpu(fused_inputs(case, dtype)), to_numpy, dtype)
 
 
 @gpu

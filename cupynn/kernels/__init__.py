@@ -291,30 +291,74 @@ def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> An
     return w
 
 
-def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True) -> Any:
+def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
+         bias: Any = None, relu: bool = False) -> Any:
     """``W @ x`` for CSR ``W`` (n_rows, n_cols) and dense x (n_cols, batch).
 
-    cuSPARSE on the GPU, a row-parallel Numba kernel on the CPU.
+    With ``bias`` (n_rows,) the bias is added to every column, and with
+    ``relu`` the result is clipped at 0: a sparse layer with its activation.
+    cuSPARSE then two element-wise operations on the GPU; on the CPU one
+    row-parallel Numba kernel does all three while each row is in cache.
     Returns a C-contiguous (n_rows, batch) array.
     """
     what = "spmm"
     backend = _check_same_backend(what, indptr, indices, data, x)
-    _float_suffix(data, x, what=what)
+    _float_suffix(data, x, *(() if bias is None else (bias,)), what=what)
     if x.ndim != 2:
         raise ValueError(f"{what}: x must be (n_cols, batch). Got shape {x.shape} instead.")
     _check_contiguous(what, x=x)
     n_rows = _rows_of(what, indptr)
     _check_pattern(what, indptr, indices, n_rows, x.shape[0], check, data)
+    if bias is not None and (bias.shape != (n_rows,) or backend_of(bias) is not backend):
+        raise ValueError(f"{what}: bias must be a ({n_rows},) array on the operands' device. "
+                         f"Got {bias.shape} instead.")
+    if relu and bias is None:
+        raise ValueError(f"{what}: relu=True goes with a bias (the layer's).")
     if backend.is_gpu:
+        xp = backend.xp
         if x.shape[1] == 0 or n_rows == 0:  # cuSPARSE is not asked about empty products
-            return backend.xp.zeros((n_rows, x.shape[1]), dtype=x.dtype)
-        w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
-        return backend.xp.ascontiguousarray(w @ x)
+            out = xp.zeros((n_rows, x.shape[1]), dtype=x.dtype)
+        else:
+            w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
+            out = xp.ascontiguousarray(w @ x)
+        if bias is not None:
+            out += bias[:, None]
+            if relu:
+                xp.maximum(out, 0, out=out)
+        return out
     from . import cpu
 
     out = numpy.empty((n_rows, x.shape[1]), dtype=x.dtype)
-    cpu.spmm(indptr, indices, data, x, out)
+    cpu.spmm(indptr, indices, data, x, out, data[:0] if bias is None else bias, bool(relu))
     return out
+
+
+def relu_grad_rowsum(dy: Any, y: Any = None) -> tuple[Any, Any]:
+    """``(dy * (y > 0), its row sums)``, or ``(dy, row sums)`` without ``y``.
+
+    A sparse layer's backward pass before its SDDMM: the gradient through its
+    ReLU (``y`` is the layer's output after the ReLU) and its bias gradient. One
+    Numba pass on the CPU; two element-wise operations and a reduction on the
+    GPU. ``dy`` and ``y`` are (n_rows, batch) C-contiguous of one float dtype;
+    ``dy`` is not modified.
+    """
+    what = "relu_grad_rowsum"
+    arrays = (dy,) if y is None else (dy, y)
+    backend = _check_same_backend(what, *arrays)
+    _float_suffix(*arrays, what=what)
+    if dy.ndim != 2 or (y is not None and y.shape != dy.shape):
+        raise ValueError(f"{what}: dy must be 2-D and y of its shape. Got {dy.shape} and "
+                         f"{None if y is None else y.shape} instead.")
+    _check_contiguous(what, **({"dy": dy} if y is None else {"dy": dy, "y": y}))
+    if backend.is_gpu:
+        out = dy * (y > 0) if y is not None else dy
+        return out, out.sum(axis=1)
+    from . import cpu
+
+    out = numpy.empty_like(dy)
+    sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
+    cpu.relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
+    return out, sums
 
 
 def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
@@ -516,6 +560,8 @@ def warm_up(backend: Any, dtype: Any = numpy.float32) -> None:
     x = xp.ones((2, 3), dtype=dtype)
     sddmm(indptr, indices, x, x)
     spmm(indptr, indices, data, x)
+    spmm(indptr, indices, data, x, bias=data, relu=True)
+    relu_grad_rowsum(x, x)
     spmm_t(indptr, indices, data, x, 2)
     p, g, m, v = (xp.zeros(4, dtype=dtype) for _ in range(4))
     adam(p, g, m, v, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, bc1=0.1, bc2=0.001)

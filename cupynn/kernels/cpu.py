@@ -46,13 +46,19 @@ BANDS_PER_WORKER = 4
 
 
 @numba.njit(parallel=True, fastmath=_FMA, **_JIT)
-def spmm(indptr, indices, data, x, out):  # pragma: no cover - compiled
+def spmm(indptr, indices, data, x, out, bias, relu):  # pragma: no cover - compiled
     """out[r, :] = sum_k data[k] * x[indices[k], :] over row r; rows in parallel.
 
-    Any column order within a row works (duplicates too).
+    With a non-empty ``bias`` (n_rows,) each row then gets its bias added, and
+    with ``relu`` the result is clipped at 0 — the layer's bias and activation
+    in the same pass over the row, which is still in L1 (the same operations, so
+    the same bits, as adding and clipping afterwards). Any column order within a
+    row works (duplicates too).
     """
     n_rows = out.shape[0]
     batch = out.shape[1]
+    add_bias = bias.shape[0] > 0
+    zero = out.dtype.type(0)
     for r in numba.prange(n_rows):
         acc = out[r]
         acc[:] = 0
@@ -76,6 +82,47 @@ def spmm(indptr, indices, data, x, out):  # pragma: no cover - compiled
             for j in range(batch):
                 acc[j] += a0 * s0[j]
             k += 1
+        if add_bias:
+            b = bias[r]
+            if relu:
+                for j in range(batch):
+                    v = acc[j] + b
+                    # numpy.maximum(v, 0): NaN and -0.0 stay as they are, negatives become +0.
+                    acc[j] = v if not v < 0 else zero
+            else:
+                for j in range(batch):
+                    acc[j] += b
+
+
+@numba.njit(parallel=True, fastmath=_FMA_REASSOC, **_JIT)
+def relu_grad_rowsum(dy, y, relu, out, sums):  # pragma: no cover - compiled
+    """out = dy * (y > 0) (or dy itself without ``relu``); sums[r] = sum_j out[r, j].
+
+    A layer's backward pass before its SDDMM: the gradient through its ReLU (from
+    the layer's own output ``y``) and its bias gradient, in one pass over the
+    rows instead of a mask, a product and a reduction. ``reassoc`` lets the row
+    sums be vectorised (their order differs from NumPy's pairwise one by rounding).
+    """
+    n_rows = dy.shape[0]
+    batch = dy.shape[1]
+    one = out.dtype.type(1)
+    zero = out.dtype.type(0)
+    for r in numba.prange(n_rows):
+        src = dy[r]
+        dst = out[r]
+        acc = zero
+        if relu:
+            live = y[r]
+            for j in range(batch):
+                v = src[j] * (one if live[j] > 0 else zero)  # as dy * (y > 0)
+                dst[j] = v
+                acc += v
+        else:
+            for j in range(batch):
+                v = src[j]
+                dst[j] = v
+                acc += v
+        sums[r] = acc
 
 
 @numba.njit(inline="always", **_JIT)
