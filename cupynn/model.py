@@ -187,7 +187,7 @@ class MLP:
         self.load_state_dict(state["state"])
 
     # ---------------------------------------------------------------- passes
-    def _input(self, x: Any) -> Any:
+    def _input(self, x: Any, check: bool = True) -> Any:
         """Check a (batch, in) input; return it feature-major on the device."""
         owner = "MLP.forward"
         if getattr(x, "ndim", None) != 2 or x.shape[1] != self.sizes[0]:
@@ -196,25 +196,28 @@ class MLP:
         if isinstance(x, numpy.ndarray):
             if x.dtype.kind not in "fiub":
                 raise TypeError(f"The 'x' argument of {owner} must be numeric. Got {x.dtype}.")
-            check_finite(x, "x", owner)  # host check: no device sync
+            if check:
+                check_finite(x, "x", owner)  # host check: no device sync
         elif backend_of(x) is not self.backend:
             raise TypeError(f"The 'x' argument of {owner} lives on another device than the model "
                             f"({self.backend.name}).")
         xp = self.backend.xp
         return xp.ascontiguousarray(xp.asarray(x, dtype=self.dtype).T)
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, *, check: bool = True) -> Any:
         """Logits for a batch.
 
         Parameters
         ----------
         x : (batch, sizes[0]) array, NumPy or on the model's device
+        check : scan a NumPy ``x`` for NaN and infinity (an error names it).
+            The trainer passes False for batches of data it checked whole.
 
         Returns
         -------
         (batch, sizes[-1]) array of the model's dtype, on its device.
         """
-        h = self._input(x)
+        h = self._input(x, check)
         fused = self.activation == "relu"  # the layers apply their ReLU themselves
         for i, layer in enumerate(self.layers):
             hidden = i < len(self.activations)

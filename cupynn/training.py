@@ -326,7 +326,7 @@ class Trainer:
         return self.history
 
     def train_batch(self, x: numpy.ndarray, y: numpy.ndarray,
-                    shard: tuple[int, int, int] | None = None) -> Any:
+                    shard: tuple[int, int, int] | None = None, *, check: bool = True) -> Any:
         """One training step on a host mini-batch, as every batch of an epoch takes it.
 
         The batch goes to the device (and through ``augment``), then forward,
@@ -340,13 +340,18 @@ class Trainer:
         already rows ``[start, stop)`` of a global batch of ``total`` rows. The
         loss and gradients are this rank's share of the global batch's mean,
         summed over the ranks in one all-reduce before ``observe`` and Adam.
+
+        ``check=False`` skips the scan of ``x`` for NaN and infinity: the
+        epochs pass it for batches of the training data, checked whole when
+        the trainer took it (or each epoch, from a sampler).
         """
         model, backend = self.model, self.model.backend
         if self.reducer is None:
             xb = backend.asarray(x, dtype=model.dtype)
             if self.augment is not None:
                 xb = self.augment(xb, self.augment_rng)
-            value, grad = LOSSES[self.loss](model.forward(xb), backend.asarray(y), check=False)
+            logits = model.forward(xb, check=check)
+            value, grad = LOSSES[self.loss](logits, backend.asarray(y), check=False)
             model.backward(grad, need_input_grad=False)
         else:
             if shard is None:
@@ -357,7 +362,7 @@ class Trainer:
             if self.augment is not None:  # advances the stream as for the whole batch
                 xb = self.augment(xb, self.augment_rng, rows=(start, stop), total=total)
             if stop > start:
-                value, grad = LOSSES[self.loss](model.forward(xb), backend.asarray(y),
+                value, grad = LOSSES[self.loss](model.forward(xb, check=check), backend.asarray(y),
                                                 check=False, total=total)
                 model.backward(grad, need_input_grad=False)
             else:  # no rows here: this rank adds zeros
@@ -490,7 +495,7 @@ class Trainer:
             if stepwise:
                 self._start_interval(step, b == 0, n_batches)
             rows = batch(b)
-            value = self.train_batch(*rows)
+            value = self.train_batch(*rows, check=False)
             batch_losses[b] = value
             if stepwise:
                 self._redistribute_at_step(step, n_batches, rows, moves)

@@ -189,3 +189,22 @@ def test_regression_fit_reports_mse_and_r2_as_scikit_learn_computes_them(backend
     with pytest.raises(ValueError, match=r"targets of fit must have shape \(400, 2\)"):
         cupynn.fit(model, cupynn.Adam(model), (x, y[:, 0]), epochs=1, batch_size=8,
                    loss="mean_squared_error", progress=False)
+
+
+def test_train_batch_checks_its_input_unless_told_the_data_was_checked(rng):
+    """The epochs pass check=False (the trainer checked the data whole); a
+    direct call scans the batch, and a NaN fails before any parameter moves."""
+    x, y = _blobs(rng, n=64)
+    model = cupynn.MLP([8, 16, 2], density=0.5, seed=0, device="cpu")
+    trainer = cupynn.Trainer(model, cupynn.Adam(model), (x, y), epochs=1, batch_size=32,
+                             progress=False)
+    before = [p.copy() for layer in model.layers for _, p, _ in layer.parameters()]
+    bad = x[:32].copy()
+    bad[3, 2] = numpy.nan
+    with pytest.raises(ValueError, match="must be finite. Got 1 NaN or infinite"):
+        trainer.train_batch(bad, y[:32])
+    after = [p for layer in model.layers for _, p, _ in layer.parameters()]
+    assert all(numpy.array_equal(a, b) for a, b in zip(before, after))
+    assert numpy.isfinite(float(trainer.train_batch(x[:32], y[:32])))
+    value = trainer.train_batch(bad, y[:32], check=False)  # unchecked: the NaN goes through
+    assert numpy.isnan(float(value))
