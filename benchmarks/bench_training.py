@@ -52,8 +52,9 @@ allocations slows them down:
 
 The input batch is created before every window and is not counted.
 
-``--higgs-epoch`` measures instead one epoch of the paper's HIGGS set-up,
-end to end through :func:`cupynn.fit` (see :func:`higgs_epochs`).
+``--epoch kmnist`` and ``--epoch higgs`` (or ``--higgs-epoch``) measure
+instead one epoch of the paper's set-up, end to end through :func:`cupynn.fit`
+with its progress bar, against the peer's epoch (see :func:`epochs`).
 
 Run ``python benchmarks/bench_training.py --help`` for the options, and see
 ``benchmarks/README.md`` and ``docs/benchmarks.md``.
@@ -112,6 +113,28 @@ HIGGS_BATCH = 128
 HIGGS_SAMPLES = 500_000
 HIGGS_SCHEDULE_EPOCHS = 80  # the schedule's length: epoch 1 moves fraction_at(1, 80)
 PAPER_HIGGS_EPOCH_S = 22.2
+KMNIST_SAMPLES = 60_000
+
+
+@dataclass(frozen=True)
+class EpochSetting:
+    """One of the paper's set-ups (SPEC §6) for the end-to-end epoch mode."""
+
+    name: str
+    sizes: str
+    dense_layers: tuple[int, ...]
+    batch: int
+    samples: int
+    loss: str
+    paper_epoch_s: float | None  # the paper's GPU time per epoch at density 0.1, if it gives one
+
+
+EPOCH_SETTINGS = {
+    "higgs": EpochSetting("higgs", HIGGS_SIZES, (-1,), HIGGS_BATCH, HIGGS_SAMPLES,
+                          "binary_cross_entropy", PAPER_HIGGS_EPOCH_S),
+    "kmnist": EpochSetting("kmnist", "784-256-256-10", (), DEFAULT_BATCH, KMNIST_SAMPLES,
+                           "cross_entropy", None),
+}
 WARMUP_WIDTH = 16  # hidden width of the model that warms up a memory-measuring process
 
 
@@ -175,17 +198,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the peer's torch.optim.Adam implementation: PyTorch's default for the "
                         "device (on the CPU the per-tensor loop, as most code runs it), or "
                         "foreach=True / fused=True")
+    p.add_argument("--epoch", choices=sorted(EPOCH_SETTINGS), default=None,
+                   help="instead of the step table, time one epoch of the paper's set-up end "
+                        "to end, cupynn.fit (progress bar on) against the peer: kmnist "
+                        f"({EPOCH_SETTINGS['kmnist'].sizes}, batch {DEFAULT_BATCH}, "
+                        f"{KMNIST_SAMPLES:,} rows, cross-entropy) or higgs ({HIGGS_SIZES} with "
+                        f"a dense output layer, batch {HIGGS_BATCH}, {HIGGS_SAMPLES:,} rows, "
+                        "binary cross-entropy), each followed by one gradient-global "
+                        "redistribution")
     p.add_argument("--higgs-epoch", action="store_true",
-                   help="instead of the step table, time one HIGGS epoch end to end: "
-                        f"{HIGGS_SIZES} with a dense output layer, batch {HIGGS_BATCH}, "
-                        "binary cross-entropy, then one gradient-global redistribution; "
-                        "cupynn.fit against the peer and the paper's "
-                        f"{PAPER_HIGGS_EPOCH_S} s (a GPU number)")
-    p.add_argument("--samples", type=int, default=HIGGS_SAMPLES,
-                   help="--higgs-epoch: training rows per epoch (synthetic, seeded); fewer "
-                        "for a smoke test")
+                   help="the same as --epoch higgs (also compared with the paper's "
+                        f"{PAPER_HIGGS_EPOCH_S} s, a GPU number)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="--epoch: training rows per epoch (synthetic, seeded; default the "
+                        "set-up's); fewer for a smoke test")
     p.add_argument("--repeats", type=int, default=1,
-                   help="--higgs-epoch: timed epochs per library, alternating which goes first")
+                   help="--epoch: timed epochs per library, alternating which goes first")
+    p.add_argument("--no-progress", action="store_true",
+                   help="--epoch: run cupynn.fit without its progress bar (shown by default, "
+                        "as a user sees it; the peer's loop has none)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: sizes 784-256-256-10, densities 0.1,0.03, batch 64, "
                         "2 timed steps after 1 warm-up step (overrides those options)")
@@ -193,14 +224,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: measure one model's process peak in this (fresh) process; print JSON.
     p.add_argument("--process-peak-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    higgs = args.higgs_epoch
+    if args.higgs_epoch:
+        if args.epoch not in (None, "higgs"):
+            p.error(f"--higgs-epoch and --epoch {args.epoch} name different set-ups")
+        args.epoch = "higgs"
+    setting = EPOCH_SETTINGS.get(args.epoch)
+    args.setting = setting
     if args.sizes is None:
-        args.sizes = parse_sizes(HIGGS_SIZES if higgs else DEFAULT_SIZES)
+        args.sizes = parse_sizes(setting.sizes if setting else DEFAULT_SIZES)
     if args.densities is None:
-        args.densities = parse_densities(HIGGS_DENSITIES if higgs else DEFAULT_DENSITIES)
+        args.densities = parse_densities(HIGGS_DENSITIES if setting else DEFAULT_DENSITIES)
     if args.batch is None:
-        args.batch = HIGGS_BATCH if higgs else DEFAULT_BATCH
-    if args.quick and not higgs:
+        args.batch = setting.batch if setting else DEFAULT_BATCH
+    if args.samples is None:
+        args.samples = setting.samples if setting else HIGGS_SAMPLES
+    if args.quick and not setting:
         args.sizes = [(784, 256, 256, 10)]
         args.densities = [0.1, 0.03]
         args.batch, args.steps, args.per_round, args.warmup = 64, 2, 1, 1
@@ -209,8 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.pause < 0:
         p.error("--warmup and --pause must be >= 0")
-    if higgs and any(len(s) < 3 for s in args.sizes):
-        p.error("--higgs-epoch needs at least one hidden layer (the output layer is dense)")
+    if setting and setting.dense_layers and any(len(s) < 3 for s in args.sizes):
+        p.error(f"--epoch {setting.name} needs at least one hidden layer (the output layer is "
+                f"dense)")
     return args
 
 
@@ -608,24 +647,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------- the HIGGS epoch
-def higgs_data(n: int, features: int,
+# ----------------------------------------------------------------- the epoch mode
+def epoch_data(n: int, features: int,
                args: argparse.Namespace) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """Synthetic HIGGS-shaped rows (seeded): standard-normal features, 0/1 labels with
-    HIGGS's 53 % signal. The values do not change the work a step does."""
+    """Synthetic rows of the set-up's shape (seeded); the values do not change the work a
+    step does. HIGGS: standard-normal features, 0/1 labels with HIGGS's 53 % signal;
+    KMNIST: pixels uniform in [0, 1), labels uniform over the output classes."""
     rng = numpy.random.default_rng(args.seed + 2)
-    x = rng.standard_normal((n, features), dtype=numpy.float32).astype(args.dtype, copy=False)
-    y = (rng.random(n) < 0.53).astype(args.dtype)
-    return x, y
+    if args.setting.loss == "binary_cross_entropy":
+        x = rng.standard_normal((n, features), dtype=numpy.float32)
+        y = (rng.random(n) < 0.53).astype(args.dtype)
+    else:
+        x = rng.random((n, features), dtype=numpy.float32)
+        y = rng.integers(0, args.sizes[0][-1], size=n)
+    return x.astype(args.dtype, copy=False), y
 
 
-def cupynn_higgs_epoch(sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
-                       args: argparse.Namespace, backend: Any) -> dict[str, float]:
-    """Epoch 1 of an 80-epoch gradient-global run through cupynn.fit (no evaluation)."""
-    model, opt = build(sizes, density, args, backend, dense_layers=(-1,))
+def cupynn_epoch(sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
+                 args: argparse.Namespace, backend: Any) -> dict[str, float]:
+    """Epoch 1 of an 80-epoch gradient-global run through cupynn.fit (no evaluation), with
+    fit's progress bar unless --no-progress."""
+    setting = args.setting
+    model, opt = build(sizes, density, args, backend, dense_layers=setting.dense_layers)
     history = cupynn.fit(model, opt, train=data, epochs=HIGGS_SCHEDULE_EPOCHS,
-                         batch_size=args.batch, loss="binary_cross_entropy", seed=args.seed,
-                         progress=False, redistribution="gradient-global",
+                         batch_size=args.batch, loss=setting.loss, seed=args.seed,
+                         progress=not args.no_progress, redistribution="gradient-global",
                          on_epoch_end=lambda metrics: False)
     h = history[0]
     return {"train_s": h["train_seconds"], "redistribution_s": h["redistribution_seconds"],
@@ -633,12 +679,13 @@ def cupynn_higgs_epoch(sizes: tuple[int, ...], density: float, data: tuple[Any, 
             "fraction": h.get("fraction", 0.0), "steps": h["n_batches"]}
 
 
-def peer_higgs_epoch(peer: Peer, sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
-                     args: argparse.Namespace, backend: Any) -> dict[str, float]:
+def peer_epoch(peer: Peer, sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
+               args: argparse.Namespace, backend: Any) -> dict[str, float]:
     """The same epoch for the masked-dense peer: same start, same batches in the same
     order, then RigL's global redistribution on the masks (the epoch's last batch)."""
-    state = build(sizes, density, args, backend, dense_layers=(-1,))[0].state_dict()
-    model = build_peer(peer, state, sizes, args, loss="binary_cross_entropy")
+    setting = args.setting
+    state = build(sizes, density, args, backend, dense_layers=setting.dense_layers)[0].state_dict()
+    model = build_peer(peer, state, sizes, args, loss=setting.loss)
     x, y = data
     train_s, order = model.train_epoch(x, y, args.batch, numpy.random.default_rng(args.seed))
     fraction = fraction_at(1, HIGGS_SCHEDULE_EPOCHS)
@@ -653,25 +700,27 @@ def peer_higgs_epoch(peer: Peer, sizes: tuple[int, ...], density: float, data: t
             "steps": -(-len(order) // args.batch)}
 
 
-def higgs_epochs(args: argparse.Namespace) -> dict[str, Any]:
-    """One HIGGS epoch per library, ``--repeats`` times, alternating who goes first.
+def epochs(args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of the set-up per library, ``--repeats`` times, alternating who goes first.
 
     Each timed epoch starts from a freshly built model, so that it moves the
     epoch-1 fraction of the schedule; a small untimed epoch first absorbs the
-    JIT. The epoch time is training plus the redistribution after it.
+    JIT. The epoch time is training plus the redistribution after it. The
+    report's rows are under the set-up's name ("higgs" or "kmnist").
     """
+    setting = args.setting
     backend = cupynn.get_backend(args.device)
     peer, peer_note = load_peer(args, backend)
     info = machine_info(backend, peer, peer_note, args)
     load_before = load_average()
     start = time.perf_counter()
     sides: dict[str, Callable[..., dict[str, float]]] = {
-        "cupynn": partial(cupynn_higgs_epoch, backend=backend)}
+        "cupynn": partial(cupynn_epoch, backend=backend)}
     if peer:
-        sides["peer"] = partial(peer_higgs_epoch, peer, backend=backend)
+        sides["peer"] = partial(peer_epoch, peer, backend=backend)
     results = []
     for sizes in args.sizes:
-        data = higgs_data(args.samples, sizes[0], args)
+        data = epoch_data(args.samples, sizes[0], args)
         warm = tuple(a[:4 * args.batch] for a in data)
         for density in args.densities:
             for epoch in sides.values():
@@ -683,25 +732,36 @@ def higgs_epochs(args: argparse.Namespace) -> dict[str, Any]:
                     runs[name].append(sides[name](sizes, density, data, args))
             row: dict[str, Any] = {"sizes": "-".join(map(str, sizes)), "density": density,
                                    "samples": args.samples}
-            for name, epochs in runs.items():
-                row[name] = {k: statistics.median(e[k] for e in epochs) for k in epochs[0]}
+            for name, timed in runs.items():
+                row[name] = {k: statistics.median(e[k] for e in timed) for k in timed[0]}
                 row[name]["steps"] = int(row[name]["steps"])
-                row[name]["epoch_s_runs"] = [e["epoch_s"] for e in epochs]
-            row["cupynn_vs_paper"] = row["cupynn"]["epoch_s"] / PAPER_HIGGS_EPOCH_S
+                row[name]["epoch_s_runs"] = [e["epoch_s"] for e in timed]
+            if setting.paper_epoch_s:
+                row["cupynn_vs_paper"] = row["cupynn"]["epoch_s"] / setting.paper_epoch_s
             if "peer" in row:
                 row["cupynn_vs_peer"] = row["cupynn"]["epoch_s"] / row["peer"]["epoch_s"]
             results.append(row)
     finish_info(info, load_before)
     return {
         "machine": info,
-        "settings": {"batch": args.batch, "samples": args.samples, "repeats": args.repeats,
+        "settings": {"setting": setting.name, "sizes_default": setting.sizes,
+                     "loss": setting.loss, "dense_layers": list(setting.dense_layers),
+                     "batch": args.batch, "samples": args.samples, "repeats": args.repeats,
+                     "progress_bar": not args.no_progress,
                      "dtype": args.dtype, "lr": args.lr, "seed": args.seed,
                      "redistribution": "gradient-global", "schedule_epochs": HIGGS_SCHEDULE_EPOCHS,
-                     "paper_epoch_s": PAPER_HIGGS_EPOCH_S,
+                     "paper_epoch_s": setting.paper_epoch_s,
                      "wall_seconds": round(time.perf_counter() - start, 1),
                      "command": " ".join(["python", *sys.argv])},
-        "higgs": results,
+        setting.name: results,
     }
+
+
+def higgs_epochs(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`epochs` of the HIGGS set-up (``args`` parsed with ``--higgs-epoch``)."""
+    if args.setting is None or args.setting.name != "higgs":
+        raise ValueError("higgs_epochs needs arguments parsed with --higgs-epoch")
+    return epochs(args)
 
 
 # ----------------------------------------------------------------- report
@@ -714,8 +774,8 @@ def format_header(report: dict[str, Any]) -> list[str]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    if "higgs" in report:
-        return format_higgs(report)
+    if "setting" in report["settings"]:
+        return format_epochs(report)
     s = report["settings"]
     lines = format_header(report)
     lines.insert(4, f"settings: batch {s['batch']}, {s['dtype']}; median of {s['steps']} timed "
@@ -761,31 +821,37 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_higgs(report: dict[str, Any]) -> str:
+def format_epochs(report: dict[str, Any]) -> str:
     s = report["settings"]
+    name, paper = s["setting"], s["paper_epoch_s"]
     lines = format_header(report)
-    lines.insert(4, f"settings: HIGGS epoch, output layer dense, batch {s['batch']}, "
+    dense = ", output layer dense" if s["dense_layers"] else ""
+    bar = "progress bar on" if s["progress_bar"] else "no progress bar"
+    lines.insert(4, f"settings: {name.upper()} epoch{dense}, {s['loss']}, batch {s['batch']}, "
                     f"{s['samples']:,} synthetic rows, then one gradient-global redistribution "
-                    f"(epoch 1 of {s['schedule_epochs']}); {s['dtype']}, lr {s['lr']}; median "
-                    f"of {s['repeats']} epoch(s) per library")
+                    f"(epoch 1 of {s['schedule_epochs']}); cupynn.fit with its {bar}; "
+                    f"{s['dtype']}, lr {s['lr']}; median of {s['repeats']} epoch(s) per library")
     lines.append("")
+    paper_column = f"{'/ paper ' + format(paper, 'g') + ' s':>15} " if paper else ""
     header = (f"{'sizes':<17} {'density':>7} {'library':<7} {'steps':>6} {'train s':>8} "
-              f"{'redist s':>8} {'epoch s':>8} {'moved':>6} "
-              f"{'/ paper ' + format(s['paper_epoch_s'], 'g') + ' s':>15} {'/ peer':>7}")
+              f"{'redist s':>8} {'epoch s':>8} {'moved':>6} {paper_column}{'/ peer':>7}")
     lines += [header, "-" * len(header)]
-    for row in report["higgs"]:
-        for name in ("cupynn", "peer"):
-            if name not in row:
+    for row in report[name]:
+        for library in ("cupynn", "peer"):
+            if library not in row:
                 continue
-            e = row[name]
+            e = row[library]
+            ours = library == "cupynn"
+            versus_paper = (f"{fmt(row['cupynn_vs_paper'] if ours else None, '.3f'):>15} "
+                            if paper else "")
             lines.append(
-                f"{row['sizes']:<17} {row['density']:>7.2f} {name:<7} {e['steps']:>6,} "
+                f"{row['sizes']:<17} {row['density']:>7.2f} {library:<7} {e['steps']:>6,} "
                 f"{e['train_s']:>8.2f} {e['redistribution_s']:>8.3f} {e['epoch_s']:>8.2f} "
-                f"{e['fraction']:>6.3f} "
-                f"{fmt(row['cupynn_vs_paper'] if name == 'cupynn' else None, '.3f'):>15} "
-                f"{fmt(row.get('cupynn_vs_peer') if name == 'cupynn' else None, '.3f'):>7}")
-    lines.append(f"the paper's {s['paper_epoch_s']} s is a GPU time at density 0.1 with "
-                 f"500,000 rows; compare like with like")
+                f"{e['fraction']:>6.3f} {versus_paper}"
+                f"{fmt(row.get('cupynn_vs_peer') if ours else None, '.3f'):>7}")
+    if paper:
+        lines.append(f"the paper's {paper} s is a GPU time at density 0.1 with "
+                     f"{EPOCH_SETTINGS[name].samples:,} rows; compare like with like")
     return "\n".join(lines)
 
 
@@ -794,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.process_peak_child:
         print(json.dumps(process_peak_child(json.loads(args.process_peak_child), args)))
         return 0
-    report = higgs_epochs(args) if args.higgs_epoch else run(args)
+    report = epochs(args) if args.setting else run(args)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)

@@ -629,15 +629,15 @@ def part_higgs(ctx: Context) -> dict[str, Any]:
 
     samples = "4096" if ctx.quick else "500000"
     args = bt.parse_args(["--higgs-epoch", "--device", ctx.device, "--samples", samples,
-                          "--repeats", "1", "--pause", "0"])
+                          "--repeats", "1", "--pause", "0", "--no-progress"])
     report = bt.higgs_epochs(args)
     row = report["higgs"][0]
     # The same epoch with the thread SDDMM, for the kernel choice (warmed up like the others).
     method, group = kernels.sddmm_setting()
     kernels.set_sddmm("thread")
     try:
-        data = bt.higgs_data(args.samples, args.sizes[0][0], args)
-        epoch = partial(bt.cupynn_higgs_epoch, args.sizes[0], args.densities[0], args=args,
+        data = bt.epoch_data(args.samples, args.sizes[0][0], args)
+        epoch = partial(bt.cupynn_epoch, args.sizes[0], args.densities[0], args=args,
                         backend=ctx.backend)
         epoch(tuple(a[:4 * args.batch] for a in data))
         thread = epoch(data)

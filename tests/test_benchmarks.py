@@ -166,3 +166,31 @@ def test_bench_higgs_epoch_runs(tmp_path):
     assert row["cupynn"]["steps"] == 10 and row["cupynn"]["fraction"] > 0
     if "peer" in row:
         assert row["peer"]["steps"] == 10 and row["peer"]["fraction"] == row["cupynn"]["fraction"]
+
+
+def test_bench_kmnist_epoch_runs(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "k.json"
+    assert bench.main(["--epoch", "kmnist", "--samples", "300", "--sizes", "784-8-8-10",
+                       "--batch", "64", "--pause", "0", "--device", "cpu", "--json",
+                       str(out)]) == 0
+    report = json.loads(out.read_text())
+    row = report["kmnist"][0]
+    assert report["settings"]["progress_bar"] and report["settings"]["loss"] == "cross_entropy"
+    assert row["cupynn"]["steps"] == 5 and row["cupynn"]["fraction"] > 0
+    assert "cupynn_vs_paper" not in row  # the paper gives no KMNIST epoch time
+    if "peer" in row:
+        assert row["peer"]["steps"] == 5 and row["peer"]["fraction"] == row["cupynn"]["fraction"]
+        assert row["cupynn_vs_peer"] == row["cupynn"]["epoch_s"] / row["peer"]["epoch_s"]
+    assert "KMNIST epoch, cross_entropy, batch 64" in capsys.readouterr().out
+
+
+def test_bench_epoch_options_are_checked():
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--higgs-epoch", "--epoch", "kmnist"])
+    args = bench.parse_args(["--epoch", "higgs"])
+    assert args.sizes == [(21, 256, 256, 256, 1)] and args.batch == 128
+    assert args.samples == 500_000
+    args = bench.parse_args(["--epoch", "kmnist"])
+    assert args.sizes == [(784, 256, 256, 10)] and args.batch == 512 and args.samples == 60_000
