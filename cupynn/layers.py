@@ -101,6 +101,9 @@ class SparseLinear(Layer):
     keep_output_grad = False
     _dy: Any = None
     _y: Any = None  # the output after a ReLU applied by forward(relu=True)
+    # (indptr, indices, transposed pattern) for spmm_t on the GPU, rebuilt when
+    # either array is replaced (set_topology, a checkpoint, a state dict).
+    _transpose: Any = None
 
     def __init__(self, in_features: int, out_features: int, density: float = 0.1, *,
                  seed: int | numpy.random.Generator = 0, dtype: str = "float32",
@@ -205,7 +208,19 @@ class SparseLinear(Layer):
         if not need_input_grad:
             return None
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
-                              check=False)
+                              check=False, transpose=self._pattern_t())
+
+    def _pattern_t(self) -> Any:
+        """The transposed pattern the GPU's ``spmm_t`` reads (None on the CPU, which
+        needs none), kept while ``indptr`` and ``indices`` are the same arrays."""
+        if not self.backend.is_gpu:
+            return None
+        cached = self._transpose
+        if cached is None or cached[0] is not self.indptr or cached[1] is not self.indices:
+            cached = (self.indptr, self.indices,
+                      kernels.transpose_pattern(self.indptr, self.indices, self.in_features))
+            self._transpose = cached
+        return cached[2]
 
     def to_scipy(self) -> Any:
         """The weights as a ``scipy.sparse.csr_array`` (out, in), host copies, canonical:

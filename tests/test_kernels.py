@@ -308,7 +308,8 @@ def test_cuda_source_compiles_as_host_cpp(source):
         assert hasattr(lib, name), f"{source.name} built for the CPU lacks {name}"
 
 
-EMULATED_FAMILIES = ("sddmm", "sddmm_warp", "adam", "fisher_rank1_update", "packed_matvec")
+EMULATED_FAMILIES = ("sddmm", "sddmm_warp", "spmm", "spmm_t", "adam", "fisher_rank1_update",
+                     "packed_matvec")
 
 
 def test_every_kernel_is_emulated_in_these_tests():
@@ -467,6 +468,140 @@ def test_emulated_sddmm_warp_needs_whole_warps():
     case = next(c for c in WARP_CASES if c.name == "grid_stride")
     with pytest.raises(WarpError, match="have returned or are not part of the launch"):
         launch_sddmm_warp(case.arrays(numpy.float64), case, numpy.float64, 8, (1,), (48,))
+
+
+def spmm_launch(config: str, n_out: int, batch: int) -> tuple:
+    if LAUNCHES[config] is None:
+        return kernels._spmm_launch(n_out, batch, None)
+    return LAUNCHES[config]
+
+
+def emulated_spmm(a: dict, case: Case, dtype: type, config: str, bias: bool = False,
+                  relu: bool = False, reverse: bool = False) -> numpy.ndarray:
+    """spmm.cu's spmm, emulated, for case arrays ``a``: (n_rows, batch) then guard cells."""
+    lib = host_library("spmm.cu")
+    real = pointer(dtype)
+    size = case.n_rows * case.batch
+    out = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    grid, block = spmm_launch(config, case.n_rows, case.batch)
+    launch(lib, f"spmm_{suffix_of(dtype)}", grid, block,
+           [pointer(numpy.int32), pointer(numpy.int32), real, real, real, real] + [ctypes.c_int] * 4,
+           [a["indptr"], a["indices"], a["data"], a["x"], a["bias"] if bias else a["data"], out,
+            case.n_rows, case.batch, int(bias), int(relu)], reverse=reverse)
+    assert numpy.isnan(out[size:]).all(), "the kernel wrote past its output"
+    return out[:size].reshape(case.n_rows, case.batch)
+
+
+def emulated_spmm_t(a: dict, case: Case, dtype: type, config: str,
+                    reverse: bool = False) -> numpy.ndarray:
+    """spmm.cu's spmm_t, emulated, through the transposed pattern: (n_cols, batch)."""
+    lib = host_library("spmm.cu")
+    real = pointer(dtype)
+    size = case.n_cols * case.batch
+    out = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    grid, block = spmm_launch(config, case.n_cols, case.batch)
+    t_indptr, t_rows, t_perm = kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)
+    launch(lib, f"spmm_t_{suffix_of(dtype)}", grid, block,
+           [pointer(numpy.int32)] * 3 + [real, real, real, ctypes.c_int, ctypes.c_int],
+           [t_indptr, t_rows, t_perm, a["data"], a["dy"], out, case.n_cols, case.batch],
+           reverse=reverse)
+    assert numpy.isnan(out[size:]).all(), "the kernel wrote past its output"
+    return out[:size].reshape(case.n_cols, case.batch)
+
+
+def suffix_of(dtype: type) -> str:
+    return "f32" if dtype == numpy.float32 else "f64"
+
+
+@case_params
+@dtype_params
+@launch_params
+def test_emulated_spmm_matches_twin(case, dtype, config):
+    a = fused_inputs(case, dtype)
+    bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
+    plain = emulated_spmm(a, case, dtype, config)
+    assert_close(plain, twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype),
+                 bound, dtype)
+    # The epilogue: bias then ReLU on the kernel's own sum, bit for bit as numpy does them.
+    if a["x"].size:
+        a["x"][0, 0] = numpy.nan  # reaches every row with column 0: NaN passes the ReLU
+    plain = emulated_spmm(a, case, dtype, config)
+    with_bias = emulated_spmm(a, case, dtype, config, bias=True)
+    with_relu = emulated_spmm(a, case, dtype, config, bias=True, relu=True)
+    numpy.testing.assert_array_equal(with_bias, plain + a["bias"][:, None])
+    numpy.testing.assert_array_equal(with_relu, numpy.maximum(with_bias, 0))
+    numpy.testing.assert_array_equal(numpy.signbit(with_relu),
+                                     numpy.signbit(numpy.maximum(with_bias, 0)))
+
+
+@case_params
+@dtype_params
+@launch_params
+def test_emulated_spmm_t_matches_twin(case, dtype, config):
+    a = case.arrays(dtype)
+    got = emulated_spmm_t(a, case, dtype, config)
+    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
+    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
+                         case.n_cols)
+    assert_close(got, expected.astype(dtype), bound, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
+def test_emulated_spmm_does_not_depend_on_thread_order(kernel):
+    """Threads run last to first give the same bits: each output has one thread and
+    one summation order (what makes a GPU run repeat exactly)."""
+    case = next(c for c in CASES if c.name == "grid_stride")
+    a = fused_inputs(case, numpy.float32)
+    run = emulated_spmm if kernel == "spmm" else emulated_spmm_t
+    forward = run(a, case, numpy.float32, "grid2_block32")
+    backward = run(a, case, numpy.float32, "grid2_block32", reverse=True)
+    assert numpy.array_equal(forward, backward, equal_nan=True)
+
+
+@case_params
+def test_transpose_pattern_is_the_csc_of_the_pattern(case):
+    import scipy.sparse
+
+    a = case.arrays(numpy.float64)
+    t_indptr, t_rows, t_perm = kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)
+    assert t_indptr.dtype == t_rows.dtype == t_perm.dtype == numpy.int32
+    w = scipy.sparse.csr_matrix((a["data"], a["indices"], a["indptr"]),
+                                shape=(case.n_rows, case.n_cols))
+    csc = w.tocsc()
+    csc.sort_indices()
+    numpy.testing.assert_array_equal(t_indptr, csc.indptr)
+    numpy.testing.assert_array_equal(t_rows, csc.indices)
+    numpy.testing.assert_array_equal(a["data"][t_perm], csc.data)
+    if case.n_rows:  # every position exactly once
+        numpy.testing.assert_array_equal(numpy.sort(t_perm), numpy.arange(len(a["indices"])))
+
+
+def test_spmm_t_checks_the_transposed_pattern():
+    a = CASES[0].arrays(numpy.float64)
+    n_cols = CASES[0].n_cols
+    t = kernels.transpose_pattern(a["indptr"], a["indices"], n_cols)
+    with pytest.raises(TypeError, match="tuple \\(t_indptr, t_rows, t_perm\\)"):
+        kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], n_cols, transpose=t[:2])
+    with pytest.raises(ValueError, match="t_rows must be a contiguous int32 array"):
+        kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], n_cols,
+                       transpose=(t[0], t[1].astype(numpy.int64), t[2]))
+    with pytest.raises(ValueError, match="t_indptr must be"):
+        kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], n_cols,
+                       transpose=(t[0][:-1], t[1], t[2]))
+
+
+def test_spmm_method_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="must be one of \\['rows', 'cusparse'\\]"):
+        kernels.set_spmm("atomics")
+    monkeypatch.setattr(kernels, "_SPMM_DEFAULT", [])
+    monkeypatch.setenv(kernels.SPMM_ENV, "dense")
+    with pytest.raises(ValueError, match="\\$CUPYNN_SPMM"):
+        kernels.spmm_setting()
+    monkeypatch.setenv(kernels.SPMM_ENV, "cusparse")
+    assert kernels.spmm_setting() == "cusparse"
+    monkeypatch.setattr(kernels, "_SPMM_DEFAULT", [])
+    monkeypatch.delenv(kernels.SPMM_ENV)
+    assert kernels.spmm_setting() == "rows"
 
 
 @pytest.mark.parametrize("group", WARP_GROUPS)
@@ -1005,17 +1140,53 @@ def test_gpu_adam_matches_twin(n, dtype, max_blocks):
         assert_adam_step(d["p"], d["m"], d["v"], ref, dtype)
 
 
+SPMM_GPU = [("rows", None), ("rows", 2), ("cusparse", None)]
+spmm_gpu_params = pytest.mark.parametrize("method,max_blocks", SPMM_GPU,
+                                          ids=["rows", "rows_max_blocks_2", "cusparse"])
+
+
 @gpu
 @case_params
 @dtype_params
-def test_gpu_spmm_matches_twin(case, dtype):
+@spmm_gpu_params
+def test_gpu_spmm_matches_twin(case, dtype, method, max_blocks):
     a = case.arrays(dtype)
     d = to_gpu(a)
-    result = kernels.spmm(d["indptr"], d["indices"], d["data"], d["x"])
+    result = kernels.spmm(d["indptr"], d["indices"], d["data"], d["x"], method=method,
+                          **({} if max_blocks is None else {"max_blocks": max_blocks}))
     assert result.flags.c_contiguous
     expected = twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype)
     bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
     assert_close(result, expected, bound, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
+def test_gpu_spmm_repeats_bit_for_bit(kernel):
+    """The default GPU products give the same bits on every call (one thread and one
+    summation order per output), and the same as the emulated kernel, less FMA contraction."""
+    case = next(c for c in CASES if c.name == "large")
+    a = case.arrays(numpy.float32)
+    d = to_gpu(a)
+    if kernel == "spmm":
+        runs = [to_numpy(kernels.spmm(d["indptr"], d["indices"], d["data"], d["x"]))
+                for _ in range(3)]
+    else:
+        runs = [to_numpy(kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"],
+                                        case.n_cols)) for _ in range(3)]
+    for other in runs[1:]:
+        numpy.testing.assert_array_equal(runs[0], other)
+
+
+@gpu
+@case_params
+def test_gpu_transpose_pattern_matches_the_cpu(case):
+    a = case.arrays(numpy.float32)
+    d = to_gpu(a)
+    for got, expected in zip(kernels.transpose_pattern(d["indptr"], d["indices"], case.n_cols),
+                             kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)):
+        assert got.dtype == numpy.int32
+        numpy.testing.assert_array_equal(to_numpy(got), expected)
 
 
 @gpu
@@ -1038,12 +1209,21 @@ def test_gpu_relu_grad_rowsum(case, dtype):
 @gpu
 @case_params
 @dtype_params
-def test_gpu_spmm_t_matches_twin(case, dtype):
+@spmm_gpu_params
+def test_gpu_spmm_t_matches_twin(case, dtype, method, max_blocks):
     a = case.arrays(dtype)
     d = to_gpu(a)
-    result = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols)
+    options = {"method": method} if max_blocks is None else {"method": method,
+                                                             "max_blocks": max_blocks}
+    result = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols,
+                            **options)
     assert result.flags.c_contiguous
     expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
     bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
                          case.n_cols)
     assert_close(result, expected.astype(dtype), bound, dtype)
+    if method == "rows":  # with the transposed pattern given, as layers pass it
+        t = kernels.transpose_pattern(d["indptr"], d["indices"], case.n_cols)
+        again = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols,
+                               transpose=t, **options)
+        numpy.testing.assert_array_equal(to_numpy(again), to_numpy(result))

@@ -82,17 +82,32 @@ def adam(p: numpy.ndarray, g: numpy.ndarray, m: numpy.ndarray, v: numpy.ndarray,
 
 
 def spmm(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
-         x: numpy.ndarray) -> numpy.ndarray:
-    """``W @ x`` for CSR ``W`` of shape (n_rows, len(x)); x is (n_cols, batch)."""
+         x: numpy.ndarray, bias: numpy.ndarray | None = None, relu: bool = False
+         ) -> numpy.ndarray:
+    """Twin of ``spmm.cu``'s ``spmm``: ``W @ x`` for CSR ``W`` of shape (n_rows, len(x)),
+    x (n_cols, batch); then ``+ bias[:, None]`` and, with ``relu``, ``maximum(., 0)``.
+
+    SciPy sums each row's products in CSR order from 0, as the kernel does.
+    """
     import scipy.sparse
 
     w = scipy.sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, x.shape[0]))
-    return numpy.asarray(w @ x)
+    out = numpy.asarray(w @ x)
+    if bias is not None:
+        out = out + bias[:, None]
+        if relu:
+            out = numpy.maximum(out, 0)
+    return out
 
 
 def spmm_t(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
            dy: numpy.ndarray, n_cols: int) -> numpy.ndarray:
-    """``W.T @ dy`` for CSR ``W`` of shape (len(dy), n_cols); dy is (n_rows, batch)."""
+    """Twin of ``spmm.cu``'s ``spmm_t``: ``W.T @ dy`` for CSR ``W`` of shape
+    (len(dy), n_cols), dy (n_rows, batch).
+
+    SciPy adds each output row's products in ascending row order from 0, as the
+    kernel does through the transposed pattern.
+    """
     import scipy.sparse
 
     w = scipy.sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_cols))
