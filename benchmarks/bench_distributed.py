@@ -57,7 +57,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(1, str(HERE))
 
 import cupynn  # noqa: E402
-from cupynn.distributed import GradientReducer  # noqa: E402
+from cupynn.distributed import GradientReducer, launcher_env  # noqa: E402
 from machine import (finish_info, header_lines, load_and_env_lines, load_average,  # noqa: E402
                      machine_info, write_json)
 
@@ -145,8 +145,8 @@ def scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for ranks in args.ranks:
         threads = max(1, cores // ranks)
-        env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS=str(threads))
+        env = launcher_env(dict(os.environ, NUMBA_NUM_THREADS=str(threads),
+                                OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads)))
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
             cmd = [mpiexec(), "-n", str(ranks), sys.executable, __file__, "--child",

@@ -311,6 +311,18 @@ def find_mpiexec() -> str | None:
     return beside if os.path.exists(beside) else shutil.which("mpiexec")
 
 
+def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) for starting ranks with
+    :func:`find_mpiexec`'s launcher: as root, Open MPI's ``mpiexec`` refuses to
+    start unless told that this is meant (containers and lent machines run as
+    root); its two variables say so, and MPICH ignores them."""
+    out = dict(os.environ if env is None else env)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        out.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        out.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return out
+
+
 def launched_by_mpi() -> bool:
     """Whether an MPI launcher (mpiexec, mpirun, srun) started this process."""
     return any(os.environ.get(name) for name in LAUNCHER_VARIABLES)

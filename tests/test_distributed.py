@@ -47,7 +47,7 @@ def mpiexec() -> str:
 
 
 def launch(ranks: int, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = distributed.launcher_env(dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1"))
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(HERE / "mpi_worker.py"),
                            *args], capture_output=True, text=True, timeout=MPI_TIMEOUT, env=env,
@@ -268,3 +268,12 @@ def test_augment_without_rows_is_refused_with_several_ranks():
     with pytest.raises(TypeError, match="must take rows= and total="):
         cupynn.Trainer(model, cupynn.Adam(model), (x, y), epochs=1, batch_size=5,
                        augment=lambda xb, rng: xb, comm=TwoAlike())
+
+
+def test_launcher_env_lets_open_mpi_start_as_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    env = distributed.launcher_env({"PATH": "/bin"})
+    assert env["OMPI_ALLOW_RUN_AS_ROOT"] == env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert env["PATH"] == "/bin"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in distributed.launcher_env({"PATH": "/bin"})
