@@ -73,8 +73,9 @@ PARITY_RTOL = 1e-8  # float64, two epochs: rounding differences only
 PARITY_EPOCHS = 2
 HIGGS_TARGET_S = 0.6  # one HIGGS epoch on an H100
 HIGGS_PEER_TARGET = 1.0  # x the masked-dense peer's epoch on the same GPU
-BUDGET_S = 350  # the whole check on a GPU: under six minutes
+BUDGET_S = 400  # the whole check on a GPU: under seven minutes
 REPORT_JSON, REPORT_MD, TESTS_LOG = "gpu-check.json", "gpu-check.md", "gpu-tests.log"
+FAILURES_LOG = "gpu-failures.log"  # each failed GPU test's traceback, written as it fails
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,10 @@ class Part:
 
 
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 95, 60),
+    Part("tests", "GPU tests (pytest -m gpu)", 170, 60),
     Part("parity", "CPU <-> GPU parity, 2 epochs, float64", 40, 60),
     Part("steps", "training step and peak memory", 40, 60),
-    Part("sddmm", "SDDMM kernels: thread vs warp", 20, 30),
+    Part("sddmm", "SDDMM kernels: thread vs warp; products: spmm.cu vs cuSPARSE", 25, 30),
     Part("launches", "kernel launches and host waits per step", 25, 20),
     Part("higgs", "one HIGGS-sized epoch", 50, 40),
     Part("redistribution", "seconds per redistribution", 40, 60),
@@ -152,7 +153,7 @@ def part_tests(ctx: Context) -> dict[str, Any]:
     log = ctx.out / TESTS_LOG
     # -v: one line per test as it ends, so that a run cut short still shows how far it got.
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests"), "-m", "gpu", "-rfE",
-           "-p", "no:cacheprovider"]
+           "-p", "no:cacheprovider", "-p", "gpu_check_failures"]
     if not ctx.gpu:
         cmd += ["-q", "--collect-only"]
     else:
@@ -162,23 +163,41 @@ def part_tests(ctx: Context) -> dict[str, Any]:
     env = dict(os.environ)
     if ctx.data_dir is not None:
         env["CUPYNN_TEST_DATA"] = str(ctx.data_dir.resolve())
+    # The plugin that writes each failure's traceback as it happens (beside this file).
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    failures_log = ctx.out / FAILURES_LOG
+    failures_log.unlink(missing_ok=True)
+    env["CUPYNN_FAILURES_LOG"] = str(failures_log)
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                              timeout=max(5.0, ctx.remaining() - 5))
+        try:
+            returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                        cwd=ROOT, timeout=max(5.0, ctx.remaining() - 5)).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None  # stopped at the part's limit: count what the -v lines say
     text = log.read_text()
     if not ctx.gpu:
         collected = len(re.findall(r"::", text))
         return result(NO_GPU, f"{collected} GPU tests collected, none run",
-                      {"collected": collected, "returncode": done.returncode})
-    counts = pytest_counts(text)
-    failures = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    ok = done.returncode == 0 and counts.get("passed", 0) > 0
+                      {"collected": collected, "returncode": returncode})
+    if returncode is None:
+        counts = {k.lower(): n for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+                  if (n := len(re.findall(rf"::\S+ {k}\b", text)))}
+        failures = [f"FAILED {m}" for m in re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)\b", text,
+                                                      re.MULTILINE)]
+    else:
+        counts = pytest_counts(text)
+        failures = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    ok = returncode == 0 and counts.get("passed", 0) > 0
     summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no summary line"
-    return result(PASSED if ok else FAILED, summary,
-                  {"counts": counts, "returncode": done.returncode, "failures": failures[:50],
-                   "log": TESTS_LOG})
+    if returncode is None:
+        summary = f"stopped at the part's limit after {summary}"
+    data = {"counts": counts, "returncode": returncode, "failures": failures[:50],
+            "log": TESTS_LOG}
+    if failures_log.exists():
+        data["failures_log"] = FAILURES_LOG
+    return result(PASSED if ok else FAILED, summary, data)
 
 
 # ----------------------------------------------------------------- part: parity
@@ -377,7 +396,7 @@ def part_sddmm(ctx: Context) -> dict[str, Any]:
     shapes = [(64, 32, 64)] if ctx.quick else SDDMM_SHAPES
     densities = (0.1,) if ctx.quick else (0.1, 0.03)
     reps = 2 if ctx.quick else 20
-    rows = []
+    rows, products = [], []
     rng = numpy.random.default_rng(0)
     for fan_in, fan_out, batch in shapes:
         for density in densities:
@@ -395,6 +414,8 @@ def part_sddmm(ctx: Context) -> dict[str, Any]:
 
                 times[label] = timer(ctx, call, reps)
                 results[label] = to_numpy(call()).copy()
+            products.append(time_products(ctx, layer, x, dy, reps, f"{fan_in}->{fan_out} b{batch}",
+                                          density))
             ref = results["thread"]
             spread = max(float(numpy.abs(r - ref).max()) for r in results.values())
             scale = float(numpy.abs(ref).max()) or 1.0
@@ -411,13 +432,46 @@ def part_sddmm(ctx: Context) -> dict[str, Any]:
     worst = max(r["max_rel_diff"] for r in rows)
     best = min(r["warp_best_vs_thread"] for r in rows)
     recommended = recommend(rows)
+    rows_vs_cusparse = statistics.geometric_mean(
+        r["rows_us"] / r["cusparse_us"] for r in products)
+    product_diff = max(r["max_rel_diff"] for r in products)
     summary = (f"default (warp, group by batch) fastest at {agree}/{len(rows)} shapes; best warp "
                f"{1 / best:.2f}x faster than thread at best; fastest overall {recommended} "
-               f"({sddmm_env(recommended)}); variants agree to {worst:.1e}")
-    status = ctx.measured() if worst <= 1e-4 else FAILED
+               f"({sddmm_env(recommended)}); variants agree to {worst:.1e}; products: spmm.cu "
+               f"{rows_vs_cusparse:.2f}x cuSPARSE's time (geometric mean), agree to "
+               f"{product_diff:.1e}")
+    status = ctx.measured() if max(worst, product_diff) <= 1e-4 else FAILED
     return result(status, summary, {"rows": rows, "reps": reps, "recommended": recommended,
-                                    "recommended_env": sddmm_env(recommended)},
+                                    "recommended_env": sddmm_env(recommended),
+                                    "products": products,
+                                    "products_rows_vs_cusparse": rows_vs_cusparse},
                   notes=[] if ctx.gpu else ["on the CPU every variant is the one Numba kernel"])
+
+
+def time_products(ctx: Context, layer: Any, x: Any, dy: Any, reps: int, shape: str,
+                  density: float) -> dict[str, Any]:
+    """``W @ x`` and ``W.T @ dy`` of one layer by spmm.cu ("rows", the default) and by
+    cuSPARSE: microseconds per call and how far the two results are apart."""
+    times, results = {}, {}
+    for method in kernels.SPMM_METHODS:
+        def forward(method=method):
+            return kernels.spmm(layer.indptr, layer.indices, layer.data, x, check=False,
+                                bias=layer.bias, relu=True, method=method)
+
+        def backward(method=method):
+            return kernels.spmm_t(layer.indptr, layer.indices, layer.data, dy,
+                                  layer.in_features, check=False, method=method,
+                                  transpose=layer._pattern_t() if method == "rows" else None)
+
+        times[method] = (timer(ctx, forward, reps), timer(ctx, backward, reps))
+        results[method] = (to_numpy(forward()), to_numpy(backward()))
+    diff = max(float(numpy.abs(a - b).max()) / (float(numpy.abs(b).max()) or 1.0)
+               for a, b in zip(results["rows"], results["cusparse"]))
+    return {"shape": shape, "density": density, "nnz": layer.nnz,
+            "spmm_us": {m: 1e6 * t[0] for m, t in times.items()},
+            "spmm_t_us": {m: 1e6 * t[1] for m, t in times.items()},
+            "rows_us": 1e6 * sum(times["rows"]), "cusparse_us": 1e6 * sum(times["cusparse"]),
+            "max_rel_diff": diff}
 
 
 def recommend(rows: list[dict[str, Any]]) -> str:
@@ -554,8 +608,8 @@ def step_phases(trainer: Any, x: numpy.ndarray, y: numpy.ndarray
         state["x"] = backend.asarray(x, dtype=model.dtype)
         state["y"] = backend.asarray(y)
 
-    def forward():
-        state["logits"] = model.forward(state["x"])
+    def forward():  # the batch was checked on the host, as train_batch checks it
+        state["logits"] = model.forward(state["x"], check=False)
 
     def loss():
         state["value"], state["grad"] = LOSSES[trainer.loss](state["logits"], state["y"],
@@ -566,7 +620,26 @@ def step_phases(trainer: Any, x: numpy.ndarray, y: numpy.ndarray
     if trainer.redistributor is not None:
         phases.append(("observe", lambda: trainer.redistributor.observe(model)))
     phases.append(("adam", trainer.optimizer.step))
-    return phases
+    return phases + kernel_phases(trainer, len(x))
+
+
+def kernel_phases(trainer: Any, batch: int) -> list[tuple[str, Callable[[], Any]]]:
+    """The sparse kernels of a step one by one, on the last sparse layer, so that a
+    phase that waits can be traced to the call that waits."""
+    model = trainer.model
+    xp = model.backend.xp
+    layer = model.sparse_layers[-1]
+    x = xp.ones((layer.in_features, batch), dtype=model.dtype)
+    dy = xp.ones((layer.out_features, batch), dtype=model.dtype)
+    return [
+        ("kernel spmm", lambda: kernels.spmm(layer.indptr, layer.indices, layer.data, x,
+                                             check=False, bias=layer.bias, relu=True)),
+        ("kernel relu_grad_rowsum", lambda: kernels.relu_grad_rowsum(dy, dy)),
+        ("kernel sddmm", lambda: kernels.sddmm(layer.indptr, layer.indices, dy, x, check=False)),
+        ("kernel spmm_t", lambda: kernels.spmm_t(layer.indptr, layer.indices, layer.data, dy,
+                                                 layer.in_features, check=False,
+                                                 transpose=layer._pattern_t())),
+    ]
 
 
 def part_launches(ctx: Context) -> dict[str, Any]:
@@ -685,7 +758,7 @@ MPI_CONFIGS = ("gradient-global", "woodfisher", "dense")
 def part_mpi(ctx: Context) -> dict[str, Any]:
     """tests/mpi_worker.py under mpiexec -n 2 on the device (device arrays through MPI),
     against one process on the same device."""
-    from cupynn.distributed import find_mpiexec
+    from cupynn.distributed import find_mpiexec, launcher_env
 
     sys.path.insert(0, str(ROOT / "tests"))
     import mpi_worker
@@ -693,7 +766,7 @@ def part_mpi(ctx: Context) -> dict[str, Any]:
     launcher = find_mpiexec()
     if launcher is None:
         return result("skipped: no mpiexec or mpi4py", "MPI is not installed here")
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = launcher_env(dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1"))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run([launcher, "-n", "2", sys.executable,
@@ -1052,6 +1125,17 @@ def _details(p: dict[str, Any]) -> list[str]:
         out += _md_table(["shape", "density", "nnz", *labels, "fastest", "default"],
                          [[r["shape"], r["density"], r["nnz"], *[r["us"][k] for k in labels],
                            r["fastest"], r["default"]] for r in d["rows"]])
+        if d.get("products"):
+            out += ["", "The layer's products, microseconds per call: `spmm` (with bias and "
+                        "ReLU) and `spmm_t`, by spmm.cu (`rows`, the default) and by cuSPARSE "
+                        "(`$CUPYNN_SPMM=cusparse`):", ""]
+            out += _md_table(["shape", "density", "nnz", "spmm rows", "spmm cuSPARSE",
+                              "spmm_t rows", "spmm_t cuSPARSE", "rows / cuSPARSE",
+                              "max rel diff"],
+                             [[r["shape"], r["density"], r["nnz"], r["spmm_us"]["rows"],
+                               r["spmm_us"]["cusparse"], r["spmm_t_us"]["rows"],
+                               r["spmm_t_us"]["cusparse"], r["rows_us"] / r["cusparse_us"],
+                               r["max_rel_diff"]] for r in d["products"]])
     elif p["name"] == "launches" and d.get("models"):
         out += [""] + _md_table(
             ["model", "batch", "kernels/step", "copies/step", "memsets/step", "waits/step (CUPTI)",
