@@ -27,13 +27,20 @@ def trained(backend, dtype="float32"):
 
 
 def test_save_load_gives_identical_predictions(backend, tmp_path):
+    """The weights come back bit for bit on either device; the predictions too on the
+    model's own device, and within float32 rounding on the other (a GPU's products
+    fuse multiply-adds and sum in another order than the CPU's)."""
     model, x = trained(backend)
     path = cupynn.save(model, tmp_path / "sub" / "model.npz")
     assert path.exists() and not list(path.parent.glob("*.tmp"))
     for device in ("cpu", backend):
         again = cupynn.load(path, device=device)
         assert again.config() == model.config() and again.nnz == model.nnz
-        numpy.testing.assert_array_equal(again.predict(x), model.predict(x))
+        if again.backend is model.backend:
+            numpy.testing.assert_array_equal(again.predict(x), model.predict(x))
+        else:
+            numpy.testing.assert_allclose(again.predict(x), model.predict(x), rtol=1e-5,
+                                          atol=1e-6)
         for a, b in zip(model.layers, again.layers):
             numpy.testing.assert_array_equal(a.to_dense(), b.to_dense())
 
