@@ -194,3 +194,39 @@ def test_bench_epoch_options_are_checked():
     assert args.samples == 500_000
     args = bench.parse_args(["--epoch", "kmnist"])
     assert args.sizes == [(784, 256, 256, 10)] and args.batch == 512 and args.samples == 60_000
+
+
+def _bench_kernels():
+    _bench()  # puts benchmarks/ on sys.path
+    return importlib.import_module("bench_kernels")
+
+
+def test_bench_kernels_quick_runs_and_reports_the_roofline(tmp_path, capsys):
+    bench = _bench_kernels()
+    out = tmp_path / "kernels.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["probe"]) == {"L2", "L3", "memory"}
+    assert all(p["gb_s"] > 0 and p["bytes_per_thread"] > 0 for p in report["probe"].values())
+    assert {r["kernel"] for r in report["kernels"]} == {"spmm", "sddmm", "spmm_t"}
+    for r in report["kernels"]:
+        assert r["level"] in report["probe"] and r["ms"] > 0 and r["bytes_per_nnz"] > 0
+        assert r["roof_gb_s"] == report["probe"][r["level"]]["gb_s"]
+        assert r["fraction_of_roof"] == pytest.approx(r["achieved_gb_s"] / r["roof_gb_s"])
+    assert report["compile"] is None  # --quick skips the fresh-process compile timing
+    text = capsys.readouterr().out
+    assert "probe   : read bandwidth" in text and "of roof" in text
+    report["compile"] = {"runs": 1, "empty_cache_s": 30.0, "from_cache_s": 1.5, "commit": "abc",
+                         "baseline_empty_cache_s": 35.0, "baseline_from_cache_s": 1.4,
+                         "baseline_commit": "def"}
+    text = bench.format_report(report)
+    assert "30.0 s from an empty Numba cache" in text
+    assert "the baseline (commit def), alternating with it: 35.0 s" in text
+
+
+def test_bench_kernels_options_are_checked():
+    bench = _bench_kernels()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+    args = bench.parse_args(["--quick"])
+    assert (args.repeats, args.compile_runs) == (3, 0)
