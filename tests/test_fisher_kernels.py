@@ -166,7 +166,8 @@ def test_cpu_kernels_use_the_layout_tile_width():
     wrong = numpy.zeros((1, 3, FISHER_TILE // 2))
     g = numpy.ones(2)
     with pytest.raises(ValueError, match="not TILE blocks wide"):
-        cpu_fisher.fisher_update(wrong, (g,), numpy.array([0, 2]), g[:0], 1.0, 2, g[:0])
+        cpu_fisher.fisher_update(wrong, cpu_fisher.padded_parts([g], g[:0]),
+                                 cpu_fisher.part_starts((2,)), g[:0], 1.0, 2, g[:0])
     with pytest.raises(ValueError, match="not TILE blocks wide"):
         cpu_fisher.packed_matvec(wrong, g, numpy.empty(2), 2)
 

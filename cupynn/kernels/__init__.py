@@ -618,8 +618,10 @@ def fisher_update(finv: Any, g: Any, m: float, *, block_size: int, work: Any = N
     else:
         from . import cpu_fisher
 
-        cpu_fisher.fisher_update(finv, (g,), cpu_fisher.part_starts((g.shape[0],)), work,
-                                 t(m), int(block_size), g[:0])
+        # Padded like a model's gradient parts: one compiled version serves both.
+        cpu_fisher.fisher_update(finv, cpu_fisher.padded_parts([g], g[:0]),
+                                 cpu_fisher.part_starts((g.shape[0],)), work, t(m),
+                                 int(block_size), g[:0])
 
 
 def packed_matvec(finv: Any, v: Any, *, block_size: int, out: Any = None,
@@ -690,13 +692,6 @@ def warm_up(backend: Any, dtype: Any = numpy.float32) -> None:
     vec = xp.ones(4, dtype=dtype)
     fisher_update(finv, vec, 1.0, block_size=2)
     packed_matvec(finv, vec, block_size=2)
-    if not backend.is_gpu:
-        # BlockFisherInverse passes a model's gradient as its layers' arrays, a tuple
-        # padded to 1, 2, 4, ... parts: one compiled version each (1 is done above).
-        from . import cpu_fisher
-
-        for count in (2, 3):
-            parts = [vec[k:k + 1] for k in range(count)]
-            cpu_fisher.fisher_update(finv, cpu_fisher.padded_parts(parts, vec[:0]),
-                                     cpu_fisher.part_starts((1,) * count), vec[:0],
-                                     dtype.type(1), 2, vec[:0])
+    # On the CPU, fisher_update above compiled the version for up to
+    # cpu_fisher.MIN_PARTS gradient parts, which BlockFisherInverse uses for any
+    # model of up to that many (its layers' arrays, padded: see padded_parts).

@@ -34,17 +34,26 @@ TILE = 64
 _JIT = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
 
+# Gradient parts per call, at least: Numba compiles fisher_update once per tuple
+# length (3-4 s each per dtype), and one length for every model up to four parts
+# (the paper's networks have three sparse layers) and for the dispatcher's single
+# vector keeps a fresh machine's compile to one version.
+MIN_PARTS = 4
+
+
 def _padded_count(n_parts: int) -> int:
-    """The smallest power of two >= n_parts (1 for 0 or 1)."""
-    return 1 << max(0, n_parts - 1).bit_length()
+    """The smallest power of two >= n_parts, at least MIN_PARTS."""
+    return max(MIN_PARTS, 1 << max(0, n_parts - 1).bit_length())
 
 
 def padded_parts(parts: list, empty) -> tuple:
-    """``parts`` as a tuple whose length is a power of two, padded with ``empty``.
+    """``parts`` as a tuple whose length is a power of two (at least MIN_PARTS),
+    padded with ``empty``.
 
     Numba compiles :func:`fisher_update` once per tuple length; rounding up
-    keeps that to a few versions (1, 2, 4, 8, ... layers), which
-    :func:`cupynn.kernels.warm_up` compiles ahead for up to 4.
+    keeps that to a few versions (4, 8, 16, ... parts), of which
+    :func:`cupynn.kernels.warm_up` compiles the first ahead. An empty part costs
+    the kernel a comparison per tile.
     """
     return tuple(parts) + (empty,) * (_padded_count(len(parts)) - len(parts))
 
