@@ -208,7 +208,7 @@ class SparseLinear(Layer):
         if not need_input_grad:
             return None
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
-                              check=False, transpose=self._pattern_t())
+                              check=False, transpose=self._pattern_t(), sorted_rows=True)
 
     def _pattern_t(self) -> Any:
         """The transposed pattern the GPU's ``spmm_t`` reads (None on the CPU, which

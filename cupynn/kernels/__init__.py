@@ -50,6 +50,19 @@ def _cuda_module(filename: str, device_id: int) -> Any:
         return cupy.RawModule(code=source, options=("--std=c++14",))
 
 
+_CPU_MODULE: list[Any] = []
+
+
+def _cpu() -> Any:
+    """The Numba kernels (:mod:`.cpu`), imported on first use: a GPU-only process
+    never compiles or loads them, and a step's calls skip the import machinery."""
+    if not _CPU_MODULE:
+        from . import cpu
+
+        _CPU_MODULE.append(cpu)
+    return _CPU_MODULE[0]
+
+
 def cuda_function(filename: str, name: str) -> Any:
     """The ``extern "C"`` kernel ``name`` of ``filename`` on the current device."""
     cupy = get_backend("gpu").xp
@@ -255,8 +268,7 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
             kernel(_grid(warps * WARP_SIZE, max_blocks), (THREADS_PER_BLOCK,),
                    (indptr, indices, dy, x, out) + sizes + (numpy.int32(group),))
     else:
-        from . import cpu
-
+        cpu = _cpu()
         cpu.sddmm(indptr, indices, dy, x, out)
     return out
 
@@ -275,19 +287,36 @@ def adam(p: Any, g: Any, m: Any, v: Any, *, lr: float, b1: float, b2: float, eps
     if not (p.shape == g.shape == m.shape == v.shape) or p.ndim != 1:
         raise ValueError(f"{what}: p, g, m, v must be flat and of one length. "
                          f"Got {p.shape}, {g.shape}, {m.shape}, {v.shape} instead.")
+    adam_apply(backend, p, g, m, v,
+               adam_scalars(p.dtype, lr=lr, b1=b1, b2=b2, eps=eps, bc1=bc1, bc2=bc2),
+               max_blocks=max_blocks)
+
+
+def adam_scalars(dtype: Any, *, lr: float, b1: float, b2: float, eps: float, bc1: float,
+                 bc2: float) -> tuple:
+    """The eight scalars of ``adam.cu`` (and its twins) in ``dtype``:
+    lr, b1, b2, 1 - b1, 1 - b2, eps, bc1, bc2."""
+    t = numpy.dtype(dtype).type
+    # 1 - b computed in double, then rounded (as the twin does): in float32,
+    # 1 - float32(0.999) is 0.00099998713, not 0.001.
+    return tuple(t(s) for s in (lr, b1, b2, 1.0 - b1, 1.0 - b2, eps, bc1, bc2))
+
+
+def adam_apply(backend: Any, p: Any, g: Any, m: Any, v: Any, scalars: tuple, *,
+               max_blocks: int | None = None) -> None:
+    """:func:`adam` with its checks done by the caller and its scalars from
+    :func:`adam_scalars`: ``p``, ``g``, ``m``, ``v`` flat, C-contiguous, of one
+    float dtype and length on ``backend``. The optimizer checks what can change
+    between steps and calls this once per parameter array, so the per-call cost
+    is the launch alone (the paper's HIGGS step has eight arrays)."""
     n = int(p.shape[0])
     if n == 0:
         return
-    t = p.dtype.type
-    # 1 - b computed in double, then rounded (as the twin does): in float32,
-    # 1 - float32(0.999) is 0.00099998713, not 0.001.
-    scalars = tuple(t(s) for s in (lr, b1, b2, 1.0 - b1, 1.0 - b2, eps, bc1, bc2))
     if backend.is_gpu:
-        kernel = cuda_function("adam.cu", f"adam_{suffix}")
+        kernel = cuda_function("adam.cu", f"adam_{_SUFFIX[p.dtype]}")
         kernel(_grid(n, max_blocks), (THREADS_PER_BLOCK,), (p, g, m, v, *scalars, numpy.int64(n)))
     else:
-        from . import cpu
-
+        cpu = _cpu()
         cpu.adam(p, g, m, v, *scalars)
 
 
@@ -427,8 +456,7 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
             if relu:
                 xp.maximum(out, 0, out=out)
         return out
-    from . import cpu
-
+    cpu = _cpu()
     out = numpy.empty((n_rows, x.shape[1]), dtype=x.dtype)
     cpu.spmm(indptr, indices, data, x, out, data[:0] if bias is None else bias, bool(relu))
     return out
@@ -454,8 +482,7 @@ def relu_grad_rowsum(dy: Any, y: Any = None) -> tuple[Any, Any]:
     if backend.is_gpu:
         out = dy * (y > 0) if y is not None else dy
         return out, out.sum(axis=1)
-    from . import cpu
-
+    cpu = _cpu()
     out = numpy.empty_like(dy)
     sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
     cpu.relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
@@ -464,7 +491,7 @@ def relu_grad_rowsum(dy: Any, y: Any = None) -> tuple[Any, Any]:
 
 def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
            check: bool = True, transpose: Any = None, method: str | None = None,
-           max_blocks: int | None = None) -> Any:
+           max_blocks: int | None = None, sorted_rows: bool = False) -> Any:
     """``W.T @ dy`` for CSR ``W`` (n_rows, n_cols) and dense dy (n_rows, batch).
 
     On the GPU the ``spmm_t`` kernel of ``spmm.cu`` reads W column by column
@@ -473,8 +500,11 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     ``method="cusparse"``, cuSPARSE's transposed product. On the CPU a Numba
     kernel that works on cache-sized bands of output rows in parallel (rows
     with sorted columns), or scatters over disjoint batch slices (unsorted
-    rows); it needs no transposed pattern. Returns a C-contiguous
-    (n_cols, batch) array.
+    rows); it needs no transposed pattern. With ``check=False`` it finds out
+    which (a parallel pass over ``indices``, 20-50 us at the paper's sizes)
+    unless ``sorted_rows=True`` says the columns of every row increase (layers
+    say so: their pattern is checked canonical when set). Returns a
+    C-contiguous (n_cols, batch) array.
     """
     what = "spmm_t"
     backend = _check_same_backend(what, indptr, indices, data, dy)
@@ -504,11 +534,13 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
             return out
         w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
         return xp.ascontiguousarray(w.T @ dy)
-    from . import cpu
-
+    cpu = _cpu()
     out = numpy.empty((n_cols, dy.shape[1]), dtype=dy.dtype)
     # The number of workers to plan for (bands, or batch slices when unsorted).
-    cpu.spmm_t(indptr, indices, data, dy, out, numba_threads())
+    if check or sorted_rows:  # canonical: checked above, or vouched for by the caller
+        cpu._spmm_t_bands(indptr, indices, data, dy, out, numba_threads())
+    else:  # finds out (a parallel pass over indices) and takes the kernel for the order
+        cpu.spmm_t(indptr, indices, data, dy, out, numba_threads())
     return out
 
 
