@@ -189,19 +189,23 @@ class SparseLinear(Layer):
         self._y = y if relu else None
         return y
 
-    def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
+    def backward(self, dy: Any, need_input_grad: bool = True, *,
+                 overwrite_dy: bool = False) -> Any:
         """dy (out_features, batch) -> dx (in_features, batch), or None.
 
         ``dy`` is the gradient of the layer's output (after its ReLU when
         forward applied one). Sets ``grad_data`` (the SDDMM ``dy x^T`` at the
         active entries only) and ``grad_bias`` (``dy`` summed over the batch).
         With ``need_input_grad=False`` (the first layer in training) the input
-        gradient, a third sparse product, is skipped.
+        gradient, a third sparse product, is skipped. ``overwrite_dy`` lets the
+        gradient through the ReLU replace ``dy`` in place (the model passes the
+        arrays its layers made, which it drops afterwards).
         """
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
-        dy = self.backend.xp.ascontiguousarray(dy)
-        dy, self.grad_bias = kernels.relu_grad_rowsum(dy, self._y)
+        contiguous = self.backend.xp.ascontiguousarray(dy)
+        dy, self.grad_bias = kernels.relu_grad_rowsum(
+            contiguous, self._y, in_place=overwrite_dy or contiguous is not dy)
         if self.keep_output_grad:
             self._dy = dy
         self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
@@ -302,14 +306,19 @@ class Linear(Layer):
         self._y = y if relu else None
         return y
 
-    def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
+    def backward(self, dy: Any, need_input_grad: bool = True, *,
+                 overwrite_dy: bool = False) -> Any:
         """dy (out_features, batch) -> dx (in_features, batch), or None without
         ``need_input_grad``; sets the gradients. ``dy`` is the gradient of the
-        output after the ReLU when forward applied one."""
+        output after the ReLU when forward applied one; ``overwrite_dy`` lets
+        the gradient through the ReLU replace it in place."""
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward.")
         if self._y is not None:
-            dy = dy * (self._y > 0)
+            if overwrite_dy:
+                dy *= self._y > 0
+            else:
+                dy = dy * (self._y > 0)
         self.grad_weight = dy @ self._x.T
         self.grad_bias = dy.sum(axis=1)
         return self.weight.T @ dy if need_input_grad else None

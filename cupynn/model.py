@@ -254,7 +254,11 @@ class MLP:
         for i in range(len(self.layers) - 1, -1, -1):
             if i < len(self.activations) and not fused:
                 g = self.activations[i].backward(g)
-            g = self.layers[i].backward(g, need_input_grad=i > 0 or need_input_grad)
+            # Below the last layer, g is the array the layer above made and nothing
+            # else holds: the ReLU's gradient may overwrite it (one array less at
+            # the backward pass's peak).
+            g = self.layers[i].backward(g, need_input_grad=i > 0 or need_input_grad,
+                                        overwrite_dy=fused and i < len(self.layers) - 1)
         return xp.ascontiguousarray(g.T) if need_input_grad else None
 
     def clear_cache(self) -> None:

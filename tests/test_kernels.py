@@ -890,6 +890,13 @@ def assert_relu_grad_rowsum(a: dict, xp_to_numpy, dtype: type) -> None:
         bound = numpy.abs(expected).sum(axis=1)
         assert_close(sums, expected.sum(axis=1), bound, dtype)
     numpy.testing.assert_array_equal(xp_to_numpy(dy), dy_before)  # dy is not modified
+    # in_place: the same result, written over dy (and the same sums).
+    copy = dy.copy()
+    out, sums = kernels.relu_grad_rowsum(copy, y, in_place=True)
+    assert out is copy
+    expected = dy_before * (xp_to_numpy(y) > 0)
+    numpy.testing.assert_array_equal(xp_to_numpy(copy), expected)
+    assert_close(sums, expected.sum(axis=1), numpy.abs(expected).sum(axis=1), dtype)
 
 
 @case_params

@@ -109,3 +109,32 @@ def test_backward_without_input_gradient_gives_the_same_parameter_gradients(back
     for a, layer_grads in zip(full, [to_numpy(grad) for layer in model.layers
                                      for _, _, grad in layer.parameters()]):
         numpy.testing.assert_array_equal(a, layer_grads)
+
+
+@pytest.mark.parametrize("dense_layers", [(), (0, 1), (1,)])
+def test_layers_overwrite_only_the_gradients_the_model_gives_up(backend, rng, dense_layers):
+    """MLP.backward lets a layer's ReLU gradient overwrite the array the layer above
+    made (one array less at the peak), never the caller's: the gradients equal
+    those of layers that copy, and grad_logits is untouched (one output too, whose
+    transpose is a view)."""
+    for sizes in ([12, 9, 7, 4], [12, 9, 7, 1]):
+        model = cupynn.MLP(sizes, density=0.4, dense_layers=dense_layers, dtype="float64",
+                           device=backend)
+        x = rng.standard_normal((6, 12))
+        g = backend.asarray(rng.standard_normal((6, sizes[-1])))
+        before = to_numpy(g).copy()
+        model.forward(x)
+        model.backward(g)
+        got = [to_numpy(grad).copy() for layer in model.layers for _, _, grad in layer.parameters()]
+        numpy.testing.assert_array_equal(to_numpy(g), before)
+        # The same pass with every layer copying its dy (overwrite_dy=False).
+        model.forward(x)
+        h = backend.xp.ascontiguousarray(backend.asarray(before).T)
+        for i in range(len(model.layers) - 1, -1, -1):
+            given = to_numpy(h).copy()
+            below = model.layers[i].backward(h, need_input_grad=True)
+            numpy.testing.assert_array_equal(to_numpy(h), given)  # a layer's dy is kept
+            h = below
+        want = [to_numpy(grad) for layer in model.layers for _, _, grad in layer.parameters()]
+        for a, b in zip(got, want):
+            numpy.testing.assert_array_equal(a, b)

@@ -462,14 +462,16 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
     return out
 
 
-def relu_grad_rowsum(dy: Any, y: Any = None) -> tuple[Any, Any]:
+def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False) -> tuple[Any, Any]:
     """``(dy * (y > 0), its row sums)``, or ``(dy, row sums)`` without ``y``.
 
     A sparse layer's backward pass before its SDDMM: the gradient through its
     ReLU (``y`` is the layer's output after the ReLU) and its bias gradient. One
-    Numba pass on the CPU; two element-wise operations and a reduction on the
+    Numba pass on the CPU; element-wise operations and a reduction on the
     GPU. ``dy`` and ``y`` are (n_rows, batch) C-contiguous of one float dtype;
-    ``dy`` is not modified.
+    ``dy`` is not modified, unless ``in_place`` lets the result overwrite it
+    (a caller that gives ``dy`` up saves an array of its size at the peak of
+    the backward pass).
     """
     what = "relu_grad_rowsum"
     arrays = (dy,) if y is None else (dy, y)
@@ -480,10 +482,15 @@ def relu_grad_rowsum(dy: Any, y: Any = None) -> tuple[Any, Any]:
                          f"{None if y is None else y.shape} instead.")
     _check_contiguous(what, **({"dy": dy} if y is None else {"dy": dy, "y": y}))
     if backend.is_gpu:
-        out = dy * (y > 0) if y is not None else dy
+        if y is None:
+            out = dy
+        elif in_place:
+            out = backend.xp.multiply(dy, y > 0, out=dy)
+        else:
+            out = dy * (y > 0)
         return out, out.sum(axis=1)
     cpu = _cpu()
-    out = numpy.empty_like(dy)
+    out = dy if in_place else numpy.empty_like(dy)
     sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
     cpu.relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
     return out, sums

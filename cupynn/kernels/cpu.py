@@ -97,6 +97,7 @@ def spmm(indptr, indices, data, x, out, bias, relu):  # pragma: no cover - compi
 @numba.njit(parallel=True, fastmath=_FMA_REASSOC, **_JIT)
 def relu_grad_rowsum(dy, y, relu, out, sums):  # pragma: no cover - compiled
     """out = dy * (y > 0) (or dy itself without ``relu``); sums[r] = sum_j out[r, j].
+    ``out`` may be ``dy`` itself (in place).
 
     A layer's backward pass before its SDDMM: the gradient through its ReLU (from
     the layer's own output ``y``) and its bias gradient, in one pass over the
@@ -111,7 +112,16 @@ def relu_grad_rowsum(dy, y, relu, out, sums):  # pragma: no cover - compiled
         src = dy[r]
         dst = out[r]
         acc = zero
-        if relu:
+        if relu and dst.ctypes.data == src.ctypes.data:
+            # In place (out is dy): one array read and written at the same index,
+            # which LLVM vectorises; through two names it would fall back to
+            # scalar code after its run-time overlap check.
+            live = y[r]
+            for j in range(batch):
+                v = src[j] * (one if live[j] > 0 else zero)
+                src[j] = v
+                acc += v
+        elif relu:
             live = y[r]
             for j in range(batch):
                 v = src[j] * (one if live[j] > 0 else zero)  # as dy * (y > 0)
