@@ -59,7 +59,7 @@ sys.path.insert(1, str(HERE))
 import cupynn  # noqa: E402
 from cupynn.distributed import GradientReducer, launcher_env  # noqa: E402
 from machine import (finish_info, header_lines, load_and_env_lines, load_average,  # noqa: E402
-                     machine_info, write_json)
+                     machine_info, publish)
 
 SIZES = {  # name -> (sizes, dense layers)
     "kmnist 784-256-256-10": ((784, 256, 256, 10), ()),
@@ -278,10 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     report = run(args)
-    print(format_report(report))
-    if args.json:
-        write_json(args.json, report)
-    return 0
+    return publish(report, format_report(report), args.json)
 
 
 if __name__ == "__main__":

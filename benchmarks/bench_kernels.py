@@ -63,7 +63,7 @@ sys.path.insert(1, HERE)
 import cupynn  # noqa: E402
 from cupynn import kernels  # noqa: E402
 from machine import (finish_info, header_lines, load_and_env_lines, load_average,  # noqa: E402
-                     machine_info, write_json)
+                     machine_info, publish)
 
 # (name, in, out, density, batch): the paper's sizes and the memory experiment's width.
 LAYERS = [
@@ -348,10 +348,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
-    print(format_report(report))
-    if args.json:
-        write_json(args.json, report)
-    return 0
+    return publish(report, format_report(report), args.json)
 
 
 if __name__ == "__main__":

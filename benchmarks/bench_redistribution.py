@@ -87,7 +87,7 @@ from cupynn.losses import LOSSES  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution import NAMES, create  # noqa: E402
 from machine import (finish_info, fmt, header_lines, load_and_env_lines,  # noqa: E402
-                     load_average, machine_info, write_json)
+                     load_average, machine_info, publish)
 
 # The paper's settings (SPEC §6) and the 4096-wide memory experiment.
 SETTINGS = {
@@ -625,10 +625,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
-    print(format_report(report))
-    if args.json:
-        write_json(args.json, report)
-    return 0
+    return publish(report, format_report(report), args.json)
 
 
 if __name__ == "__main__":

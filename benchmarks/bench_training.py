@@ -98,7 +98,7 @@ from cupynn.losses import cross_entropy  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution.schedule import fraction_at  # noqa: E402
 from machine import (finish_info, fmt, header_lines, load_and_env_lines, load_average,  # noqa: E402
-                     numba_threads, write_json)
+                     numba_threads, publish)
 from machine import machine_info as base_machine_info  # noqa: E402
 
 PHASES = ("forward", "backward", "adam")  # "forward" includes the loss
@@ -861,10 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(process_peak_child(json.loads(args.process_peak_child), args)))
         return 0
     report = epochs(args) if args.setting else run(args)
-    print(format_report(report))
-    if args.json:
-        write_json(args.json, report)
-    return 0
+    return publish(report, format_report(report), args.json)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,14 @@ def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def publish(report: dict[str, Any], text: str, json_path: str | None) -> int:
+    """Print a benchmark's report and, with ``--json``, write it: a script's exit status."""
+    print(text)
+    if json_path:
+        write_json(json_path, report)
+    return 0
+
+
 def write_json(path: str, report: dict[str, Any]) -> None:
     import json
 
