@@ -73,7 +73,7 @@ PARITY_RTOL = 1e-8  # float64, two epochs: rounding differences only
 PARITY_EPOCHS = 2
 HIGGS_TARGET_S = 0.6  # one HIGGS epoch on an H100
 HIGGS_PEER_TARGET = 1.0  # x the masked-dense peer's epoch on the same GPU
-BUDGET_S = 400  # the whole check on a GPU: under seven minutes
+BUDGET_S = 350  # the whole check on a GPU: under six minutes
 REPORT_JSON, REPORT_MD, TESTS_LOG = "gpu-check.json", "gpu-check.md", "gpu-tests.log"
 FAILURES_LOG = "gpu-failures.log"  # each failed GPU test's traceback, written as it fails
 
@@ -87,7 +87,7 @@ class Part:
 
 
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 170, 60),
+    Part("tests", "GPU tests (pytest -m gpu)", 150, 60),
     Part("parity", "CPU <-> GPU parity, 2 epochs, float64", 40, 60),
     Part("steps", "training step and peak memory", 40, 60),
     Part("sddmm", "SDDMM kernels: thread vs warp; products: spmm.cu vs cuSPARSE", 25, 30),
