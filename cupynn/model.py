@@ -221,7 +221,7 @@ class MLP:
         fused = self.activation == "relu"  # the layers apply their ReLU themselves
         for i, layer in enumerate(self.layers):
             hidden = i < len(self.activations)
-            h = layer.forward(h, relu=True) if hidden and fused else layer.forward(h)
+            h = layer.forward(h, relu=hidden and fused)
             if hidden and not fused:
                 h = self.activations[i].forward(h)
         return self.backend.xp.ascontiguousarray(h.T)

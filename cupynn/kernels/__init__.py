@@ -1,8 +1,8 @@
 """Sparse kernels, dispatched on the array's backend.
 
 Each operation here runs a CUDA ``RawKernel`` (``*.cu`` beside this file; the
-products can also go through cuSPARSE, see :func:`set_spmm`) on the GPU, and a compiled Numba kernel (:mod:`.cpu`, :mod:`.cpu_fisher`)
-on the CPU.
+products can also go through cuSPARSE, see :func:`set_spmm`) on the GPU, and a
+compiled Numba kernel (:mod:`.cpu`, :mod:`.cpu_fisher`) on the CPU.
 Every custom CUDA kernel has a NumPy twin of the same name in
 :mod:`.numpy_twins`; the tests compare all of them.
 
@@ -268,8 +268,7 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
             kernel(_grid(warps * WARP_SIZE, max_blocks), (THREADS_PER_BLOCK,),
                    (indptr, indices, dy, x, out) + sizes + (numpy.int32(group),))
     else:
-        cpu = _cpu()
-        cpu.sddmm(indptr, indices, dy, x, out)
+        _cpu().sddmm(indptr, indices, dy, x, out)
     return out
 
 
@@ -282,7 +281,7 @@ def adam(p: Any, g: Any, m: Any, v: Any, *, lr: float, b1: float, b2: float, eps
     """
     what = "adam"
     backend = _check_same_backend(what, p, g, m, v)
-    suffix = _float_suffix(p, g, m, v, what=what)
+    _float_suffix(p, g, m, v, what=what)
     _check_contiguous(what, p=p, g=g, m=m, v=v)
     if not (p.shape == g.shape == m.shape == v.shape) or p.ndim != 1:
         raise ValueError(f"{what}: p, g, m, v must be flat and of one length. "
@@ -316,8 +315,7 @@ def adam_apply(backend: Any, p: Any, g: Any, m: Any, v: Any, scalars: tuple, *,
         kernel = cuda_function("adam.cu", f"adam_{_SUFFIX[p.dtype]}")
         kernel(_grid(n, max_blocks), (THREADS_PER_BLOCK,), (p, g, m, v, *scalars, numpy.int64(n)))
     else:
-        cpu = _cpu()
-        cpu.adam(p, g, m, v, *scalars)
+        _cpu().adam(p, g, m, v, *scalars)
 
 
 def _check_spmm_choice(method: Any, source: str) -> str:
@@ -456,9 +454,8 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
             if relu:
                 xp.maximum(out, 0, out=out)
         return out
-    cpu = _cpu()
     out = numpy.empty((n_rows, x.shape[1]), dtype=x.dtype)
-    cpu.spmm(indptr, indices, data, x, out, data[:0] if bias is None else bias, bool(relu))
+    _cpu().spmm(indptr, indices, data, x, out, data[:0] if bias is None else bias, bool(relu))
     return out
 
 
@@ -489,10 +486,9 @@ def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False) -> tuple
         else:
             out = dy * (y > 0)
         return out, out.sum(axis=1)
-    cpu = _cpu()
     out = dy if in_place else numpy.empty_like(dy)
     sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
-    cpu.relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
+    _cpu().relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
     return out, sums
 
 
