@@ -292,6 +292,11 @@ def grid_and_block(config: str, n: int) -> tuple[tuple[int], tuple[int]]:
     return LAUNCHES[config]
 
 
+def suffix_of(dtype: type) -> str:
+    """The kernels' name suffix for a float dtype."""
+    return "f32" if dtype == numpy.float32 else "f64"
+
+
 GUARD = 5  # NaN cells after each output: a kernel must not write past n
 
 
@@ -394,7 +399,7 @@ def test_emulated_sddmm_matches_twin(case, dtype, config):
     nnz = len(a["indices"])
     out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
     grid, block = grid_and_block(config, nnz)
-    suffix = "f32" if dtype == numpy.float32 else "f64"
+    suffix = suffix_of(dtype)
     launch(lib, f"sddmm_{suffix}", grid, block, sddmm_argtypes(dtype),
            [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, nnz, case.batch])
     expected, bound = sddmm_reference(a)
@@ -427,7 +432,7 @@ def launch_sddmm_warp(a: dict, case: Case, dtype: type, group: int, grid, block,
     lib = host_library("sddmm.cu")
     nnz = len(a["indices"])
     out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
-    suffix = "f32" if dtype == numpy.float32 else "f64"
+    suffix = suffix_of(dtype)
     launch(lib, f"sddmm_warp_{suffix}", grid, block, sddmm_warp_argtypes(dtype),
            [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, nnz, case.batch, group],
            reverse=reverse)
@@ -507,10 +512,6 @@ def emulated_spmm_t(a: dict, case: Case, dtype: type, config: str,
            reverse=reverse)
     assert numpy.isnan(out[size:]).all(), "the kernel wrote past its output"
     return out[:size].reshape(case.n_cols, case.batch)
-
-
-def suffix_of(dtype: type) -> str:
-    return "f32" if dtype == numpy.float32 else "f64"
 
 
 @case_params
@@ -629,7 +630,7 @@ def test_emulated_adam_matches_twin(n, dtype, config):
     state = adam_state(n, dtype)
     p, g, m, v = (guarded(state[k]) for k in "pgmv")
     grid, block = grid_and_block(config, n)
-    suffix = "f32" if dtype == numpy.float32 else "f64"
+    suffix = suffix_of(dtype)
     for step in STEPS:
         ref = adam_reference({"p": p[:n], "g": g[:n], "m": m[:n], "v": v[:n]}, step)
         h = adam_hyper(step)
@@ -678,7 +679,7 @@ def test_emulated_packed_matvec_matches_twin(n_blocks, block_size, dtype, config
     n = n_blocks * block_size
     out = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
     grid, block = grid_and_block(config, s["finv"].shape[0] * block_size * TILE)
-    suffix = "f32" if dtype == numpy.float32 else "f64"
+    suffix = suffix_of(dtype)
     launch(lib, f"packed_matvec_{suffix}", grid, block,
            [pointer(dtype)] * 3 + [ctypes.c_int] * 3,
            [s["finv"], s["v"], out, n_blocks, block_size, TILE])
@@ -711,7 +712,7 @@ def test_emulated_fisher_rank1_update_matches_twin(n_blocks, block_size, dtype, 
     bound = numpy.abs(f64) + twins.pack(ub[:, :, None] * ub[:, None, :] / den[:, None, None], TILE)
 
     grid, block = grid_and_block(config, shape[0] * block_size * TILE)
-    suffix = "f32" if dtype == numpy.float32 else "f64"
+    suffix = suffix_of(dtype)
     real = numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))
     launch(lib, f"fisher_rank1_update_{suffix}", grid, block,
            [pointer(dtype)] * 3 + [real, ctypes.c_int, ctypes.c_int, ctypes.c_int],
