@@ -90,14 +90,23 @@ def _redistribute(model, optimizer, name, fraction, x, y, **params):
     return create(name, **params).redistribute(model, optimizer, fraction, x, y, "cross_entropy")
 
 
-def test_set_removes_each_sign_nearest_zero(backend, rng):
+def test_set_removes_each_sign_nearest_zero_and_every_zero(backend, rng):
+    """SET's reference keeps only w > smallestPositive or w < largestNegative: the round(ζ·n±)
+    of each sign nearest 0 go, and so does every weight exactly 0."""
     model, optimizer = _prepare(backend, rng)
+    xp = model.backend.xp
+    for layer in model.sparse_layers:  # a few exact zeros, as dead inputs leave them
+        layer.data[xp.asarray(rng.choice(layer.nnz, size=max(2, layer.nnz // 7),
+                                         replace=False))] = 0
     before = [_entries(l) for l in model.sparse_layers]
     fraction = 0.3
-    _redistribute(model, optimizer, "set+random", fraction, *_batch(backend, model, rng))
-    for old, layer in zip(before, model.sparse_layers):
+    reports = _redistribute(model, optimizer, "set+random", fraction,
+                            *_batch(backend, model, rng))
+    for old, layer, report in zip(before, model.sparse_layers, reports):
         keys = sorted(old)  # CSR order
-        expected = set()
+        zeros = {key for key in keys if old[key] == 0}
+        assert zeros
+        expected = set(zeros)
         for sign in (1, -1):
             side = [i for i, k in enumerate(keys) if sign * old[k] > 0]
             k = int(numpy.floor(fraction * len(side) + 0.5))
@@ -105,6 +114,7 @@ def test_set_removes_each_sign_nearest_zero(backend, rng):
         new = _entries(layer)
         removed = set(old) - set(new)
         assert removed <= expected and all(new[key] == 0 for key in expected - removed)
+        assert report["removed"] == report["added"] == len(expected)
         assert layer.nnz == len(old)  # the growth adds what the removal took
 
 

@@ -5,7 +5,8 @@ the lower position, as everywhere in :mod:`.selection`.
 
 - :func:`set_drop` — SET's own rule (Mocanu et al. 2018, as its reference
   code): round(ζ·n⁺) of the positive weights closest to 0 and round(ζ·n⁻) of the
-  negative ones, n± the counts by sign (weights exactly 0 are neither, and stay);
+  negative ones, n± the counts by sign, and every weight exactly 0 (the reference
+  keeps only ``w > smallestPositive or w < largestNegative``, so zeros always go);
 - :func:`mest_drop` — MEST (Yuan et al. 2021): the round(ζ·nnz) smallest
   ``|w| + λ·|g|``, g the gradient at the active entry on the redistribution batch;
 - :func:`random_drop` — round(ζ·nnz) entries uniformly at random (drawn on the
@@ -25,7 +26,9 @@ from .selection import round_half_up, smallest_mask
 def set_drop(layer: Any, fraction: float) -> Drop:
     xp = layer.backend.xp
     w = layer.data
-    removed = xp.zeros(layer.nnz, dtype=bool)
+    # Zeros go too: new entries start at 0, and one fed by a dead neuron gets gradient 0 and
+    # stays 0 under Adam; kept as "neither sign", such entries pile up and training collapses.
+    removed = w == 0
     for side, score in ((w > 0, w), (w < 0, -w)):
         k = round_half_up(fraction * int(xp.count_nonzero(side)))
         if k > 0:  # the k of this sign nearest 0; the other sign's entries score +inf
