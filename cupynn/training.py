@@ -9,6 +9,7 @@ from typing import Any
 import numpy
 
 from .backend import to_numpy
+from .health import network_health
 from .losses import LOSSES
 from .redistribution.schedule import SCHEDULES, fraction_at
 from .validation import check_choice, check_finite, check_int, check_real
@@ -520,6 +521,8 @@ class Trainer:
         if moves:
             metrics["redistributions"] = moves
             metrics["redistribution_seconds"] = sum(m["seconds"] for m in moves)
+        # The network as training left it, before this epoch's rewiring adds its zeros.
+        metrics.update(network_health(model, self.probe[0]))
         if fraction > 0:
             growth = rows_from(max(0, n_batches - self.growth_batches))
             metrics.update(_redistribute(model, self.optimizer, redistributor, fraction, growth,
@@ -622,8 +625,10 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
     Returns
     -------
     list of dict, one per epoch: ``epoch`` (1-based), ``train_loss`` (mean of
-    the batch losses), ``train_seconds``, ``n_batches``, ``nnz`` (per layer)
-    and, with ``test``, ``test_loss``, ``test_accuracy``, ``eval_seconds``
+    the batch losses), ``train_seconds``, ``n_batches``, ``nnz`` (per layer),
+    the network's health before the epoch's rewiring (``zero_weights``,
+    ``dead_neurons`` and per layer ``health``: :func:`cupynn.health.network_health`
+    on the fixed batch of training rows) and, with ``test``, ``test_loss``, ``test_accuracy``, ``eval_seconds``
     (and ``test_auc`` for binary_cross_entropy; ``test_mse`` and ``test_r2``
     instead of the accuracy for mean_squared_error), ``redistribution_seconds``
     and, after a redistribution, ``fraction``, ``induced_loss_before`` /
