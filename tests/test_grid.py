@@ -22,10 +22,12 @@ HAS_MATPLOTLIB = report._matplotlib() is not None
 def _write_run(root: Path, dataset: str, key: str, density: float | None, seed: int,
                accuracies: list[float], *, status: str = "completed", induced=(),
                train_seconds: float = 1.0, redistribution_seconds: float = 0.0,
-               peak: int = 1_000_000, auc: list[float] | None = None) -> Path:
+               peak: int = 1_000_000, auc: list[float] | None = None,
+               health: list[tuple[int, int]] | None = None) -> Path:
     """One run directory as cupynn.experiments writes it, with chosen numbers.
 
     ``induced`` lists (before, after) of the redistributions after epochs 1, 2, ….
+    ``health`` lists (zero weights of 100, dead hidden neurons of 50) per epoch.
     """
     baseline = key[len("baseline-"):] if key.startswith("baseline-") else None
     name = f"{key}/s{seed}" if baseline else f"{key}/d{density:g}/s{seed}"
@@ -43,7 +45,13 @@ def _write_run(root: Path, dataset: str, key: str, density: float | None, seed: 
     for epoch, accuracy in enumerate(accuracies, start=1):
         m = {"epoch": epoch, "train_loss": 1.0, "test_accuracy": accuracy,
              "train_seconds": train_seconds, "redistribution_seconds": 0.0,
-             "peak_memory_bytes": peak - 1000 * (len(accuracies) - epoch), "nnz": [1]}
+             "peak_memory_bytes": peak - 1000 * (len(accuracies) - epoch), "nnz": [60, 40]}
+        if health is not None:
+            zeros, dead = health[epoch - 1]
+            m.update(zero_weights=zeros, dead_neurons=dead,
+                     health={"zero_weights": [zeros, 0],
+                             "hidden": [{"neurons": 50, "no_input": 0, "no_output": 0,
+                                         "inactive": dead, "dead": dead}]})
         if auc is not None:
             m["test_auc"] = auc[epoch - 1]
         if epoch <= len(induced):
@@ -76,7 +84,10 @@ def _synthetic_grid(root: Path, finals: dict, dataset: str = "kmnist", auc: bool
                                 else [(1.0, 1.0 + 0.01 * (seed + 1))]),
                        train_seconds=2.0 + seed, redistribution_seconds=0.5,
                        peak=(2_000_000 if key == "woodfisher" else 1_000_000) + seed * 100_000,
-                       auc=[0.6, final / 100 - 0.1] if auc else None)
+                       auc=[0.6, final / 100 - 0.1] if auc else None,
+                       health=(None if key.startswith("baseline")
+                               else [(0, 0), (seed + (10 if key == "random" else 0),
+                                              5 if key == "random" else 0)]))
     return root
 
 
@@ -119,6 +130,11 @@ def test_report_tables_and_claims_that_hold(tmp_path):
     # one row each for 0.1 and 0.03 for the two per-density claims, one for the other three
     assert len(claims) == 7 and all("**holds**" in line for line in claims), claims
     assert "gap 1.50 points" in text  # neuron 90.5 − gradient-global 89
+    # health: random's zeros 10, 11, 12 of 100 and 5 of 50 hidden neurons dead at epoch 2
+    assert report.curve(groups[("random", 0.1)], report.zero_share)[1].tolist() == \
+        pytest.approx([0.0, 0.11])
+    assert "| random | 0.0 / 11.0 | 0.0 / 10.0 |" in text
+    assert "| static | 0.0 / 1.0 | 0.0 / 0.0 |" in text
     if not HAS_MATPLOTLIB:
         if os.environ.get("CI", "").strip().lower() in ("true", "1"):
             pytest.fail("matplotlib is missing; the test extra brings it, and CI checks figures.")
@@ -126,7 +142,7 @@ def test_report_tables_and_claims_that_hold(tmp_path):
     import matplotlib.image
 
     for name in ("kmnist-accuracy-d0.1.png", "kmnist-accuracy-d0.03.png",
-                 "kmnist-induced-loss.png"):
+                 "kmnist-induced-loss.png", "kmnist-health-d0.1.png", "kmnist-health-d0.03.png"):
         assert (path.parent / name).stat().st_size > 1000 and f"]({name})" in text
         image = matplotlib.image.imread(path.parent / name)  # a readable PNG, drawn on
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
@@ -333,6 +349,13 @@ def test_tiny_kmnist_grid_end_to_end(tmp_path, capsys):
                   ["final"]["test_accuracy"] for n in names]
     assert f"| static | {100 * accuracies[0]:.2f} (n=1) |" in text
     assert numpy.isfinite(accuracies).all()
+    # The runs' metrics.jsonl carry the network's health, and the report draws it.
+    epoch = json.loads((tmp_path / "kmnist" / names[1] / "metrics.jsonl").read_text()
+                       .splitlines()[-1])
+    assert epoch["zero_weights"] == sum(epoch["health"]["zero_weights"]) >= 0
+    assert [h["neurons"] for h in epoch["health"]["hidden"]] == [256, 256]
+    assert "### Network health per epoch" in text and "| random | " in text.split(
+        "### Network health per epoch")[1].split("###")[0]
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path, capsys):

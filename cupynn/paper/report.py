@@ -209,18 +209,40 @@ def final_stats(groups: Groups, metric: str = "test_accuracy"
     return table
 
 
-def curve(runs: Sequence[RunResult], metric: str = "test_accuracy"
+def curve(runs: Sequence[RunResult], metric: str | Any = "test_accuracy"
           ) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
-    """Epochs and the mean, min and max of ``metric`` over the runs at each epoch."""
+    """Epochs and the mean, min and max of ``metric`` (a key, or a function of an epoch's
+    metrics that may return None) over the runs at each epoch."""
+    get = metric if callable(metric) else (lambda m: m.get(metric))
     by_epoch: dict[int, list[float]] = {}
     for run in runs:
         for m in run.metrics:
-            if m.get(metric) is not None:
-                by_epoch.setdefault(int(m["epoch"]), []).append(float(m[metric]))
+            value = get(m)
+            if value is not None:
+                by_epoch.setdefault(int(m["epoch"]), []).append(float(value))
     epochs = numpy.array(sorted(by_epoch), dtype=int)
     values = [numpy.asarray(by_epoch[e]) for e in epochs]
     return (epochs, numpy.array([v.mean() for v in values]), numpy.array([v.min() for v in values]),
             numpy.array([v.max() for v in values]))
+
+
+def zero_share(m: dict[str, Any]) -> float | None:
+    """The share of the stored weights exactly 0 at the end of an epoch's training."""
+    if m.get("zero_weights") is None or not m.get("nnz"):
+        return None
+    return m["zero_weights"] / sum(m["nnz"])
+
+
+def dead_share(m: dict[str, Any]) -> float | None:
+    """The share of the hidden neurons dead (no input, no output or inactive) at the end of
+    an epoch's training."""
+    hidden = (m.get("health") or {}).get("hidden")
+    if not hidden:
+        return None
+    return sum(h["dead"] for h in hidden) / sum(h["neurons"] for h in hidden)
+
+
+HEALTH = (("zero weights (% of stored)", zero_share), ("dead hidden neurons (%)", dead_share))
 
 
 def induced_losses(run: RunResult) -> list[tuple[int, float]]:
@@ -542,6 +564,68 @@ def _induced_figure(groups: Groups, path: Path, dataset: str) -> bool:
     return True
 
 
+def _health_figure(groups: Groups, density: float, path: Path, dataset: str) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(HEALTH))
+    for ax, (label, get) in zip(axes, HEALTH):
+        for key in keys(groups, sparse=True):
+            runs = groups.get((key, density))
+            if not runs:
+                continue
+            epochs, mean, low, high = curve(runs, get)
+            if not len(epochs):
+                continue
+            (line,) = ax.plot(epochs, 100 * mean, label=f"{LABELS.get(key, key)} (n={len(runs)})",
+                              marker="o" if len(epochs) < 12 else None, markersize=3)
+            if len(runs) > 1:
+                ax.fill_between(epochs, 100 * low, 100 * high, color=line.get_color(),
+                                alpha=0.15, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small")
+    fig.suptitle(f"{dataset.upper()}, density {density:g}: network health at the end of each "
+                 f"epoch's training (mean over seeds, band min–max)")
+    fig.savefig(path, dpi=120)
+
+
+def _health_section(groups: Groups, dens: list[float], out_dir: Path, dataset: str,
+                    mpl: Any) -> list[str]:
+    md = ["### Network health per epoch", "",
+          "At the end of each epoch's training, before its redistribution: the share of the "
+          "stored weights exactly 0, and of the hidden neurons dead (every weight in, or every "
+          "weight out, absent or 0, or a ReLU at 0 on the whole probe batch). A rise over the "
+          "epochs is a slow collapse.", ""]
+    if not any(zero_share(m) is not None for rs in groups.values() for r in rs for m in r.metrics):
+        return md + ["No run recorded its health (runs from before it was recorded).", ""]
+    for density in dens:
+        name = f"{dataset}-health-d{density:g}.png"
+        if mpl is not None:
+            _health_figure(groups, density, out_dir / name, dataset)
+            md += [f"![network health per epoch at density {density:g}]({name})", ""]
+        rows, header_epochs = [], None
+        for key in keys(groups, sparse=True):
+            runs_here = groups.get((key, density))
+            if not runs_here:
+                continue
+            cells = []
+            for _, get in HEALTH:
+                epochs, mean, _, _ = curve(runs_here, get)
+                header_epochs = header_epochs or _selected_epochs(epochs)
+                at = dict(zip(epochs.tolist(), mean.tolist()))
+                cells.append(" / ".join(f"{100 * at[e]:.1f}" if e in at else "—"
+                                        for e in header_epochs))
+            rows.append([LABELS.get(key, key), *cells])
+        if rows:
+            epochs_text = ", ".join(str(e) for e in header_epochs or [])
+            md += [f"Density {density:g}, mean over seeds at epochs {epochs_text}:", ""]
+            md += _table(["algorithm", "zero weights (%)", "dead hidden neurons (%)"], rows) + [""]
+    return md
+
+
 def _selected_epochs(epochs: numpy.ndarray, count: int = 6) -> list[int]:
     if len(epochs) <= count:
         return [int(e) for e in epochs]
@@ -594,6 +678,8 @@ def dataset_section(dataset: str, runs: Sequence[RunResult], out_dir: Path,
             rows.append([LABELS.get(key, key)]
                         + [f"{100 * at[e]:.2f}" if e in at else "—" for e in header_epochs])
         md += _table(["algorithm", *(f"epoch {e}" for e in header_epochs or [])], rows) + [""]
+
+    md += _health_section(groups, dens, out_dir, dataset, mpl)
 
     md += ["### Loss induced by a redistribution (Figure 3)", "",
            "induced_loss_after − induced_loss_before: the training loss on a fixed batch just "
