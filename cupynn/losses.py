@@ -9,6 +9,14 @@ the gradient of that mean with respect to the logits.
 these rows divided by ``total`` (the global batch), and its gradient; summed
 over the ranks of a data-parallel step, the shares give the global batch's
 mean loss and gradient (:mod:`cupynn.distributed`).
+
+``weight`` (one non-negative number per row) makes the mean a weighted one,
+as scikit-learn's ``MLPClassifier``/``MLPRegressor`` weight their loss
+(``numpy.average(..., weights=sample_weight)``): ``sum_i w_i l_i / sum_i w_i``,
+whose gradient is row i's unweighted one times ``w_i / sum_i w_i``. A weight
+of 2 counts a row twice; a batch whose weights are all 0 gives loss 0 and
+gradient 0. With ``weight``, ``total`` is the weight sum of the whole batch
+(a positive real) instead of its row count.
 """
 
 from __future__ import annotations
@@ -29,17 +37,49 @@ def _check_batch(logits: Any, labels: Any, owner: str) -> None:
                         f"Got {logits.dtype} instead.")
 
 
-def _check_total(total: Any, n: int, owner: str) -> int | None:
+def _check_total(total: Any, n: int, owner: str, weighted: bool = False) -> Any:
     if total is None:
         return None
+    if weighted:  # the whole batch's weight sum
+        if (isinstance(total, bool) or not isinstance(total, (int, float, numpy.number))
+                or not numpy.isfinite(total) or total < 0):
+            raise ValueError(f"The 'total' parameter of {owner} must be the batch's weight sum, a "
+                             f"finite real >= 0, with weight=. Got {total!r} instead.")
+        return float(total)
     if isinstance(total, bool) or not isinstance(total, (int, numpy.integer)) or total < max(n, 1):
         raise ValueError(f"The 'total' parameter of {owner} must be an int >= the batch size "
                          f"{n} (and >= 1). Got {total!r} instead.")
     return int(total)
 
 
+def _check_weight(weight: Any, n: int, dtype: Any, xp: Any, owner: str, check: bool) -> Any:
+    """``weight`` as a (n,) array of the logits' dtype on their device; with ``check``,
+    its values finite and >= 0 (one reduction; ``fit`` checks all weights once)."""
+    if getattr(weight, "ndim", None) != 1 or weight.shape[0] != n:
+        raise ValueError(f"The 'weight' argument of {owner} must have shape ({n},). "
+                         f"Got {getattr(weight, 'shape', type(weight).__name__)} instead.")
+    weight = xp.asarray(weight)
+    if weight.dtype.kind not in "fiub":
+        raise TypeError(f"The 'weight' argument of {owner} must be numbers. Got {weight.dtype}.")
+    weight = weight.astype(dtype, copy=False)
+    if check and n and not bool(to_numpy(((weight >= 0) & xp.isfinite(weight)).all())):
+        raise ValueError(f"The 'weight' argument of {owner} must be finite and >= 0.")
+    return weight
+
+
+def _weighted_mean(per_row: Any, weight: Any, total: Any, xp: Any) -> tuple[Any, Any]:
+    """sum(w * per_row) / W and the per-row factors w / W, W the weights' sum (or ``total``).
+
+    W = 0 (every weight 0) gives 0 and zeros, without a division by 0 and without
+    reading W on the host (no device sync per batch)."""
+    den = weight.sum() if total is None else xp.asarray(total, dtype=weight.dtype)
+    den = xp.where(den > 0, den, xp.ones_like(den))
+    factors = weight / den
+    return (factors * per_row).sum(), factors
+
+
 def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
-                  total: int | None = None) -> tuple[Any, Any]:
+                  total: Any = None, weight: Any = None) -> tuple[Any, Any]:
     """Softmax cross-entropy.
 
     Parameters
@@ -51,11 +91,15 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
         up front and passes False).
     total : int, optional
         Divide by this instead of the batch size (see the module doc).
+    weight : (batch,) float >= 0, optional
+        Per-row weights: the weighted mean (see the module doc).
 
     Returns
     -------
     loss : 0-d array, mean over the batch of ``logsumexp(z) - z[label]``
+        (with ``weight``, ``sum_i w_i l_i / sum_i w_i``)
     grad : (batch, classes), ``(softmax(z) - onehot(label)) / batch``
+        (with ``weight``, row i times ``w_i / sum_i w_i`` instead of ``1 / batch``)
     """
     owner = "cross_entropy"
     if getattr(logits, "ndim", None) != 2:
@@ -67,7 +111,9 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
     if labels.dtype.kind not in "iu":
         raise TypeError(f"The 'labels' argument of {owner} must be integers. Got {labels.dtype}.")
     n, classes = logits.shape
-    total = _check_total(total, n, owner)
+    total = _check_total(total, n, owner, weighted=weight is not None)
+    if weight is not None:
+        weight = _check_weight(weight, n, logits.dtype, xp, owner, check)
     if n == 0 and total is not None:  # a rank whose share of the batch is empty
         return xp.zeros((), dtype=logits.dtype), xp.zeros_like(logits)
     if check and n:
@@ -80,15 +126,19 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
     norm = exp.sum(axis=1, keepdims=True)
     rows = xp.arange(n)
     per_row = xp.log(norm[:, 0]) - shifted[rows, labels]
-    loss = per_row.mean() if total is None else per_row.sum() / total
     grad = exp / norm
     grad[rows, labels] -= 1
+    if weight is not None:
+        loss, factors = _weighted_mean(per_row, weight, total, xp)
+        grad *= factors[:, None]
+        return loss, grad
+    loss = per_row.mean() if total is None else per_row.sum() / total
     grad /= n if total is None else total
     return loss, grad
 
 
 def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
-                         total: int | None = None) -> tuple[Any, Any]:
+                         total: Any = None, weight: Any = None) -> tuple[Any, Any]:
     """Binary cross-entropy of ``sigmoid(z)`` computed from the logits ``z``.
 
     loss = mean(softplus(z) - y z) = mean(max(z, 0) - y z + log1p(exp(-|z|))),
@@ -102,6 +152,8 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
         Check the labels' range (one reduction).
     total : int, optional
         Divide by this instead of the batch size (see the module doc).
+    weight : (batch,) float >= 0, optional
+        Per-row weights: the weighted mean (see the module doc).
 
     Returns
     -------
@@ -115,7 +167,9 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
     _check_batch(logits, labels, owner)
     xp = backend_of(logits).xp
     z = logits.reshape(-1)
-    total = _check_total(total, z.shape[0], owner)
+    total = _check_total(total, z.shape[0], owner, weighted=weight is not None)
+    if weight is not None:
+        weight = _check_weight(weight, z.shape[0], z.dtype, xp, owner, check)
     if z.shape[0] == 0 and total is not None:  # a rank whose share of the batch is empty
         return xp.zeros((), dtype=logits.dtype), xp.zeros_like(logits)
     y = xp.asarray(labels).astype(z.dtype, copy=False)
@@ -126,14 +180,17 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
                              f"Got values in [{lo}, {hi}] instead.")
     e = xp.exp(-xp.abs(z))  # in (0, 1]
     per_row = xp.maximum(z, 0) - y * z + xp.log1p(e)
-    loss = per_row.mean() if total is None else per_row.sum() / total
     sigmoid = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    if weight is not None:
+        loss, factors = _weighted_mean(per_row, weight, total, xp)
+        return loss, ((sigmoid - y) * factors).reshape(logits.shape)
+    loss = per_row.mean() if total is None else per_row.sum() / total
     grad = (sigmoid - y) / (z.shape[0] if total is None else total)
     return loss, grad.reshape(logits.shape)
 
 
 def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
-                       total: int | None = None) -> tuple[Any, Any]:
+                       total: Any = None, weight: Any = None) -> tuple[Any, Any]:
     """Mean squared error, for regression.
 
     loss = mean over the batch and the outputs of ``(pred - target)**2``;
@@ -147,6 +204,10 @@ def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
         Check that the targets are finite (one reduction).
     total : int, optional
         Divide by ``total * outputs`` instead (see the module doc).
+    weight : (batch,) float >= 0, optional
+        Per-row weights: ``sum_i w_i sum_j (pred_ij - target_ij)**2 / (sum_i w_i *
+        outputs)``, the weighted mean over the rows of each row's mean over the
+        outputs (scikit-learn's ``squared_loss`` without its factor 1/2).
 
     Returns
     -------
@@ -170,7 +231,9 @@ def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
                              f"{pred.shape}. Got {target.shape} instead.")
     n = pred.shape[0]
     outputs = 1 if pred.ndim == 1 else pred.shape[1]
-    total = _check_total(total, n, owner)
+    total = _check_total(total, n, owner, weighted=weight is not None)
+    if weight is not None:
+        weight = _check_weight(weight, n, pred.dtype, xp, owner, check)
     if n == 0 and total is not None:  # a rank whose share of the batch is empty
         return xp.zeros((), dtype=pred.dtype), xp.zeros_like(pred)
     target = target.astype(pred.dtype, copy=False)
@@ -178,6 +241,12 @@ def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
         raise ValueError(f"The 'target' argument of {owner} must be finite.")
     diff = pred - target
     squares = diff * diff
+    if weight is not None:
+        per_row = squares if pred.ndim == 1 else squares.sum(axis=1)
+        loss, factors = _weighted_mean(per_row, weight, total, xp)
+        factors = factors * (2.0 / outputs)
+        grad = diff * (factors if pred.ndim == 1 else factors[:, None])
+        return loss / outputs, grad.astype(pred.dtype, copy=False)
     loss = squares.mean() if total is None else squares.sum() / (total * outputs)
     grad = diff * (2.0 / ((n if total is None else total) * outputs))
     return loss, grad.astype(pred.dtype, copy=False)
