@@ -316,8 +316,11 @@ class Trainer:
                     metrics = self._epoch(epoch)
                     self.epoch = epoch
                     self.history.append(metrics)
-                    bar.set_postfix({k: f"{metrics[k]:.4f}"
-                                     for k in ("train_loss", "test_accuracy") if k in metrics})
+                    shown = {k: f"{metrics[k]:.4f}"
+                             for k in ("train_loss", "test_accuracy") if k in metrics}
+                    shown["zeros"] = f"{metrics['zero_weights'] / sum(metrics['nnz']):.1%}"
+                    shown["dead"] = metrics["dead_neurons"]  # a collapse shows as it builds
+                    bar.set_postfix(shown)
                     stop = self.on_epoch_end is not None and self.on_epoch_end(metrics) is False
                     if any(self.comm.allgather(stop) if self.reducer else (stop,)):
                         break
