@@ -186,7 +186,7 @@ class Trainer:
                  track_memory: Any = False,
                  on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
                  comm: Any = None, schedule: str = "cosine",
-                 redistribute_unit: str = "epoch") -> None:
+                 redistribute_unit: str = "epoch", sample_weight: Any = None) -> None:
         from .distributed import GradientReducer, as_communicator
 
         owner = "fit"
@@ -233,6 +233,7 @@ class Trainer:
                             f"sample_epoch(rng) method. Got {type(train).__name__} instead.")
         self.train = None if self.sampler is not None else _check_dataset(model, train, loss, "train")
         self.test = None if test is None else _check_dataset(model, test, loss, "test")
+        self.sample_weight = _check_sample_weight(sample_weight, self.train, self.comm)
         self.rng = numpy.random.default_rng(self.seed)
         self.augment_rng = numpy.random.default_rng((self.seed, 2))
         # A fixed batch of training rows for the induced loss, from its own stream: of a
@@ -330,7 +331,8 @@ class Trainer:
         return self.history
 
     def train_batch(self, x: numpy.ndarray, y: numpy.ndarray,
-                    shard: tuple[int, int, int] | None = None, *, check: bool = True) -> Any:
+                    shard: tuple[int, int, int] | None = None, weight: Any = None, *,
+                    check: bool = True) -> Any:
         """One training step on a host mini-batch, as every batch of an epoch takes it.
 
         The batch goes to the device (and through ``augment``), then forward,
@@ -348,6 +350,9 @@ class Trainer:
         ``check=False`` skips the scan of ``x`` for NaN and infinity: the
         epochs pass it for batches of the training data, checked whole when
         the trainer took it (or each epoch, from a sampler).
+
+        ``weight`` (one process only): the batch's rows' sample weights; the
+        loss is then their weighted mean (:mod:`cupynn.losses`).
         """
         model, backend = self.model, self.model.backend
         if self.reducer is None:
@@ -355,9 +360,13 @@ class Trainer:
             if self.augment is not None:
                 xb = self.augment(xb, self.augment_rng)
             logits = model.forward(xb, check=check)
-            value, grad = LOSSES[self.loss](logits, backend.asarray(y), check=False)
+            value, grad = LOSSES[self.loss](logits, backend.asarray(y), check=False,
+                                            weight=None if weight is None
+                                            else backend.asarray(weight))
             model.backward(grad, need_input_grad=False)
         else:
+            if weight is not None:
+                raise ValueError(_NO_WEIGHTS_ACROSS_RANKS.format(size=self.comm.size))
             if shard is None:
                 start, stop = self.comm.shard(len(x))
                 shard, x, y = (start, stop, len(x)), x[start:stop], y[start:stop]
@@ -404,13 +413,19 @@ class Trainer:
         order = self.rng.permutation(n)
         n_batches = -(-n // size)
         if self.reducer is None:
+            w_train = self.sample_weight  # with weights: (x, y, no shard, w)
+
             def batch(b):
                 idx = order[b * size:(b + 1) * size]
-                return x_train[idx], y_train[idx]
+                if w_train is None:
+                    return x_train[idx], y_train[idx]
+                return x_train[idx], y_train[idx], None, w_train[idx]
 
             def rows_from(b0):
                 rows = order[b0 * size:]
-                return x_train[rows], y_train[rows], None
+                if w_train is None:
+                    return x_train[rows], y_train[rows], None
+                return x_train[rows], y_train[rows], None, w_train[rows]
             return batch, n, rows_from
         shards = [comm.shard(min(size, n - b * size)) for b in range(n_batches)]
         positions = [order[b * size + s:b * size + e] for b, (s, e) in enumerate(shards)]
@@ -462,10 +477,10 @@ class Trainer:
         fraction = self._step_fraction(step, n_batches)
         if fraction <= 0:
             return
-        x, y, *shard = rows
+        x, y, *shard = rows  # (x, y), (x, y, shard) or, weighted, (x, y, None, weight)
         record = _redistribute(self.model, self.optimizer, self.redistributor, fraction,
-                               (x, y, shard[0][2] if shard else None), self.probe, self.loss,
-                               self.comm)
+                               (x, y, shard[0][2] if shard and shard[0] else None, *shard[1:]),
+                               self.probe, self.loss, self.comm)
         self.comm.check_identical_model(self.model, f"after the redistribution of step {step}")
         moves.append({"step": step, "fraction": fraction,
                       "seconds": record["redistribution_seconds"],
@@ -564,7 +579,7 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         track_memory: Any = False,
         on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
         comm: Any = None, schedule: str = "cosine",
-        redistribute_unit: str = "epoch") -> list[dict[str, Any]]:
+        redistribute_unit: str = "epoch", sample_weight: Any = None) -> list[dict[str, Any]]:
     """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
 
     Each epoch visits the training rows in a fresh permutation drawn from a
@@ -624,6 +639,13 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         slowest rank's), and the model equals a one-process run's with the same
         global batch up to the order of floating-point sums. Only the first
         rank shows progress.
+    sample_weight : (n,) float >= 0, optional
+        One weight per training row (``train`` a pair; one process): each
+        batch's loss is the weighted mean ``sum w_i l_i / sum w_i``, as
+        scikit-learn's ``MLPClassifier`` weights it (:mod:`cupynn.losses`), and
+        so are the gradients that growth reads. The reported losses on the
+        test data and the probe batch are unweighted. ``None``: every row 1,
+        the same bits as without.
 
     Returns
     -------
@@ -649,7 +671,39 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
                    redistribute_every=redistribute_every, end_fraction=end_fraction,
                    growth_batches=growth_batches, augment=augment, track_memory=track_memory,
                    on_epoch_end=on_epoch_end, comm=comm, schedule=schedule,
-                   redistribute_unit=redistribute_unit).run()
+                   redistribute_unit=redistribute_unit, sample_weight=sample_weight).run()
+
+
+_NO_WEIGHTS_ACROSS_RANKS = ("sample_weight is not supported by data-parallel training ({size} "
+                            "ranks) yet: train in one process, or repeat rows instead of "
+                            "weighting them.")
+
+
+def _check_sample_weight(sample_weight: Any, train: Any, comm: Any) -> numpy.ndarray | None:
+    """``fit``'s sample weights as a float64 (n,) host array, checked once (None: none)."""
+    owner = "fit"
+    if sample_weight is None:
+        return None
+    if comm.size > 1:
+        raise ValueError(_NO_WEIGHTS_ACROSS_RANKS.format(size=comm.size))
+    if train is None:
+        raise ValueError(f"The 'sample_weight' argument of {owner} needs train given as a pair "
+                         f"(x, y); a sampler draws its own rows.")
+    weight = numpy.asarray(to_numpy(sample_weight))
+    n = train[0].shape[0]
+    if weight.shape != (n,):
+        raise ValueError(f"The 'sample_weight' argument of {owner} must have shape ({n},), one "
+                         f"weight per training row. Got {weight.shape} instead.")
+    if weight.dtype.kind not in "fiub":
+        raise TypeError(f"The 'sample_weight' argument of {owner} must be numbers. Got "
+                        f"{weight.dtype} instead.")
+    weight = weight.astype(numpy.float64)
+    if not numpy.isfinite(weight).all() or weight.min() < 0:
+        raise ValueError(f"The 'sample_weight' argument of {owner} must be finite and >= 0.")
+    if not weight.any():
+        raise ValueError(f"The 'sample_weight' argument of {owner} is zero for every row; at "
+                         f"least one weight must be non-zero.")
+    return weight
 
 
 def _show_loss(bar: Any, shown: Any, backend: Any, value: Any) -> Any:
@@ -714,12 +768,16 @@ def _redistribute(model: Any, optimizer: Any, redistributor: Any, fraction: floa
     """One scheduled redistribution, timed, with the induced loss around it.
 
     ``growth`` is ``(x, y, total)``: this rank's rows of the growth batch(es)
-    and their count over all ranks (None: one process)."""
+    and their count over all ranks (None: one process); or, with sample
+    weights, ``(x, y, None, weight)``, the growth gradients then weighted. The
+    induced loss is the probe batch's unweighted loss."""
     before = _probe_loss(model, probe, loss, comm)
     model.backend.synchronize()
     start = time.perf_counter()
-    x, y, total = growth
-    counts = redistributor.redistribute(model, optimizer, fraction, x, y, loss, total=total)
+    x, y, total, *weight = growth
+    weighted = {"weight": weight[0]} if weight else {}  # a Redistributor of before takes none
+    counts = redistributor.redistribute(model, optimizer, fraction, x, y, loss, total=total,
+                                        **weighted)
     model.backend.synchronize()
     seconds = time.perf_counter() - start
     return {"fraction": fraction, "redistribution_seconds": seconds,

@@ -105,7 +105,8 @@ class GradientProbe:
     """
 
     def __init__(self, model: Any, x: Any, y: Any, loss: str, *, total: int | None = None,
-                 comm: Any = None, keep_active_gradients: bool = False) -> None:
+                 comm: Any = None, keep_active_gradients: bool = False,
+                 weight: Any = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"The 'loss' argument must be one of {list(LOSSES)}. Got {loss!r}.")
         xp = model.backend.xp
@@ -115,7 +116,8 @@ class GradientProbe:
             layer.keep_output_grad = True
         try:
             logits = model.forward(x)
-            value, grad = LOSSES[loss](logits, xp.asarray(y), check=False, total=total)
+            value, grad = LOSSES[loss](logits, xp.asarray(y), check=False, total=total,
+                                       weight=None if weight is None else xp.asarray(weight))
             model.backward(grad, need_input_grad=False)
         finally:
             for layer in layers:
@@ -280,7 +282,7 @@ class Redistributor:
     # -------------------------------------------------------------- template
     def redistribute(self, model: Any, optimizer: Any, fraction: float, x: Any = None,
                      y: Any = None, loss: str = "cross_entropy", *,
-                     total: int | None = None) -> list[dict[str, int]]:
+                     total: int | None = None, weight: Any = None) -> list[dict[str, int]]:
         """Apply one redistribution moving ``fraction`` of the active weights.
 
         Parameters
@@ -294,6 +296,9 @@ class Redistributor:
         total : int, optional
             With a communicator of several ranks (:attr:`comm`): ``x, y`` are this
             rank's rows of a batch of ``total`` rows (see :class:`GradientProbe`).
+        weight : (batch,) float >= 0, optional
+            Sample weights of ``x``'s rows: the batch's loss is their weighted
+            mean (:mod:`cupynn.losses`), and so are the gradients growth reads.
 
         Returns
         -------
@@ -311,7 +316,8 @@ class Redistributor:
         self.optimizer = optimizer  # for the scores that read its moments (momentum growth)
         with one_blas_thread(model.backend.xp):
             probe = (GradientProbe(model, x, y, loss, total=total, comm=self.comm,
-                                   keep_active_gradients=self.keeps_active_gradients)
+                                   keep_active_gradients=self.keeps_active_gradients,
+                                   weight=weight)
                      if self.uses_batch else None)
             for layer in layers:  # the weight gradients belong to the old topology
                 layer.grad_data = None

@@ -12,7 +12,7 @@ class Static(Redistributor):
     name = "static"
 
     def redistribute(self, model, optimizer, fraction, x=None, y=None, loss="cross_entropy", *,
-                     total=None):
+                     total=None, weight=None):
         """Check ``fraction`` and report zero counts; nothing is rebuilt or allocated."""
         check_real(fraction, "fraction", f"{type(self).__name__}.redistribute", 0.0, 1.0)
         return super().redistribute(model, optimizer, 0.0, x, y, loss, total=total)
