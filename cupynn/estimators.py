@@ -39,9 +39,19 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .redistribution import NAMES, compositions
+from .redistribution import NAMES, compositions, naming_rule
 
 BATCH_AUTO = 200  # "auto": min(200, n_samples), as MLPClassifier
+
+
+class _RedistributionNames(StrOptions):
+    """Every preset and composition name; an error says the rule, not the dozens of names."""
+
+    def __init__(self) -> None:
+        super().__init__(set(NAMES) | set(compositions()))
+
+    def __str__(self) -> str:
+        return f"a str among the redistribution names ({naming_rule().rstrip('.')})"
 
 
 class _SparseMLP(BaseEstimator):
@@ -51,7 +61,7 @@ class _SparseMLP(BaseEstimator):
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(numbers.Integral, 1, None, closed="left")],
         "density": [Interval(numbers.Real, 0, 1, closed="right")],
-        "redistribution": [StrOptions(set(NAMES) | set(compositions())), None],
+        "redistribution": [_RedistributionNames(), None],
         "alpha": [Interval(numbers.Real, 0, 1, closed="both")],
         "redistribute_every": [Interval(numbers.Integral, 1, None, closed="left")],
         "end_fraction": [Interval(numbers.Real, 0, 1, closed="both")],

@@ -47,6 +47,26 @@ def parts() -> dict[str, Any]:
     return {"drop": DROPS, "grow": GROWS, "scope": dict(SCOPES)}
 
 
+def naming_rule(presets: bool = True) -> str:
+    """How a redistribution is named, for messages: the presets, the parts and the rule.
+
+    Not the list of every valid name (:func:`compositions`: dozens, which a
+    reader cannot scan for the one they meant). ``presets=False`` leaves out
+    the paper's seven names (for a message that has just listed them).
+    """
+    both = [g for g in GROWS if len(SCOPES[g]) > 1]
+    only = "; ".join(f"{', '.join(g for g in GROWS if SCOPES[g] == (scope,))} {scope} only"
+                     for scope in ("layer", "global")
+                     if any(SCOPES[g] == (scope,) for g in GROWS))
+    rule = (f"'<drop>+<grow>[/<scope>]' with <drop> a removal ({', '.join(DROPS)}), <grow> a "
+            f"growth ({', '.join(GROWS)}) and /<scope> layer or global where the growth takes "
+            f"both ({', '.join(both)}; default layer; {only}), e.g. set+momentum or "
+            f"magnitude+gradient/global.")
+    if not presets:
+        return f"Compose one: {rule}"
+    return f"Valid names: {', '.join(NAMES)}. Or compose one: {rule}"
+
+
 def create(name: str | None = None, *, drop: str | None = None, grow: str | None = None,
            scope: str | None = None, seed: int = 0, **params: Any) -> Redistributor:
     """A redistributor: a preset by name (``params`` go to its constructor), or a
@@ -71,9 +91,7 @@ def create(name: str | None = None, *, drop: str | None = None, grow: str | None
         drop, grow, scope = parse_name(name)
         return Composed(drop=drop, grow=grow, scope=scope, seed=seed, **params)
     if name not in REGISTRY:
-        raise ValueError(f"Unknown redistribution {name!r}. Valid names: {', '.join(NAMES)}. "
-                         f"Or compose one: '<drop>+<grow>[/<scope>]' with removals "
-                         f"{', '.join(DROPS)} and growths {', '.join(GROWS)}.")
+        raise ValueError(f"Unknown redistribution {name!r}. {naming_rule()}")
     cls = REGISTRY[name]
     try:
         return cls(seed=seed, **params)
@@ -84,4 +102,4 @@ def create(name: str | None = None, *, drop: str | None = None, grow: str | None
 
 
 __all__ = ["Composed", "Drop", "GradientProbe", "NAMES", "REGISTRY", "Redistributor",
-           "compositions", "create", "fraction_at", "parts"]
+           "compositions", "create", "fraction_at", "naming_rule", "parts"]
