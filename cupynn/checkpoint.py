@@ -48,21 +48,47 @@ def save_checkpoint(directory: str | Path, trainer: Any) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, numpy.ndarray]]:
-    """(meta, arrays) of a checkpoint file or of the directory holding one."""
+    """(meta, arrays) of a checkpoint file or of the directory holding one.
+
+    Raises
+    ------
+    FileNotFoundError
+        No checkpoint there.
+    ValueError
+        Any other file: empty, truncated or corrupt, not a ``.npz``, a model
+        file, another format; the message names the file and says which.
+    """
+    from .serialization import read_npz
+
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint at {path}.")
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path} is not a readable cupynn checkpoint: {problem}.")
+
     try:
-        with numpy.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+        arrays = read_npz(path)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if "meta" not in arrays:
+        if "header" in arrays:
+            raise bad("it is a model file (cupynn.save), which holds the weights but not the "
+                      "optimizer's and the training loop's state")
+        raise bad(f"it has no checkpoint record (it holds {sorted(arrays)[:8]})")
+    try:
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} is not a readable cupynn checkpoint ({exc}).") from None
+    except ValueError as exc:
+        raise bad(f"its record is not JSON ({exc}); the file is corrupt") from None
+    if not isinstance(meta, dict):
+        raise bad("its record is not a checkpoint's; the file is corrupt")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this cupynn "
                          f"reads format {FORMAT}.")
+    if not all(isinstance(meta.get(key), dict) for key in ("model", "optimizer", "trainer")):
+        raise bad("its record lacks the model, optimizer or trainer state; the file is corrupt")
     return meta, arrays
 
 

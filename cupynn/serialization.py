@@ -20,7 +20,10 @@ file is a readable zip, that it is a cupynn model, that its format version is
 one this cupynn reads, every array's presence, dtype and shape, and that each
 sparse layer is canonical CSR — before it builds the model, so a bad file
 raises :class:`ModelFileError` naming the file and what is wrong, and never
-returns a half-built model.
+returns a half-built model. A missing file, a directory, a lone ``.npy``
+array, a pickle, an empty or truncated file and a training checkpoint each get
+a :class:`ModelFileError` that says which (a missing file's is also a
+``FileNotFoundError``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,72 @@ CONFIG_KEYS = ("sizes", "density", "dense_layers", "seed", "dtype", "init", "act
 
 class ModelFileError(ValueError):
     """A file that is not a readable cupynn model file; the message names it and the problem."""
+
+
+class MissingModelFileError(ModelFileError, FileNotFoundError):
+    """No file at the path given: a :class:`ModelFileError` and a ``FileNotFoundError``."""
+
+
+# The first bytes of the files a user may give instead of an ``.npz`` (a zip archive).
+_ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_PROTOCOL = b"\x80"  # pickle protocols 2 and above start with PROTO
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, numpy.ndarray]:
+    """Every array of the ``.npz`` archive at ``path`` (never unpickling anything).
+
+    Raises
+    ------
+    FileNotFoundError
+        No file or directory at ``path``.
+    ValueError
+        Anything else: the message is a phrase saying what the file is instead
+        ("a directory", "empty", "a single NumPy array (.npy)", "a pickle",
+        "corrupt or truncated", ...), for the caller to put after its own
+        "<path> is not a ...".
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError("it is a directory")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise ValueError(f"it cannot be read ({exc.strerror or exc})") from None
+    if not start:
+        raise ValueError("the file is empty")
+    if start.startswith(_NPY_MAGIC):
+        raise ValueError("it is a single NumPy array (.npy, numpy.save), not a .npz archive")
+    if start.startswith(_PICKLE_PROTOCOL):
+        raise ValueError("it is a pickle, not a .npz archive (a pickled object loads with "
+                         "pickle.load, and only from a source you trust)")
+    if not start.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
+        raise ValueError(f"it is not a .npz (zip) archive: corrupt or truncated, or another kind "
+                         f"of file (it starts with {start[:6]!r})")
+    damaged = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error)
+
+    def corrupt(exc: Exception) -> ValueError:
+        return ValueError(f"it is a damaged .npz archive: corrupt or truncated "
+                          f"({type(exc).__name__}: {exc})")
+
+    try:
+        archive = numpy.load(path, allow_pickle=False)
+    except damaged as exc:
+        raise corrupt(exc) from None
+    with archive:
+        others = [name for name in archive.zip.namelist() if not name.endswith(".npy")]
+        if others:
+            raise ValueError(f"it is a zip archive but not a .npz: it holds "
+                             f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''} "
+                             f"besides NumPy arrays")
+        try:
+            return {key: archive[key] for key in archive.files}
+        except damaged as exc:
+            raise corrupt(exc) from None
 
 
 def save(model: Any, path: str | os.PathLike) -> Path:
@@ -73,29 +143,31 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, numpy.ndarr
 
     Raises
     ------
-    FileNotFoundError
-        No file at ``path``.
     ModelFileError
-        Anything else wrong with it (see the module doc).
+        Anything wrong with it (see the module doc); for a missing file, a
+        :class:`MissingModelFileError`, which is also a ``FileNotFoundError``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No cupynn model file at {path}.")
 
     def bad(problem: str) -> ModelFileError:
         return ModelFileError(f"{path}: {problem}")
 
     try:
-        with numpy.load(path, allow_pickle=False) as archive:
-            if "header" not in archive.files:
-                raise bad(f"not a cupynn model file (no cupynn header; it holds "
-                          f"{sorted(archive.files)[:8]}).")
-            arrays = {key: archive[key] for key in archive.files}
-    except ModelFileError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise bad(f"not a readable cupynn model file: corrupt or truncated "
-                  f"({type(exc).__name__}: {exc}).") from None
+        arrays = read_npz(path)
+    except FileNotFoundError:
+        raise MissingModelFileError(f"No cupynn model file at {path}.") from None
+    except ValueError as exc:
+        hint = ""
+        if path.is_dir() and (path / "model.npz").is_file():
+            hint = f" The run's model is {path / 'model.npz'}."
+        raise bad(f"not a readable cupynn model file: {exc}.{hint}") from None
+    if "header" not in arrays:
+        if "meta" in arrays and any(key.startswith("model/") for key in arrays):
+            raise bad("not a cupynn model file but a training checkpoint (cupynn.checkpoint); "
+                      "a run's model file is model.npz beside it, or restore the checkpoint "
+                      "with cupynn.checkpoint.load_checkpoint.")
+        raise bad(f"not a cupynn model file (no cupynn header; it holds "
+                  f"{sorted(arrays)[:8]}).")
     try:
         header = json.loads(str(arrays.pop("header")))
     except (ValueError, TypeError) as exc:
@@ -166,7 +238,7 @@ def load(path: str | os.PathLike, device: Any = "auto") -> Any:
 
     Raises
     ------
-    FileNotFoundError, ModelFileError
+    ModelFileError
         See :func:`read`; nothing is built unless the whole file is good.
     """
     from .model import MLP

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy
 import pytest
 
@@ -106,3 +108,54 @@ def test_checkpoint_for_another_model_is_refused(backend, rng, tmp_path):
     (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="is not a readable cupynn checkpoint"):
         read_checkpoint(tmp_path / "bad")
+
+
+def _npy_named_npz(path):
+    with open(path, "wb") as f:
+        numpy.save(f, numpy.ones(3))
+
+
+def _model_file(path):
+    cupynn.save(cupynn.MLP([4, 5, 2], density=0.5), path)
+
+
+def _directory(path):
+    path.unlink()
+    path.mkdir()
+
+
+NOT_CHECKPOINTS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]),
+                  r"a damaged .npz archive: corrupt or truncated \(BadZipFile"),
+    "cut in its last bytes": (lambda p: p.write_bytes(p.read_bytes()[:-10]),
+                              "corrupt or truncated"),
+    "empty": (lambda p: p.write_bytes(b""), "the file is empty"),
+    "garbage": (lambda p: p.write_bytes(bytes(range(7, 256)) * 4),
+                r"not a .npz \(zip\) archive: corrupt or truncated, or another kind of file"),
+    "model file": (_model_file, r"it is a model file \(cupynn.save\), which holds the weights but "
+                                r"not the optimizer's and the training loop's state"),
+    "npy": (_npy_named_npz, r"a single NumPy array \(.npy"),
+    "pickle": (lambda p: p.write_bytes(pickle.dumps({"meta": "{}"})), "it is a pickle"),
+    "foreign npz": (lambda p: numpy.savez(p, w=numpy.ones(2)),
+                    r"it has no checkpoint record \(it holds \['w'\]\)"),
+    "record not json": (lambda p: numpy.savez(p, meta=numpy.array("{oops")),
+                        "its record is not JSON"),
+    "record not a dict": (lambda p: numpy.savez(p, meta=numpy.array("[1, 2]")),
+                          "its record is not a checkpoint's"),
+    "record without state": (lambda p: numpy.savez(p, meta=numpy.array('{"format": 1}')),
+                             "its record lacks the model, optimizer or trainer state"),
+    "directory": (_directory, "it is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHECKPOINTS))
+def test_what_is_not_a_checkpoint_is_a_value_error_that_says_what(rng, tmp_path, case):
+    """Never a zipfile.BadZipFile, EOFError, pickle message or KeyError: the scripts turn this
+    ValueError into one paragraph and status 2 (tests/test_cli_errors.py)."""
+    trainer = _trainer("cpu", _data(rng), None, epochs=1)
+    path = save_checkpoint(tmp_path, trainer)
+    damage, message = NOT_CHECKPOINTS[case]
+    damage(path)
+    with pytest.raises(ValueError, match=message) as info:
+        read_checkpoint(tmp_path)
+    assert str(info.value).startswith(f"{path} is not a readable cupynn checkpoint: ")

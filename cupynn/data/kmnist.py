@@ -406,7 +406,10 @@ def _read_file(path: Path, layout: str, kind: str, official: OfficialFile | None
 
 def _read_npz(path: Path) -> numpy.ndarray:
     try:
-        with numpy.load(path, allow_pickle=False) as archive:
+        loaded = numpy.load(path, allow_pickle=False)
+        if isinstance(loaded, numpy.ndarray):  # a .npy file under an .npz name
+            raise _Corrupt("is a single NumPy array (.npy), not an .npz archive")
+        with loaded as archive:
             if "arr_0" not in archive.files:
                 raise _Corrupt(f"must hold an array named 'arr_0'. Got {archive.files} instead")
             # Reading the member whole makes zipfile check its CRC.
