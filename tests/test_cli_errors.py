@@ -9,7 +9,9 @@ brings the traceback back, and a bug (not a UserError) always shows it.
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -85,17 +87,48 @@ def test_output_directory_holding_another_run(finished_run):
                       "already holds a run", "--resume", "--overwrite")
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _npy_bytes(array: numpy.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    numpy.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _replace_by_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "checkpoint.npz").write_bytes(b"\0" * 100), "not a readable cupynn checkpoint"),
-    (lambda d: numpy.savez(d / "checkpoint.npz", weights=numpy.ones(2)),
+    (lambda d, done: (d / "checkpoint.npz").write_bytes(b"\0" * 100),
      "not a readable cupynn checkpoint"),
-    (lambda d: (d / "config.json").write_text("{"), "its config.json is not a run's"),
-    (lambda d: (d / "checkpoint.npz").unlink(), "no config.json and checkpoint.npz there"),
-])
+    (lambda d, done: numpy.savez(d / "checkpoint.npz", weights=numpy.ones(2)),
+     "not a readable cupynn checkpoint: it has no checkpoint record"),
+    (lambda d, done: _truncate(d / "checkpoint.npz"),
+     "not a readable cupynn checkpoint: it is a damaged .npz archive: corrupt or truncated"),
+    (lambda d, done: (d / "checkpoint.npz").write_bytes(b""),
+     "not a readable cupynn checkpoint: the file is empty"),
+    (lambda d, done: (d / "checkpoint.npz").write_bytes(bytes(range(256)) * 8),
+     "not a readable cupynn checkpoint: it is not a .npz (zip) archive"),
+    (lambda d, done: (d / "checkpoint.npz").write_bytes((done / "model.npz").read_bytes()),
+     "not a readable cupynn checkpoint: it is a model file (cupynn.save)"),
+    (lambda d, done: (d / "checkpoint.npz").write_bytes(_npy_bytes(numpy.ones(3))),
+     "it is a single NumPy array (.npy"),
+    (lambda d, done: (d / "checkpoint.npz").write_bytes(pickle.dumps({"meta": 1})),
+     "it is a pickle"),
+    (lambda d, done: _replace_by_directory(d / "checkpoint.npz"), "it is a directory"),
+    (lambda d, done: (d / "config.json").write_text("{"), "its config.json is not a run's"),
+    (lambda d, done: (d / "checkpoint.npz").unlink(), "no config.json and checkpoint.npz there"),
+], ids=["zeros", "foreign npz", "truncated", "empty", "garbage", "model file", "npy", "pickle",
+        "directory", "bad config", "no checkpoint"])
 def test_resume_from_a_bad_checkpoint(finished_run, tmp_path, damage, message):
     run = copy_run(finished_run, tmp_path / "run")
-    damage(run)
-    assert_user_error(script("train_kmnist.py", "--resume", run), message)
+    damage(run, finished_run)
+    assert_user_error(script("train_kmnist.py", "--resume", run), message,
+                      "It cannot be resumed" if "config" not in message else "")
 
 
 def test_resume_with_settings_of_its_own(finished_run, tmp_path):
@@ -151,3 +184,70 @@ def test_a_bug_keeps_its_traceback(capsys):
     assert capsys.readouterr().err == "x.py: error: say what to do\n"
     with pytest.raises(UserError):
         run_main(mistaken, ["--debug"], "x.py")
+
+
+def test_out_naming_a_file(tmp_path):
+    """--out an existing file (or a path under one) is a user's mistake, found before any
+    data loads (the data folder here does not exist)."""
+    (tmp_path / "afile").write_text("mine")
+    for out, message in ((tmp_path / "afile", "is a file, not a directory"),
+                         (tmp_path / "afile" / "sub", "the output directory cannot be made")):
+        assert_user_error(script("train_kmnist.py", "--out", out, "--data-dir",
+                                 tmp_path / "nowhere", "--no-download", "--epochs", "1"),
+                          f"train_kmnist.py: error: --out {out}", message)
+    assert (tmp_path / "afile").read_text() == "mine"
+    done = script("train_kmnist.py", "--out", tmp_path / "afile", "--debug")
+    assert done.returncode == 1 and "UserError" in done.stderr
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("train_kmnist.py", ["--scale", "1.1", "0.9"], "--scale MIN MAX must have 0 < MIN <= MAX"),
+    ("train_kmnist.py", ["--scale", "0", "1"], "--scale MIN MAX must have 0 < MIN <= MAX"),
+    ("train_kmnist.py", ["--rotation", "-5"], "--rotation must be in [0, 180] degrees"),
+    ("train_kmnist.py", ["--rotation", "nan"], "--rotation must be in [0, 180] degrees"),
+    ("train_kmnist.py", ["--translation", "-1"], "--translation must be a finite number"),
+    ("train_kmnist.py", ["--train-from-test", "1.5"], "--train-from-test must be in (0, 1)"),
+    ("train_higgs.py", ["--train-samples", "0"], "--train-samples must be >= 1"),
+    ("train_higgs.py", ["--val-samples", "-3"], "--val-samples must be >= 1"),
+])
+def test_script_arguments_are_checked_before_any_data_loads(tmp_path, name, args, message):
+    """With the other arguments: status 2 and usage, no output directory made, no data read
+    (the data folder does not exist, so loading would fail with another message)."""
+    done = script(name, *args, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o",
+                  "--epochs", "1")
+    assert_user_error(done, f"{name}: error: {message}", "usage:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_higgs_names_the_data_dir_given(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data_dir in (tmp_path / "empty", tmp_path / "nowhere"):
+        done = script("train_higgs.py", "--data-dir", data_dir, "--epochs", "1", "--no-cache",
+                      "--out", tmp_path / "o")
+        assert_user_error(done, f"(--data-dir {data_dir})", f"in {data_dir}",
+                          f"HIGGS.csv.gz into {data_dir},")
+
+
+def test_unknown_redistribution_says_the_rule_not_every_name():
+    """The script's, create()'s and the estimators' messages give the seven presets and how
+    a composition is named (parts and scopes), not the dozens of valid compositions."""
+    from cupynn.estimators import SparseMLPClassifier
+    from cupynn.redistribution import create
+
+    done = script("train_kmnist.py", "--algorithm", "rigl")
+    with pytest.raises(ValueError) as created:
+        create("rigl")
+    with pytest.raises(ValueError) as estimated:
+        SparseMLPClassifier(redistribution="rigl", max_iter=1).fit(numpy.eye(4), [0, 1, 0, 1])
+    for message in (done.stderr.splitlines()[-1], str(created.value), str(estimated.value)):
+        assert "'rigl'" in message
+        for part in ("static, random, gradient, gradient-global, loss, woodfisher, woodtaylor",
+                     "'<drop>+<grow>[/<scope>]'",
+                     "a removal (magnitude, set, mest, random, woodfisher, woodtaylor)",
+                     "a growth (random, gradient, momentum, loss, proportional-random)",
+                     "layer or global", "loss layer only",
+                     "momentum, proportional-random global only", "e.g. set+momentum"):
+            assert part in " ".join(message.split()), (part, message)
+        assert "set+random/global" not in message and "mest+loss" not in message
+        assert len(message) < 800  # the names of every composition alone take 850
+    assert_user_error(done, "train_kmnist.py: error: argument --algorithm: 'rigl' is none of")

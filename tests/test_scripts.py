@@ -176,3 +176,44 @@ def test_script_files_run(tmp_path, script):
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "completed: 1/1 epochs" in done.stdout
+
+
+@pytest.mark.parametrize("experiment", [KMNIST, HIGGS], ids=["kmnist", "higgs"])
+def test_every_option_has_help_and_says_its_default_once(experiment):
+    """--help: no option without a line of help (--density, --epochs, --lr and --seed had
+    none), and a default said once, never as "(default: None)" beside the help's own words."""
+    import argparse
+
+    from cupynn.paper.experiments import build_parser
+
+    parser = build_parser(experiment)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        name = action.option_strings[-1]
+        shown = formatter._get_help_string(action) % {"default": action.default}
+        assert action.help and len(action.help) > 8, name
+        assert shown.count("default") <= 1 and "(default: None)" not in shown, (name, shown)
+        assert "(default: False)" not in shown and "(default: True)" not in shown, (name, shown)
+        if action.default not in (None, False) and action.option_strings != ["-h", "--help"]:
+            assert "default" in shown, (name, shown)
+    text = " ".join(parser.format_help().split())
+    for line in ("--density DENSITY share of each sparse layer's weights that are active, in "
+                 "(0, 1] (default: 0.1)", "--lr LR Adam's learning rate (default:",
+                 "--epochs EPOCHS passes over the training data (default: 80)",
+                 "--seed SEED seed of everything random", "--out DIR output directory "
+                 "(default: runs/<name>-<time>) --overwrite"):
+        assert line in text, line
+
+
+def test_help_of_the_scripts_runs():
+    for name, line in (("train_kmnist.py", "--scale MIN MAX augmentation: scale range (default: "
+                                           "0.9 1.1)"),
+                       ("train_higgs.py", "--train-samples TRAIN_SAMPLES training rows drawn per "
+                                          "epoch (default: 500000)")):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--help"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        text = " ".join(done.stdout.split())
+        assert done.returncode == 0, done.stderr
+        assert line in text and "(default: None)" not in text, text

@@ -264,10 +264,11 @@ def find_higgs(path: str | os.PathLike | None = None) -> Path:
                 return absolute(folder / name)
     places = ", ".join(str(absolute(f)) + ("" if f.is_dir() else " (no such folder)")
                        for f in folders)
+    # Into the folder the user named, else the one the search looks in first after $CUPYNN_DATA.
+    into = absolute(path) if path is not None else absolute(cache_folder("higgs"))
     raise FileNotFoundError(f"No HIGGS file was found: looked for {' or '.join(FILE_NAMES)} in "
                             f"{places}. Download the official file (2.6 GB) from {URL} into "
-                            f"{absolute(cache_folder('higgs'))}, or pass the path of a file in "
-                            "the same layout.")
+                            f"{into}, or pass the path of a file in the same layout.")
 
 
 # -- parsing -------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from ..memory import MemoryTracker
 from ..model import MLP
 from ..optim import Adam
 from ..init import ALLOCATIONS
-from ..redistribution import NAMES, compositions, create
+from ..redistribution import NAMES, compositions, create, naming_rule
 from ..redistribution.compose import DROP_PARAMS, DROPS, GROW_PARAMS, GROWS, parse_name
 from ..redistribution.schedule import SCHEDULES
 from ..training import Trainer
@@ -64,7 +64,9 @@ class Experiment:
     """What a script contributes: its data, architecture and loss.
 
     ``load(args)`` returns the training source ((x, y) or a sampler), the
-    test pair, the dataset's name and notices; ``sizes(args)`` the layer sizes.
+    test pair, the dataset's name and notices; ``sizes(args)`` the layer sizes;
+    ``checks(args)`` the (ok, message) range checks of the script's own
+    arguments, made with the others before any data loads.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Experiment:
     sizes: Callable[[argparse.Namespace], list[int]]
     augment: Callable[[argparse.Namespace], Any] = lambda args: None
     extra_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    checks: Callable[[argparse.Namespace], list[tuple[bool, str]]] = lambda args: []
     describe: str = ""
     extra_config: dict[str, Any] = field(default_factory=dict)
 
@@ -108,10 +111,29 @@ def parameter_equivalent_width(sizes: list[int], density: float,
 
 
 # ------------------------------------------------------------------ arguments
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default said once.
+
+    "(default: X)" is added after the help of an option whose default is a
+    value; not after a flag's (off unless given), nor where the default is None
+    or the help already says "default" (its help says in words what happens).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or default is None
+                or default is argparse.SUPPRESS or "default" in text):
+            return text
+        if isinstance(default, (tuple, list)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
     d = experiment.defaults
     parser = argparse.ArgumentParser(description=experiment.describe,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--algorithm", type=_algorithm, default="gradient-global", metavar="NAME",
         help=f"redistribution: one of the paper's ({', '.join(NAMES)}; static = fixed "
@@ -131,33 +153,42 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
     add("--baseline", choices=BASELINES, default=None,
         help="train a dense baseline instead: same sizes (neuron) or the parameter-equivalent "
              "width (parameter)")
-    add("--density", type=float, default=0.1)
-    add("--epochs", type=int, default=d["epochs"])
-    add("--batch-size", type=int, default=d["batch_size"])
-    add("--lr", type=float, default=d["lr"])
+    add("--density", type=float, default=0.1,
+        help="share of each sparse layer's weights that are active, in (0, 1]")
+    add("--epochs", type=int, default=d["epochs"], help="passes over the training data")
+    add("--batch-size", type=int, default=d["batch_size"], help="rows per training step")
+    add("--lr", type=float, default=d["lr"], help="Adam's learning rate")
     add("--hidden", type=int, default=d["hidden"], help="hidden width")
     add("--block-size", type=int, default=34, help="woodfisher/woodtaylor block size")
     add("--damp", type=float, default=None,
         help="woodfisher/woodtaylor dampening λ (default: 1e-4 woodfisher, 1 woodtaylor)")
     add("--joint", action="store_true", help="exact joint OBS update inside each block")
-    add("--fisher-batches", type=int, default=None,
+    add("--fisher-batches", type=int, default=None, metavar="N",
         help="woodfisher/woodtaylor: the Fisher from the last N mini-batches of the epoch "
              "(default: all)")
-    add("--mest-lambda", type=float, default=None,
-        help="mest removal: the weight of |g| in |w| + lambda |g| (default 0.01)")
-    add("--redistribute-every", type=int, default=1)
+    add("--mest-lambda", type=float, default=None, metavar="LAMBDA",
+        help="mest removal: the weight of |g| in |w| + lambda |g| (default: 0.01)")
+    add("--redistribute-every", type=int, default=1, metavar="N",
+        help="redistribute after every N-th epoch (or step: --redistribute-unit)")
     add("--alpha", type=float, default=0.5, help="initial fraction moved")
     add("--end-fraction", type=float, default=0.75, help="stop redistributing after this share of epochs")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0,
+        help="seed of everything random: topology, weights, batches, augmentation, "
+             "redistribution (same seed, same backend: same bits)")
     add("--device", choices=("auto", "cpu", "gpu"), default=None,
-        help="default: $CUPYNN_DEVICE or auto")
-    add("--dtype", choices=("float32", "float64"), default="float32")
-    add("--data-dir", type=Path, default=None,
-        help="folder with the dataset files (an error if they are missing there)")
-    add("--out", type=Path, default=None, help="output directory (default runs/<name>-<time>)")
+        help="where to train (default: $CUPYNN_DEVICE, else auto: the GPU if one answers)")
+    add("--dtype", choices=("float32", "float64"), default="float32",
+        help="floating-point type of weights and activations")
+    add("--data-dir", type=Path, default=None, metavar="DIR",
+        help="folder with the dataset files, an error if they are missing there (default: "
+             "search $CUPYNN_DATA/<dataset>, datasets/<dataset>, ../shared/data/<dataset>)")
+    add("--out", type=Path, default=None, metavar="DIR",
+        help="output directory (default: runs/<name>-<time>)")
     add("--overwrite", action="store_true", help="allow writing into a directory with results")
-    add("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (0: never)")
-    add("--resume", type=Path, default=None, help="continue the run in this directory")
+    add("--checkpoint-every", type=int, default=1, metavar="N",
+        help="epochs between checkpoints (0: never)")
+    add("--resume", type=Path, default=None, metavar="DIR",
+        help="continue the run in this directory, with its own settings")
     add("--quiet", action="store_true", help="no progress bars")
     add(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     experiment.extra_arguments(parser)
@@ -174,7 +205,7 @@ def _algorithm(text: str) -> str:
         except (ValueError, TypeError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(NAMES)}, and not a "
-                                     f"composition '<drop>+<grow>[/<scope>]'")
+                                     f"composition. {naming_rule(presets=False)}")
 
 
 def _parameters_of(algorithm: str) -> set[str]:
@@ -187,8 +218,10 @@ def _parameters_of(algorithm: str) -> set[str]:
     return set()
 
 
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Range checks that argparse's types cannot express; errors exit with usage."""
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    experiment: Experiment | None = None) -> None:
+    """Range checks that argparse's types cannot express, the script's own
+    (``experiment.checks``) included; errors exit with usage, status 2."""
     checks = [
         (0 < args.density <= 1, "--density must be in (0, 1]"),
         (args.epochs >= 1, "--epochs must be >= 1"),
@@ -204,6 +237,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
         (args.fisher_batches is None or args.fisher_batches >= 1, "--fisher-batches must be >= 1"),
         (args.mest_lambda is None or args.mest_lambda >= 0, "--mest-lambda must be >= 0"),
+        *(experiment.checks(args) if experiment is not None else []),
     ]
     if (args.drop is None) != (args.grow is None):
         checks.append((False, "--drop and --grow compose a redistribution together: give both"))
@@ -260,12 +294,21 @@ def _prepare_output(args: argparse.Namespace, experiment: Experiment) -> Path:
                             f"with --out.")
         return args.resume
     out = args.out or Path("runs") / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: a run writes several files "
+                        f"into its output directory. Give the path of a directory (new or "
+                        f"empty), or move the file away.")
     taken = [name for name in RESULT_FILES if (out / name).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds a run ({', '.join(taken)}). Choose another --out, "
                         f"continue that run with --resume {out}, or pass --overwrite to replace "
                         f"it.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, no permission, a read-only disk
+        raise UserError(f"--out {out}: the output directory cannot be made "
+                        f"({exc.strerror or exc}: {exc.filename or out}). Choose another "
+                        f"--out.") from None
     for name in taken:
         (out / name).unlink()
     return out
@@ -361,7 +404,7 @@ def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
 def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
     parser = build_parser(experiment)
     args = parser.parse_args(argv)
-    check_arguments(parser, args)
+    check_arguments(parser, args, experiment)
     root = comm.is_root
     out = comm.bcast(_prepare_output(args, experiment) if root else None)
     checkpoint = None
@@ -529,12 +572,26 @@ def _kmnist_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-augment", action="store_true", help="train on the images as they are")
 
 
+def _kmnist_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """What RandomAffine and load_kmnist would refuse, said in the flags' words."""
+    low, high = args.scale
+    return [
+        (args.train_from_test is None or 0 < args.train_from_test < 1,
+         "--train-from-test must be in (0, 1), the share of the official test images to train "
+         "on"),
+        (0 <= args.rotation <= 180, f"--rotation must be in [0, 180] degrees (angles are drawn "
+                                    f"from [-ROTATION, ROTATION]). Got {args.rotation:g}"),
+        (0 <= args.translation < math.inf, f"--translation must be a finite number of pixels "
+                                           f">= 0 (shifts are drawn from [-T, T]). Got "
+                                           f"{args.translation:g}"),
+        (0 < low <= high < math.inf, f"--scale MIN MAX must have 0 < MIN <= MAX (scales are "
+                                     f"drawn from [MIN, MAX]). Got {low:g} {high:g}"),
+    ]
+
+
 def _kmnist_load(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     from ..data import load_kmnist
 
-    if args.train_from_test is not None and not 0 < args.train_from_test < 1:
-        raise UserError("--train-from-test must be in (0, 1), the share of the official test "
-                        "images to train on.")
     data = load_kmnist(args.data_dir, train_from_test=args.train_from_test, seed=args.seed,
                        download=not args.no_download, progress=not args.quiet,
                        allow_fallback=args.data_dir is None)
@@ -560,6 +617,7 @@ KMNIST = Experiment(
     sizes=lambda args: [args.n_features, args.hidden, args.hidden, 10],
     augment=_kmnist_augment,
     extra_arguments=_kmnist_arguments,
+    checks=_kmnist_checks,
     describe="Train a sparse 784-256-256-10 MLP on KMNIST with dynamic redistribution (or a "
              "dense baseline), as in the paper's first experiment.",
 )
@@ -573,11 +631,14 @@ def _higgs_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-cache", action="store_true", help="do not read or write the parsed-data cache")
 
 
+def _higgs_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    return [(args.train_samples >= 1, "--train-samples must be >= 1"),
+            (args.val_samples >= 1, "--val-samples must be >= 1")]
+
+
 def _higgs_load(args: argparse.Namespace) -> tuple[Any, Any, str, list[str]]:
     from ..data import load_higgs
 
-    if args.train_samples < 1 or args.val_samples < 1:
-        raise UserError("--train-samples and --val-samples must be >= 1.")
     data = load_higgs(args.data_dir, seed=args.seed, train_samples=args.train_samples,
                       val_samples=args.val_samples, cache=not args.no_cache,
                       progress=not args.quiet)
@@ -592,6 +653,7 @@ HIGGS = Experiment(
     load=_higgs_load,
     sizes=lambda args: [21, args.hidden, args.hidden, args.hidden, 1],
     extra_arguments=_higgs_arguments,
+    checks=_higgs_checks,
     describe="Train a sparse 21-256-256-256-1 MLP (dense output layer) on HIGGS with dynamic "
              "redistribution (or a dense baseline), as in the paper's second experiment.",
 )

@@ -219,7 +219,7 @@ def expected_arguments(run: Run) -> dict[str, Any]:
 
     parser.error = reject  # type: ignore[method-assign]
     args = parser.parse_args([*run.args, "--out", str(run.out)])
-    check_arguments(parser, args)
+    check_arguments(parser, args, EXPERIMENTS[run.dataset])
     return vars(args)
 
 
