@@ -20,17 +20,25 @@ Device arrays go straight to MPI when it is CUDA-aware (``$CUPYNN_MPI_CUDA_AWARE
 says so where mpi4py cannot ask the library); otherwise they pass through one
 host buffer that is kept and grown, never allocated per step.
 
-Failure: a rank that raises inside :meth:`Communicator.guard` (``fit`` and the
-scripts use it) prints its error and aborts the whole job, so that the other
-ranks never wait forever in a collective.
+Failure ends the whole job promptly, never a hang: a rank that raises inside
+:meth:`Communicator.guard` (``fit``, ``Trainer`` and the scripts use it) prints
+its error and aborts the job; ``init()`` installs an excepthook that does the
+same for an exception that nothing catches anywhere in the program (as
+``python -m mpi4py`` does); a Ctrl-C stops every rank alike. Every collective
+first waits, polling, until every rank has arrived at it, at most ``timeout``
+seconds (``init(timeout=...)``, ``$CUPYNN_MPI_TIMEOUT``, default
+:data:`DEFAULT_TIMEOUT`), then names the ranks that did not arrive and aborts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -44,6 +52,14 @@ from .backend import backend_of
 LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
                       "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 CUDA_AWARE_ENV = "CUPYNN_MPI_CUDA_AWARE"
+TIMEOUT_ENV = "CUPYNN_MPI_TIMEOUT"
+# Seconds a rank waits at a collective for the others before it ends the job (as
+# torch.distributed's watchdog): long enough for the first rank's checkpoint or a slow
+# epoch's end, short enough that a lost rank does not hold a cluster allocation for hours.
+DEFAULT_TIMEOUT = 600.0
+# Seconds that a rank told of an interrupt waits for the first rank to end the job (after
+# the first rank writes its files) before it ends the job itself.
+INTERRUPT_GRACE = 30.0
 _HINT = ("pip install 'cupynn[mpi]' (mpi4py and the mpich wheel, which brings mpiexec), or "
          "mpi4py built against the cluster's MPI")
 
@@ -79,6 +95,14 @@ def array_hash(array: Any) -> str:
     return digest.hexdigest()
 
 
+class RanksDisagree(ValueError):
+    """The ranks were given different settings or data; raised on every rank alike."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Another rank was interrupted (Ctrl-C): this rank stops as if it had been too."""
+
+
 class Communicator:
     """The ranks of one data-parallel run. This base class is the one-rank case.
 
@@ -92,6 +116,7 @@ class Communicator:
     rank = 0
     size = 1
     cuda_aware = False
+    timeout = DEFAULT_TIMEOUT
 
     @property
     def is_root(self) -> bool:
@@ -124,12 +149,23 @@ class Communicator:
 
         return numpy.asarray(to_numpy(array))
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
+    def barrier(self, timeout: float | None = None) -> None:
+        """Wait until every rank gets here: at most ``timeout`` seconds (None: the
+        communicator's; ``math.inf``: no limit)."""
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job (the one-rank version exits this process)."""
         raise SystemExit(code)
+
+    def tell_interrupted(self) -> None:
+        """Tell the other ranks that this one was interrupted: each raises
+        :class:`Interrupted` at its next collective (nothing to tell with one rank)."""
+
+    def end_interrupted(self, code: int = 130) -> int:
+        """After an interrupt on every rank: the first rank (once it has written its files)
+        ends the job with status ``code``; the others wait for that. One rank: returns
+        ``code``."""
+        return code
 
     # checks
     def check_same(self, what: str, settings: dict[str, Any]) -> None:
@@ -142,8 +178,8 @@ class Communicator:
             values = "; ".join(f"{key}: " + ", ".join(f"rank {r} {g.get(key)!r}"
                                                      for r, g in enumerate(gathered))
                                for key in differ)
-            raise ValueError(f"The {self.size} ranks disagree on the {what}: {values}. Every "
-                             f"rank must run the same configuration on the same data.")
+            raise RanksDisagree(f"The {self.size} ranks disagree on the {what}: {values}. "
+                                f"Every rank must run the same configuration on the same data.")
 
     def check_identical_model(self, model: Any, when: str) -> None:
         """Raise when any rank's sparse pattern or values differ; names the layer."""
@@ -177,10 +213,18 @@ class Communicator:
         an exit with status 0 passes, and so do the exception types in
         ``alike``: errors that every rank raises at the same point (such as a
         NaN in the all-reduced loss), which the caller handles on every rank.
+        A ``KeyboardInterrupt`` is told to the other ranks (each raises
+        :class:`Interrupted` at its next collective) and propagates, so that
+        every rank stops as one process does; one that nothing catches ends
+        the job with status 130 through :func:`init`'s excepthook.
         """
         try:
             yield self
         except alike:
+            raise
+        except KeyboardInterrupt as exc:
+            if self.size > 1 and not isinstance(exc, Interrupted):
+                self.tell_interrupted()
             raise
         except SystemExit as exc:
             if self.size == 1 or exc.code in (0, None):
@@ -191,7 +235,7 @@ class Communicator:
             if self.size == 1:
                 raise
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            self._die(text.rstrip(), 130 if isinstance(exc, KeyboardInterrupt) else 1)
+            self._die(text.rstrip(), 1)
 
     def _die(self, message: str, code: int) -> None:
         if message:
@@ -201,6 +245,30 @@ class Communicator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+def guarded(function: Any) -> Any:
+    """Decorator: run ``function`` inside the guard of its ``comm`` argument.
+
+    With an MPI world of several ranks, an error in it — a check that fails
+    on one rank only, say, before the first collective — ends the job, even
+    where the caller would catch it, instead of leaving the other ranks
+    waiting there; :class:`RanksDisagree`, raised on every rank alike,
+    propagates. Other communicators (one rank; ranks simulated in one
+    process, as tests do) see the error as it is."""
+    import inspect
+
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        comm = signature.bind_partial(*args, **kwargs).arguments.get("comm")
+        if not isinstance(comm, MPICommunicator) or comm.size == 1:
+            return function(*args, **kwargs)
+        with comm.guard(alike=(RanksDisagree,)):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 class SingleProcess(Communicator):
@@ -216,20 +284,176 @@ def _check_op(op: str) -> None:
                          f"Got {op!r} instead.")
 
 
-class MPICommunicator(Communicator):
-    """MPI's world communicator through mpi4py (see the module doc)."""
+# Tags of the side channel (a duplicate of the world communicator, so that these messages
+# never meet a collective's or the user's): "where are you?", its answer, "I was interrupted".
+_QUERY, _ANSWER, _INTERRUPT = 1, 2, 3
+# Collective kinds, compared on arrival: ranks at different calls are told so, not left to
+# hang or to mix their buffers.
+_KINDS = {"allreduce": 1, "bcast": 2, "allgather": 3, "allgather_array": 4, "barrier": 5}
+_SPIN_SECONDS = 0.01  # how long a wait polls without sleeping (a step's usual imbalance)
+_ANSWER_SECONDS = 2.0  # how long a timed-out rank waits for the others to say where they are
 
-    def __init__(self, mpi: Any, comm: Any = None, cuda_aware: bool | None = None) -> None:
+
+class MPICommunicator(Communicator):
+    """MPI's world communicator through mpi4py (see the module doc).
+
+    Every collective first waits until every rank has arrived at it: a
+    non-blocking all-reduce (``MPI_Iallreduce``) of what the rank calls (its
+    kind, its size, and the count of collectives so far) is polled — spinning
+    for 10 ms, then sleeping 1 ms between polls — at most ``timeout``
+    seconds; then the collective itself runs, blocking, as before (the same
+    reduction, so the same bits). While it waits a rank answers the others'
+    questions on a side channel (where it is) and hears of their interrupts.
+    When the time is up it asks every rank where it is, waits two seconds for
+    the answers, prints the ranks that did not arrive and aborts the job.
+    """
+
+    def __init__(self, mpi: Any, comm: Any = None, cuda_aware: bool | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         self.MPI = mpi
         self.comm = comm if comm is not None else mpi.COMM_WORLD
         self.rank = int(self.comm.Get_rank())
         self.size = int(self.comm.Get_size())
         self.cuda_aware = _cuda_aware(mpi) if cuda_aware is None else bool(cuda_aware)
+        self.timeout = timeout
+        self.side = self.comm.Dup()  # collective: every rank makes it in init()
+        self.count = 0  # collectives called so far
+        self._where = "no collective yet"
+        self._pending: list[Any] = []  # arrival requests and buffers, kept alive until done
+        self._sends: list[Any] = []
+        self._answers: dict[int, tuple[int, str]] = {}
+        self._critical = False  # inside a collective that every rank has entered
+        self._interrupted = False  # a Ctrl-C came while critical; raised after it
         self._host = numpy.empty(0, dtype=numpy.uint8)  # staging for device arrays, kept
         self.reductions = 0  # allreduce calls made, their bytes and seconds (benchmarks read them)
         self.reduced_bytes = 0
         self.reduce_seconds = 0.0
 
+    # ------------------------------------------------------------ waiting
+    def _collective(self, kind: str, size: int, call: Any, timeout: float | None = None) -> Any:
+        """Wait until every rank has arrived at this collective, then ``call()`` it.
+
+        A Ctrl-C while a rank is inside the collective proper (every rank has
+        entered it, so it ends at once) is raised right after it, never in
+        the middle: no rank is left alone inside a collective."""
+        self.count += 1
+        self._where = f"{kind} (collective #{self.count})"
+        self._arrive(kind, size, self.timeout if timeout is None else timeout)
+        self._critical = True
+        try:
+            result = call()
+        finally:
+            self._critical = False
+        if self._interrupted:
+            self._interrupted = False
+            raise KeyboardInterrupt
+        return result
+
+    def _arrive(self, kind: str, size: int, timeout: float) -> None:
+        mine = numpy.array([_KINDS[kind], size, self.count], dtype=numpy.int64)
+        both = numpy.concatenate([mine, -mine])  # max of both halves: the max and -the min
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, both, op=self.MPI.MAX)
+        self._pending = [request, both]
+        self._wait(request, timeout)
+        self._pending = []
+        high, low = both[:3], -both[3:]
+        if (high != low).any():  # every rank sees the same high and low: raised alike
+            names = {v: k for k, v in _KINDS.items()}
+            raise RuntimeError(
+                f"The ranks called different collectives: this rank (rank {self.rank}) is at "
+                f"its collective #{self.count}, {kind} of {size} element(s); among the ranks "
+                f"the calls range over {sorted({names.get(int(low[0])), names.get(int(high[0]))})}"
+                f", sizes {int(low[1])} to {int(high[1])}, collective #{int(low[2])} to "
+                f"#{int(high[2])}. Every rank must make the same calls in the same order.")
+
+    def _wait(self, request: Any, timeout: float) -> None:
+        begin = time.monotonic()
+        spin_until = begin + _SPIN_SECONDS
+        deadline = begin + timeout
+        while not request.Test():
+            now = time.monotonic()
+            if now < spin_until:
+                continue
+            self._serve()
+            if now >= deadline:
+                if self._timed_out(request, now - begin, timeout):
+                    return
+            time.sleep(0.001)
+
+    def _serve(self) -> None:
+        """Answer the other ranks' questions; raise :class:`Interrupted` when one was."""
+        status = self.MPI.Status()
+        while self.side.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
+            source, tag = status.Get_source(), status.Get_tag()
+            message = self.side.recv(source=source, tag=tag)
+            if tag == _QUERY:
+                self._send(source, _ANSWER, (message, self.count, self._where))
+            elif tag == _ANSWER and message[0] == self.count:
+                self._answers[source] = (message[1], message[2])
+            elif tag == _INTERRUPT:
+                raise Interrupted(f"rank {source} was interrupted")
+
+    def _send(self, dest: int, tag: int, message: Any) -> None:
+        try:
+            self._sends.append(self.side.isend(message, dest=dest, tag=tag))
+        except Exception:  # a rank that has left: it will not answer, which says enough
+            return
+        self._sends = [r for r in self._sends if not r.Test()]
+
+    def _timed_out(self, request: Any, waited: float, timeout: float) -> bool:
+        """Ask every rank where it is; name those that did not arrive and abort. Returns
+        True when the collective completed meanwhile (the last rank came just in time)."""
+        self._answers = {}
+        for other in range(self.size):
+            if other != self.rank:
+                self._send(other, _QUERY, self.count)
+        until = time.monotonic() + _ANSWER_SECONDS
+        while time.monotonic() < until and len(self._answers) < self.size - 1:
+            if request.Test():
+                return True
+            self._serve()
+            time.sleep(0.001)
+        if request.Test():
+            return True
+        here = [self.rank] + [r for r, (count, _) in self._answers.items() if count == self.count]
+        missing = [r for r in range(self.size) if r not in here]
+        elsewhere = [f"rank {r} is at its {where}" for r, (count, where) in
+                     sorted(self._answers.items()) if count != self.count]
+        silent = [r for r in missing if r not in self._answers]
+        self._die(
+            f"cupynn.distributed: rank(s) {', '.join(map(str, missing))} of {self.size} did not "
+            f"arrive at {self._where} within the timeout of {timeout:g} s; rank(s) "
+            f"{', '.join(map(str, sorted(here)))} waited there. "
+            + (f"{'; '.join(elsewhere)}. " if elsewhere else "")
+            + (f"Rank(s) {', '.join(map(str, silent))} did not answer (busy outside cupynn's "
+               f"collectives, stuck, or exited). " if silent else "")
+            + f"Ending the job. A rank that is slow on purpose needs a longer timeout: "
+              f"cupynn.distributed.init(timeout=...) or ${TIMEOUT_ENV} (seconds).", 1)
+        return False  # not reached: _die aborts
+
+    def tell_interrupted(self) -> None:
+        for other in range(self.size):
+            if other != self.rank:
+                self._send(other, _INTERRUPT, self.count)
+
+    def end_interrupted(self, code: int = 130) -> int:
+        if self.is_root:
+            self.abort(code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        until = time.monotonic() + INTERRUPT_GRACE
+        while time.monotonic() < until:  # the first rank's abort ends this process
+            time.sleep(0.05)
+        self.abort(code)
+        return code
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._critical:
+            self._interrupted = True
+        else:
+            raise KeyboardInterrupt
+
+    # ------------------------------------------------------------ collectives
     def _staging(self, nbytes: int) -> numpy.ndarray:
         if self._host.nbytes < nbytes:
             self._host = numpy.empty(max(nbytes, 2 * self._host.nbytes), dtype=numpy.uint8)
@@ -239,10 +463,16 @@ class MPICommunicator(Communicator):
         _check_op(op)
         if not array.flags.c_contiguous:
             raise ValueError("Communicator.allreduce needs a C-contiguous array.")
-        mpi_op = self.MPI.SUM if op == "sum" else self.MPI.MAX
         self.reductions += 1
         self.reduced_bytes += int(array.nbytes)
         begin = time.perf_counter()
+        self._collective("allreduce", int(array.size),
+                         functools.partial(self._allreduce, array, op))
+        self.reduce_seconds += time.perf_counter() - begin
+        return array
+
+    def _allreduce(self, array: Any, op: str) -> None:
+        mpi_op = self.MPI.SUM if op == "sum" else self.MPI.MAX
         backend = backend_of(array)
         if not backend.is_gpu:
             self.comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
@@ -255,29 +485,28 @@ class MPICommunicator(Communicator):
                 array.get(out=host)
                 self.comm.Allreduce(self.MPI.IN_PLACE, host, op=mpi_op)
                 array.set(host)
-        self.reduce_seconds += time.perf_counter() - begin
-        return array
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
-        return self.comm.bcast(obj, root=root)
+        return self._collective("bcast", 0, lambda: self.comm.bcast(obj, root=root))
 
     def allgather(self, obj: Any) -> list[Any]:
-        return self.comm.allgather(obj)
+        return self._collective("allgather", 0, lambda: self.comm.allgather(obj))
 
     def allgather_array(self, array: Any) -> numpy.ndarray:
         from .backend import to_numpy
 
         local = numpy.ascontiguousarray(to_numpy(array)).reshape(-1)
-        counts = self.comm.allgather(int(local.shape[0]))
-        dtypes = set(self.comm.allgather(local.dtype.str))
-        if len(dtypes) != 1:
-            raise ValueError(f"allgather_array: the ranks' arrays have different dtypes {dtypes}.")
+        counts, dtypes = zip(*self.allgather((int(local.shape[0]), local.dtype.str)))
+        if len(set(dtypes)) != 1:
+            raise ValueError(f"allgather_array: the ranks' arrays have different dtypes "
+                             f"{set(dtypes)}.")
         out = numpy.empty(sum(counts), dtype=local.dtype)
-        self.comm.Allgatherv(local, [out, counts])
+        self._collective("allgather_array", 0,
+                         lambda: self.comm.Allgatherv(local, [out, list(counts)]))
         return out
 
-    def barrier(self) -> None:
-        self.comm.Barrier()
+    def barrier(self, timeout: float | None = None) -> None:
+        self._collective("barrier", 0, self.comm.Barrier, timeout)
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -331,32 +560,98 @@ def launched_by_mpi() -> bool:
 _WORLD: list[Communicator] = []
 
 
-def init(*, force_mpi: bool = False) -> Communicator:
+def init(*, force_mpi: bool = False, timeout: float | None = None) -> Communicator:
     """The communicator of this process (made once, then returned again).
 
     MPI's world communicator when an MPI launcher started the process (or with
     ``force_mpi``), else a one-rank :class:`SingleProcess`, without importing
-    mpi4py.
+    mpi4py. Every rank calls it, first thing (it is collective).
+
+    With several ranks it also installs, so that any failure ends the whole
+    job at once instead of leaving the other ranks waiting:
+
+    - an excepthook: an exception that nothing catches, anywhere in the
+      program, prints ``[rank r of R] <traceback>`` and aborts every rank
+      (status 1; 130 for a ``KeyboardInterrupt``);
+    - a Ctrl-C handler: ``KeyboardInterrupt`` as usual, but never inside a
+      collective that every rank has entered (it is raised as the collective
+      ends), so that no rank is left alone in it.
+
+    Parameters
+    ----------
+    timeout : float > 0, optional
+        Seconds a rank waits at a collective for the others before it names
+        the ranks that did not arrive and aborts the job (``math.inf``: no
+        limit). Default: ``$CUPYNN_MPI_TIMEOUT``, else :data:`DEFAULT_TIMEOUT`
+        (10 minutes). Given again later, it replaces the communicator's.
 
     Raises
     ------
     ImportError
         When launched by MPI but mpi4py cannot be imported (the message says
         what to install).
+    ValueError
+        When ``timeout`` (or ``$CUPYNN_MPI_TIMEOUT``) is not a number > 0.
     """
+    if timeout is not None:
+        timeout = _check_timeout(timeout, "The 'timeout' parameter of init")
     if _WORLD:
+        if timeout is not None:
+            _WORLD[0].timeout = timeout
         return _WORLD[0]
+    if timeout is None:
+        text = os.environ.get(TIMEOUT_ENV, "").strip()
+        timeout = (_check_timeout(text, f"${TIMEOUT_ENV}") if text else DEFAULT_TIMEOUT)
     if not (force_mpi or launched_by_mpi()):
         _WORLD.append(SingleProcess())
+        _WORLD[0].timeout = timeout
         return _WORLD[0]
     try:
         from mpi4py import MPI
     except ImportError as exc:
         raise ImportError(f"This process was started by an MPI launcher, but mpi4py cannot be "
                           f"imported ({exc}). {_HINT}.") from None
-    world = MPICommunicator(MPI)
-    _WORLD.append(world if world.size > 1 else SingleProcess())
-    return _WORLD[0]
+    if MPI.COMM_WORLD.Get_size() == 1:
+        _WORLD.append(SingleProcess())
+        _WORLD[0].timeout = timeout
+        return _WORLD[0]
+    world = MPICommunicator(MPI, timeout=timeout)
+    _install_handlers(world)
+    _WORLD.append(world)
+    return world
+
+
+def _check_timeout(value: Any, what: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not seconds > 0:  # NaN fails too
+        raise ValueError(f"{what} must be a number of seconds > 0 (math.inf: no limit). "
+                         f"Got {value!r} instead.")
+    return seconds
+
+
+def _install_handlers(world: MPICommunicator) -> None:
+    """The excepthook and the Ctrl-C handler of :func:`init` (a user's own are kept: the
+    excepthook calls it before aborting; a Ctrl-C handler of the user's stays in place)."""
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        code = 130 if issubclass(kind, KeyboardInterrupt) else 1
+        if previous is sys.__excepthook__:
+            text = "".join(traceback.format_exception(kind, value, tb)).rstrip()
+        else:
+            previous(kind, value, tb)
+            text = ""
+        world._die(text, code)
+
+    sys.excepthook = excepthook
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, world._on_sigint)
 
 
 def as_communicator(comm: Any, owner: str = "fit") -> Communicator:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy
 
 from .backend import to_numpy
+from .distributed import guarded
 from .health import network_health
 from .losses import LOSSES
 from .redistribution.schedule import SCHEDULES, fraction_at
@@ -177,6 +178,9 @@ class Trainer:
     and ``total=``, as :class:`cupynn.data.RandomAffine` does).
     """
 
+    # With several ranks, a check that fails on one rank ends them all (the others would wait
+    # forever at the first collective); ranks that disagree raise RanksDisagree alike.
+    @guarded
     def __init__(self, model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = None,
                  *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
                  progress: bool = True, eval_batch_size: int = EVAL_BATCH,

@@ -7,7 +7,16 @@ with one-process runs. Every rank checks that all ranks ended with the same
 history. ``fault`` and ``mismatch`` modes make one rank fail or disagree.
 ``script kmnist|higgs ARGS...`` runs a training script's code with ARGS;
 ``script-interrupt`` does the same with a Ctrl-C on the first rank during
-epoch 3.
+epoch 3, ``script-kill`` with a SIGKILL of the last rank during epoch 3,
+``script-slow`` with epochs of at least 0.3 s (time for a Ctrl-C from outside),
+``script-differ`` with ``--density 0.2`` added on the last rank.
+
+Faults (tests/test_mpi_faults.py), each run by every rank: ``raise-before-fit``,
+``bad-width`` (the last rank's inputs one column short; the error that ``fit``
+raises is caught by the user's code), ``raise-between-epochs``
+(the last rank raises in its own loop around ``fit``), ``never-fit SECONDS`` (the
+last rank leaves without calling fit; the others' timeout is SECONDS), ``different-calls``
+(the last rank calls allgather where the others call barrier).
 """
 
 from __future__ import annotations
@@ -139,22 +148,93 @@ def compare(out: Path, name: str, device: str = "cpu") -> dict:
             "moved": moved}
 
 
+def fault() -> None:
+    """Say when the fault happens (the test measures how long the job takes to end)."""
+    import time
+
+    print(f"fault at {time.time():.3f}", file=sys.stderr, flush=True)
+
+
+def faulty_script(mode: str, args: list[str]) -> list[str]:
+    """Patch the trainer for a ``script-*`` mode; returns the arguments of this rank."""
+    import os
+    import signal
+    import time
+
+    from cupynn.training import Trainer
+
+    comm = distributed.init()
+    last = comm.rank == comm.size - 1
+    epoch_of, step_of = Trainer._epoch, Trainer.train_batch
+    if mode == "script-interrupt":
+        def interrupted(self, epoch):
+            if epoch == 3 and self.comm.is_root:
+                raise KeyboardInterrupt
+            return epoch_of(self, epoch)
+
+        Trainer._epoch = interrupted
+    elif mode == "script-kill":
+        def killed(self, *args, **kwargs):
+            self._steps = getattr(self, "_steps", 0) + (self.epoch == 2)
+            if last and self._steps == 3:  # the third step of epoch 3
+                fault()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step_of(self, *args, **kwargs)
+
+        Trainer.train_batch = killed
+    elif mode == "script-slow":
+        def slow(self, epoch):
+            time.sleep(0.3)
+            return epoch_of(self, epoch)
+
+        Trainer._epoch = slow
+    elif mode == "script-differ" and last:
+        args = args + ["--density", "0.2"]
+    return args
+
+
+def faults(mode: str, argv: list[str]) -> int:
+    """A user's program in which the last rank fails (see the module doc)."""
+    comm = (distributed.init(timeout=float(argv[3])) if mode == "never-fit"
+            else distributed.init())
+    last = comm.rank == comm.size - 1
+    (x, y), test = data()
+    if mode == "raise-before-fit" and last:
+        fault()
+        raise OSError("user code: this rank could not read its data")
+    if mode == "bad-width" and last:
+        fault()
+        x = x[:, :-1]
+    if mode == "never-fit" and last:
+        fault()
+        return 0
+    if mode == "different-calls":  # the last rank takes another code path
+        fault()
+        return comm.allgather(1) if last else comm.barrier()
+    model = cupynn.MLP([16, 24, 4], density=0.3, seed=3, dtype="float64", device="cpu")
+    optimizer = cupynn.Adam(model)
+    try:
+        for epoch in range(3):
+            cupynn.fit(model, optimizer, (x, y), test, epochs=1, batch_size=BATCH, seed=epoch,
+                       progress=False, comm=comm)
+            if mode == "raise-between-epochs" and last and epoch == 1:
+                fault()
+                raise RuntimeError("user code: failed between epochs")
+    except ValueError as exc:  # bad-width: the user's code carries on alone, as if all was well
+        print(f"user code: caught {exc}", flush=True)
+    return 0
+
+
 def main(argv):
     mode = argv[1]
-    if mode in ("script", "script-interrupt"):
+    if mode.startswith("script"):
         from cupynn.paper.experiments import HIGGS, KMNIST, run as run_script
-        from cupynn.training import Trainer
 
-        if mode == "script-interrupt":
-            original = Trainer._epoch
-
-            def interrupted(self, epoch):
-                if epoch == 3 and self.comm.is_root:
-                    raise KeyboardInterrupt
-                return original(self, epoch)
-
-            Trainer._epoch = interrupted
-        return run_script({"kmnist": KMNIST, "higgs": HIGGS}[argv[2]], argv[3:])
+        args = faulty_script(mode, argv[3:])
+        return run_script({"kmnist": KMNIST, "higgs": HIGGS}[argv[2]], args)
+    if mode in ("raise-before-fit", "bad-width", "raise-between-epochs", "never-fit",
+                "different-calls"):
+        return faults(mode, argv)
     out = Path(argv[2])
     comm = distributed.init()
     assert comm.size > 1, "run me under mpiexec -n 2 or more"

@@ -30,6 +30,8 @@ error on any rank ends every rank with its message.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import platform
@@ -43,6 +45,7 @@ import numpy
 
 from ..backend import get_backend
 from ..cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main
+from ..distributed import RanksDisagree
 from ..checkpoint import (FILENAME as CHECKPOINT, read_checkpoint, restore_checkpoint,
                          save_checkpoint)
 from ..memory import MemoryTracker
@@ -344,6 +347,12 @@ def run(experiment: Experiment, argv: list[str] | None = None) -> int:
         with comm.guard():
             try:
                 return _run(experiment, args, comm)
+            except RanksDisagree as exc:  # raised on every rank alike: the first one says it
+                if DEBUG_FLAG in args:
+                    raise
+                if comm.is_root:
+                    print(f"{prog}: error: {exc}", file=sys.stderr)
+                return 2
             except UserError as exc:
                 if comm.size == 1 or DEBUG_FLAG in args:
                     raise
@@ -374,6 +383,9 @@ def _resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 # Arguments that --resume takes from the command line, not from the run.
 _RESUME_OWN = ("resume", "quiet", "device", "out", "overwrite", "debug")
+# Arguments that may differ between the ranks of one run (a node-local copy of the data:
+# the data's fingerprint is compared before training).
+_RANK_OWN = ("data_dir", "quiet", "debug")
 
 
 def _read_run(out: Path) -> tuple[dict[str, Any], Any]:
@@ -395,7 +407,7 @@ def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
     """``work()`` on the first rank, then on the others (a shared cache is written once)."""
     if comm.is_root:
         result = work()
-    comm.barrier()
+    comm.barrier(timeout=math.inf)  # as long as the first rank loads (HIGGS: minutes)
     if not comm.is_root:
         result = work()
     return result
@@ -404,8 +416,16 @@ def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
 def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
     parser = build_parser(experiment)
     args = parser.parse_args(argv)
-    check_arguments(parser, args, experiment)
     root = comm.is_root
+    comm.check_same("command-line arguments", {
+        f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in _RANK_OWN})
+    try:  # the arguments agree: every rank fails alike, and the first one says why
+        with contextlib.redirect_stderr(io.StringIO()) if not root else contextlib.nullcontext():
+            check_arguments(parser, args, experiment)
+    except SystemExit as exc:
+        if comm.size == 1:
+            raise
+        return exc.code
     out = comm.bcast(_prepare_output(args, experiment) if root else None)
     checkpoint = None
     if args.resume is not None:
@@ -522,8 +542,8 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
         message = f"{exc} {_kept(out)[0].upper()}{_kept(out)[1:]}"
     finally:
         memory.stop()
-    if not root:
-        return code
+    if not root:  # after an interrupt the first rank ends the job once it wrote the summary
+        return comm.end_interrupted(code) if status == "interrupted" else code
     history = trainer.history
     summary = {"status": status, "message": message, "epochs_completed": trainer.epoch,
                "epochs": args.epochs, "dataset": dataset, "seconds": time.perf_counter() - start,
@@ -548,7 +568,8 @@ def _run(experiment: Experiment, argv: list[str] | None, comm: Any) -> int:
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("final", {}).items())
     print(f"{status}: {trainer.epoch}/{args.epochs} epochs{', ' + final if final else ''}; "
           f"results in {out}")
-    return code
+    # Interrupted ranks may stand at different collectives: with several, this ends the job.
+    return comm.end_interrupted(code) if status == "interrupted" else code
 
 
 def _kept(out: Path) -> str:
