@@ -338,10 +338,9 @@ class MPICommunicator(Communicator):
         the middle: no rank is left alone inside a collective."""
         self.count += 1
         self._where = f"{kind} (collective #{self.count})"
-        self._arrive(kind, size, self.timeout if timeout is None else timeout)
-        self._critical = True
         try:
-            result = call()
+            self._arrive(kind, size, self.timeout if timeout is None else timeout)
+            result = call()  # every rank has arrived: this ends at once
         finally:
             self._critical = False
         if self._interrupted:
@@ -370,15 +369,28 @@ class MPICommunicator(Communicator):
         begin = time.monotonic()
         spin_until = begin + _SPIN_SECONDS
         deadline = begin + timeout
-        while not request.Test():
+        while not self._done(request):
             now = time.monotonic()
             if now < spin_until:
                 continue
             self._serve()
             if now >= deadline:
-                if self._timed_out(request, now - begin, timeout):
+                if self._timed_out(request, timeout):
                     return
             time.sleep(0.001)
+
+    def _done(self, request: Any) -> bool:
+        """Whether every rank has arrived. From the moment they have, this rank is inside
+        the collective: a Ctrl-C then waits for its end (``_critical`` is set before the
+        test, so that none can come between the test and the collective)."""
+        self._critical = True
+        if request.Test():
+            return True
+        self._critical = False
+        if self._interrupted:  # came during the test
+            self._interrupted = False
+            raise KeyboardInterrupt
+        return False
 
     def _serve(self) -> None:
         """Answer the other ranks' questions; raise :class:`Interrupted` when one was."""
@@ -400,7 +412,7 @@ class MPICommunicator(Communicator):
             return
         self._sends = [r for r in self._sends if not r.Test()]
 
-    def _timed_out(self, request: Any, waited: float, timeout: float) -> bool:
+    def _timed_out(self, request: Any, timeout: float) -> bool:
         """Ask every rank where it is; name those that did not arrive and abort. Returns
         True when the collective completed meanwhile (the last rank came just in time)."""
         self._answers = {}
@@ -409,11 +421,11 @@ class MPICommunicator(Communicator):
                 self._send(other, _QUERY, self.count)
         until = time.monotonic() + _ANSWER_SECONDS
         while time.monotonic() < until and len(self._answers) < self.size - 1:
-            if request.Test():
+            if self._done(request):
                 return True
             self._serve()
             time.sleep(0.001)
-        if request.Test():
+        if self._done(request):
             return True
         here = [self.rank] + [r for r, (count, _) in self._answers.items() if count == self.count]
         missing = [r for r in range(self.size) if r not in here]

@@ -7,7 +7,7 @@ with one-process runs. Every rank checks that all ranks ended with the same
 history. ``fault`` and ``mismatch`` modes make one rank fail or disagree.
 ``script kmnist|higgs ARGS...`` runs a training script's code with ARGS;
 ``script-interrupt`` does the same with a Ctrl-C on the first rank during
-epoch 3, ``script-kill`` with a SIGKILL of the last rank during epoch 3,
+epoch 3 (``script-interrupt-last``: on the last rank), ``script-kill`` with a SIGKILL of the last rank during epoch 3,
 ``script-slow`` with epochs of at least 0.3 s (time for a Ctrl-C from outside),
 ``script-differ`` with ``--density 0.2`` added on the last rank.
 
@@ -166,9 +166,9 @@ def faulty_script(mode: str, args: list[str]) -> list[str]:
     comm = distributed.init()
     last = comm.rank == comm.size - 1
     epoch_of, step_of = Trainer._epoch, Trainer.train_batch
-    if mode == "script-interrupt":
+    if mode in ("script-interrupt", "script-interrupt-last"):
         def interrupted(self, epoch):
-            if epoch == 3 and self.comm.is_root:
+            if epoch == 3 and (last if mode.endswith("last") else self.comm.is_root):
                 raise KeyboardInterrupt
             return epoch_of(self, epoch)
 

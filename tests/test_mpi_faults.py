@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy
 import pytest
 
-import cupynn
 from cupynn import distributed
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +54,7 @@ def run_fault(ranks: int, *args: str):
     ("bad-width", "ValueError: The 'train' inputs of fit must have shape (n, 16). "
                   "Got (241, 15) instead."),
     ("raise-between-epochs", "RuntimeError: user code: failed between epochs"),
-])
+], ids=["before-fit", "in-fits-checks", "between-epochs"])
 def test_an_exception_on_one_rank_ends_the_job(mode, message):
     """Before the fix the other rank waited in fit's first collective forever. The error
     of fit's checks is caught by the user's code (bad-width): the guard around the
@@ -143,6 +141,21 @@ def test_ctrl_c_under_mpiexec_ends_as_one_process_does(tmp_path):
     assert run(HIGGS, ["--resume", str(part), "--quiet"]) == 0
     assert run(HIGGS, [a if a != "4" else "12" for a in higgs_args(data, whole)]) == 0
     assert_same_run(part, whole)
+
+
+def test_an_interrupt_on_the_last_rank_alone_stops_every_rank(tmp_path):
+    """The interrupted rank tells the others; the first rank writes the summary and ends
+    the job with status 130 (the first rank's own interrupt: test_distributed.py)."""
+    from conftest import shared_data
+
+    out = tmp_path / "run"
+    done = launch(2, "script-interrupt-last", "higgs", *higgs_args(shared_data("higgs"), out),
+                  timeout=FAULT_TIMEOUT)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] == 2
+    assert "interrupted during epoch 3; the last good checkpoint (after epoch 2)" in done.stderr
 
 
 def test_ranks_given_different_flags_get_one_paragraph_and_status_2(tmp_path):
