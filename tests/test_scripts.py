@@ -178,15 +178,16 @@ def test_script_files_run(tmp_path, script):
     assert "completed: 1/1 epochs" in done.stdout
 
 
-@pytest.mark.parametrize("experiment", [KMNIST, HIGGS], ids=["kmnist", "higgs"])
+@pytest.mark.parametrize("experiment", [KMNIST, HIGGS, None], ids=["kmnist", "higgs", "grid"])
 def test_every_option_has_help_and_says_its_default_once(experiment):
     """--help: no option without a line of help (--density, --epochs, --lr and --seed had
     none), and a default said once, never as "(default: None)" beside the help's own words."""
     import argparse
 
     from cupynn.paper.experiments import build_parser
+    from cupynn.paper.grid import build_grid_parser
 
-    parser = build_parser(experiment)
+    parser = build_parser(experiment) if experiment is not None else build_grid_parser()
     formatter = parser._get_formatter()
     for action in parser._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS:
@@ -198,6 +199,8 @@ def test_every_option_has_help_and_says_its_default_once(experiment):
         assert "(default: False)" not in shown and "(default: True)" not in shown, (name, shown)
         if action.default not in (None, False) and action.option_strings != ["-h", "--help"]:
             assert "default" in shown, (name, shown)
+    if experiment is None:
+        return
     text = " ".join(parser.format_help().split())
     for line in ("--density DENSITY share of each sparse layer's weights that are active, in "
                  "(0, 1] (default: 0.1)", "--lr LR Adam's learning rate (default:",

@@ -37,7 +37,8 @@ from typing import Any, Sequence
 
 from ..checkpoint import FILENAME as CHECKPOINT
 from ..cli import DEBUG_FLAG, DEBUG_HELP, UserError, run_main
-from .experiments import BASELINES, HIGGS, KMNIST, Experiment, build_parser, check_arguments
+from .experiments import (BASELINES, HIGGS, KMNIST, Experiment, HelpFormatter, build_parser,
+                          check_arguments)
 from ..redistribution import NAMES, compositions
 
 EXPERIMENTS: dict[str, Experiment] = {"kmnist": KMNIST, "higgs": HIGGS}
@@ -482,15 +483,17 @@ def build_grid_parser() -> argparse.ArgumentParser:
                     "<grid-dir>/<dataset>/<algorithm>/d<density>/s<seed> (baselines: "
                     "baseline-<kind>/s<seed>). Completed runs are skipped, unfinished ones "
                     "resumed. Arguments after '--' go to every run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("dataset", choices=tuple(EXPERIMENTS))
     add("--grid-dir", type=Path, default=Path("runs/grid"), help="the grid's directory")
     add("--algorithms", nargs="+", default=list(NAMES), metavar="NAME",
         help=f"redistribution algorithms: the paper's ({', '.join(NAMES)}) or compositions "
              f"'<drop>+<grow>[/<scope>]' such as set+momentum or mest+gradient/global")
-    add("--densities", nargs="+", type=float, default=list(DENSITIES), metavar="D")
-    add("--seeds", nargs="+", type=int, default=list(SEEDS), metavar="S")
+    add("--densities", nargs="+", type=float, default=list(DENSITIES), metavar="D",
+        help="densities of the sparse runs")
+    add("--seeds", nargs="+", type=int, default=list(SEEDS), metavar="S",
+        help="seeds: each setting runs once per seed")
     add("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), metavar="KIND",
         help="dense baselines (neuron, parameter); none with an empty list")
     add("--jobs", "-j", type=int, default=1, help="runs at a time on this machine")
@@ -506,13 +509,14 @@ def build_grid_parser() -> argparse.ArgumentParser:
         help="how a run of several ranks is started; {ranks} is replaced (e.g. "
              "'srun -n {ranks}' on a Slurm cluster)")
     group = parser.add_argument_group("run settings (default: the script's)")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float)
+    group.add_argument("--epochs", type=int, help="passes over the training data")
+    group.add_argument("--batch-size", type=int, help="rows per training step")
+    group.add_argument("--lr", type=float, help="Adam's learning rate")
     group.add_argument("--train-from-test", type=float, metavar="FRACTION", help="KMNIST only")
     group.add_argument("--train-samples", type=int, help="HIGGS only")
     group.add_argument("--val-samples", type=int, help="HIGGS only")
-    group.add_argument("--data-dir", type=Path)
+    group.add_argument("--data-dir", type=Path, metavar="DIR",
+                       help="folder with the dataset files")
     return parser
 
 
