@@ -89,8 +89,10 @@ def _import_torch() -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise ImportError(f"cupynn.export needs PyTorch ({exc}); install it, e.g. "
-                          f"pip install torch.") from None
+        raise ImportError(f"cupynn.export needs PyTorch ({exc}); install it as "
+                          f"https://pytorch.org says for your machine (on a CPU-only one, "
+                          f"its CPU build: plain `pip install torch` brings a multi-GB CUDA "
+                          f"build).") from None
     return torch
 
 
