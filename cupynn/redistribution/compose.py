@@ -29,7 +29,8 @@ Growths (:data:`GROWS`) and the scopes each takes (:data:`SCOPES`):
   first moment, before the removal; largest remainder, capped by free
   positions), placed in each layer at the largest |dL/dW| of the batch — a truly
   sparse model keeps no dense momentum to rank positions by, as SNFS does;
-  when every moment is 0 (no step taken yet) each layer regrows what it lost;
+  when every moment is 0 (no step taken yet) each layer regrows what it lost, and
+  a layer whose moments are all 0 takes a share only when the others are full;
 - ``loss`` (``layer`` only): the paper's neuron-error growth;
 - ``proportional-random`` (``global`` only): the total shared in proportion to
   the layers' sizes, added at random (the paper's woodfisher growth).
@@ -209,6 +210,13 @@ def momentum_counts(model: Any, optimizer: Any, kept_keys: list[Any]) -> numpy.n
                          if layer.nnz else 0.0 for layer in layers])
     if not means.sum() > 0:  # no step yet: every layer regrows what it lost
         return numpy.asarray(removed)
-    capacity = [layer.out_features * layer.in_features - int(kept.shape[0])
-                for layer, kept in zip(layers, kept_keys)]
-    return allocate(sum(removed), means, capacity)
+    capacity = numpy.array([layer.out_features * layer.in_features - int(kept.shape[0])
+                            for layer, kept in zip(layers, kept_keys)])
+    total, moving = sum(removed), means > 0
+    room = int(capacity[moving].sum())
+    if total <= room:
+        return allocate(total, means, capacity)
+    # The layers with momentum are full; those whose moments are all 0 (a dead layer) take
+    # the rest, in proportion to what each lost (it fits: what a layer lost is free in it).
+    return numpy.where(moving, capacity, 0) + allocate(
+        total - room, numpy.where(moving, 0, removed), numpy.where(moving, 0, capacity))
