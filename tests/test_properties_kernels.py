@@ -209,13 +209,15 @@ EPILOGUE = st.sampled_from(((False, False), (True, False), (True, True)))  # (bi
 
 @backends
 @settings(max_examples=60, **PROPERTY)
-@given(case=csr(), epilogue=EPILOGUE)
-def test_spmm_equals_twin(backend, case, epilogue):
+@given(case=csr(), epilogue=EPILOGUE, method=st.sampled_from(kernels.SPMM_METHODS))
+def test_spmm_equals_twin(backend, case, epilogue, method):
+    """(``method``: the GPU's spmm.cu or cuSPARSE; the CPU has one kernel.)"""
     bias, relu = epilogue
     a = case.arrays()
     indptr, indices, data, x, b = on(backend, a["indptr"], a["indices"], a["data"], a["x"],
                                      a["bias"])
-    got = kernels.spmm(indptr, indices, data, x, bias=b if bias else None, relu=relu)
+    got = kernels.spmm(indptr, indices, data, x, bias=b if bias else None, relu=relu,
+                       method=method)
     expected, bound = spmm_twin(a, bias, relu)
     assert_close(to_numpy(got), expected, bound, case.dtype)
     if relu:
@@ -255,15 +257,16 @@ SPMM_T_CALLS = ("check", "sorted_rows", "find_out", "shuffled")
 
 @backends
 @settings(max_examples=60, **PROPERTY)
-@given(case=csr(), call=st.sampled_from(SPMM_T_CALLS), transpose=st.booleans())
-def test_spmm_t_equals_twin(backend, case, call, transpose):
+@given(case=csr(), call=st.sampled_from(SPMM_T_CALLS), transpose=st.booleans(),
+       method=st.sampled_from(kernels.SPMM_METHODS))
+def test_spmm_t_equals_twin(backend, case, call, transpose, method):
     a = case.arrays()
     if call == "shuffled":
         rng = numpy.random.default_rng(case.seed)
         order = numpy.lexsort((rng.random(len(a["rows"])), a["rows"]))  # rows kept, cols mixed
         a["indices"], a["data"] = a["indices"][order], a["data"][order]
     indptr, indices, data, dy = on(backend, a["indptr"], a["indices"], a["data"], a["dy"])
-    options = {"check": call == "check", "sorted_rows": call == "sorted_rows"}
+    options = {"check": call == "check", "sorted_rows": call == "sorted_rows", "method": method}
     if transpose:  # the transposed pattern a layer keeps (the GPU's kernel reads it)
         options["transpose"] = kernels.transpose_pattern(indptr, indices, case.n_cols)
     got = kernels.spmm_t(indptr, indices, data, dy, case.n_cols, **options)
