@@ -21,8 +21,20 @@ redistribution moves (the paper's α₀, as in :func:`cupynn.fit`), not
 Training stops, like ``MLPClassifier``'s, when the training loss (or, with
 ``early_stopping``, the validation score) has not improved by ``tol`` for
 ``n_iter_no_change`` epochs; otherwise after ``max_iter`` epochs, with a
-``ConvergenceWarning``. With ``early_stopping`` the best epoch's weights are kept.
-The schedule of redistribution is that of a ``max_iter``-epoch run.
+``ConvergenceWarning`` that names what was still improving. With
+``early_stopping`` the best epoch's weights are kept. The schedule of
+redistribution is that of a ``max_iter``-epoch run.
+
+``fit(X, y, sample_weight=...)`` weights the loss as ``MLPClassifier`` does:
+each mini-batch's loss is ``sum w_i l_i / sum w_i`` (a weight of 2 counts a
+sample twice, 0 removes it), the gradients that growth reads are weighted
+alike, and with ``early_stopping`` the validation score is the weighted one.
+
+``warm_start``: a second ``fit`` continues the fitted network with the current
+``learning_rate_init``, ``beta_1``, ``beta_2``, ``epsilon`` and
+``redistribution`` (Adam's moments are kept). A changed ``hidden_layer_sizes``,
+``density``, ``activation``, ``dtype`` or ``device`` cannot continue it: ``fit``
+then warns and fits a new network (``partial_fit`` refuses).
 """
 
 from __future__ import annotations
@@ -37,11 +49,14 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import (_check_sample_weight, check_is_fitted, column_or_1d,
+                                      validate_data)
 
 from .redistribution import NAMES, compositions, naming_rule
 
 BATCH_AUTO = 200  # "auto": min(200, n_samples), as MLPClassifier
+# What a fitted network is made of: a warm start cannot continue one built with other values.
+STRUCTURE = ("hidden_layer_sizes", "density", "activation", "dtype", "device")
 
 
 class _RedistributionNames(StrOptions):
@@ -128,13 +143,19 @@ class _SparseMLP(BaseEstimator):
     def _validation_score(self, metrics: dict[str, Any]) -> float:
         raise NotImplementedError  # pragma: no cover
 
+    def _weighted_score(self, x: numpy.ndarray, targets: numpy.ndarray,
+                        weight: numpy.ndarray) -> float:
+        raise NotImplementedError  # pragma: no cover
+
     # ---------------------------------------------------------------- fitting
-    def fit(self, X: Any, y: Any) -> "_SparseMLP":
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "_SparseMLP":
         """Train on ``X`` (n_samples, n_features) and ``y``; returns self.
 
-        A new model each call, unless ``warm_start`` and already fitted."""
+        ``sample_weight`` (n_samples,), optional: non-negative weights of the
+        samples in the loss (see the module doc). A new model each call, unless
+        ``warm_start`` and already fitted (and of the same structure)."""
         self._validate_params()
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     def _hidden_sizes(self) -> list[int]:
         sizes = ([self.hidden_layer_sizes] if isinstance(self.hidden_layer_sizes, numbers.Integral)
@@ -156,6 +177,8 @@ class _SparseMLP(BaseEstimator):
                                       betas=(self.beta_1, self.beta_2), eps=self.epsilon)
         self.redistributor_ = (None if self.redistribution is None
                                else create(self.redistribution, seed=seed))
+        self._built_with = {name: getattr(self, name) for name in (*STRUCTURE, "redistribution")}
+        self._built_with["hidden_layer_sizes"] = self._hidden_sizes()
         self.seed_ = seed
         self.n_iter_ = 0
         self.loss_curve_: list[float] = []
@@ -165,31 +188,92 @@ class _SparseMLP(BaseEstimator):
         self._no_improvement = 0
         self._shuffle_state: Any = None
 
-    def _fit(self, X: Any, y: Any, incremental: bool, classes: Any = None) -> "_SparseMLP":
+    def _changed_structure(self) -> dict[str, tuple[Any, Any]]:
+        """The parameters of :data:`STRUCTURE` that differ from the fitted network's:
+        name -> (built with, now)."""
+        built = getattr(self, "_built_with", None)
+        if built is None:  # pickled before the estimators recorded it
+            return {}
+        now = {name: getattr(self, name) for name in STRUCTURE}
+        now["hidden_layer_sizes"] = self._hidden_sizes()
+        return {name: (built[name], now[name]) for name in STRUCTURE if built[name] != now[name]}
+
+    def _continue(self, incremental: bool) -> bool:
+        """Whether this call continues the fitted network; on a warm start whose structure
+        changed, warns that a new one is fitted (partial_fit refuses)."""
+        if not ((incremental or self.warm_start) and hasattr(self, "model_")):
+            return False
+        changed = self._changed_structure()
+        if not changed:
+            return True
+        what = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        if incremental:
+            raise ValueError(f"partial_fit continues the fitted network, which was built with "
+                             f"other parameters ({what}); call fit to start a new one.")
+        warnings.warn(f"{type(self).__name__}: warm_start cannot continue a network built with "
+                      f"other parameters ({what}); fitting a new one.", UserWarning)
+        return False
+
+    def _apply_settings(self) -> None:
+        """A continued fit uses the current optimizer settings and redistribution (as
+        MLPClassifier's warm start uses its learning_rate_init); Adam keeps its moments."""
+        import cupynn
+        from .redistribution import create
+
+        settings = (self.learning_rate_init, (self.beta_1, self.beta_2), self.epsilon)
+        opt = self.optimizer_
+        if (opt.lr, tuple(opt.betas), opt.eps) != settings:
+            fresh = cupynn.Adam(self.model_, lr=settings[0], betas=settings[1],
+                                eps=settings[2])  # checks them (eps representable, say)
+            fresh.t, fresh.state = opt.t, opt.state
+            self.optimizer_ = fresh
+        built = getattr(self, "_built_with", None)
+        if built is not None and built["redistribution"] != self.redistribution:
+            self.redistributor_ = (None if self.redistribution is None
+                                   else create(self.redistribution, seed=self.seed_))
+            built["redistribution"] = self.redistribution
+        if self.early_stopping and self.validation_scores_ is None:  # switched on
+            self.validation_scores_, self.best_validation_score_ = [], -numpy.inf
+
+    def _fit(self, X: Any, y: Any, incremental: bool, classes: Any = None,
+             sample_weight: Any = None) -> "_SparseMLP":
         from .training import Trainer
 
-        first = not ((incremental or self.warm_start) and hasattr(self, "model_"))
+        first = not self._continue(incremental)
         X, y = validate_data(self, X, y, reset=first, accept_sparse=False,
                              dtype=[numpy.float64, numpy.float32],
                              multi_output=isinstance(self, RegressorMixin), y_numeric=False)
+        if sample_weight is not None:  # scikit-learn's checks and messages
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=numpy.float64,
+                                                 ensure_non_negative=True)
         targets = self._targets(y, first, classes)
         if first:
             seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
             self._build(X.shape[1], seed)
-        x_train, y_train, test = X, targets, None
+        else:
+            self._apply_settings()
+        x_train, y_train, w_train, test, w_val = X, targets, sample_weight, None, None
         if self.early_stopping and not incremental:
             from sklearn.model_selection import train_test_split
 
             stratify = targets if isinstance(self, ClassifierMixin) else None
+            arrays = (X, targets) if sample_weight is None else (X, targets, sample_weight)
             try:
-                x_train, x_val, y_train, y_val = train_test_split(
-                    X, targets, test_size=self.validation_fraction, random_state=self.seed_,
-                    stratify=stratify)
+                parts = train_test_split(*arrays, test_size=self.validation_fraction,
+                                         random_state=self.seed_, stratify=stratify)
             except ValueError as exc:
                 raise ValueError(f"early_stopping could not hold out validation_fraction="
                                  f"{self.validation_fraction} of {X.shape[0]} samples "
                                  f"({exc}).") from None
-            test = (x_val, y_val)
+            x_train, x_val, y_train, y_val = parts[:4]
+            if sample_weight is None:
+                test = (x_val, y_val)
+            else:  # the weighted validation score is computed here, not by the trainer
+                w_train, w_val = parts[4:]
+                if not w_train.any():
+                    raise ValueError(f"early_stopping held out every sample of non-zero weight "
+                                     f"(validation_fraction={self.validation_fraction}); no "
+                                     f"weight is left to train on.")
         batch = (min(BATCH_AUTO, x_train.shape[0]) if self.batch_size == "auto"
                  else min(int(self.batch_size), x_train.shape[0]))
         trainer = Trainer(self.model_, self.optimizer_, (x_train, y_train), test,
@@ -197,7 +281,7 @@ class _SparseMLP(BaseEstimator):
                           loss=self._loss, seed=self.seed_, progress=bool(self.verbose)
                           and int(self.verbose) > 1, redistribution=self.redistributor_,
                           alpha=self.alpha, redistribute_every=self.redistribute_every,
-                          end_fraction=self.end_fraction)
+                          end_fraction=self.end_fraction, sample_weight=w_train)
         if self._shuffle_state is not None:
             trainer.rng.bit_generator.state = self._shuffle_state
         best_state = None
@@ -208,8 +292,9 @@ class _SparseMLP(BaseEstimator):
             self.n_iter_ = epoch
             loss = float(metrics["train_loss"])
             self.loss_curve_.append(loss)
-            if self.early_stopping and test is not None:
-                score = self._validation_score(metrics)
+            if self.early_stopping and not incremental:
+                score = (self._validation_score(metrics) if w_val is None
+                         else self._weighted_score(x_val, y_val, w_val))
                 self.validation_scores_.append(score)
                 if self.verbose:
                     print(f"Iteration {epoch}, loss = {loss:.8f}, validation score = {score:.6f}")
@@ -240,7 +325,8 @@ class _SparseMLP(BaseEstimator):
             self.redistributor_.start_epoch(self.model_, 1, False)
         self.model_.clear_cache()
         if not incremental and not converged:
-            warnings.warn(f"{type(self).__name__}: the training loss was still improving after "
+            watched = "validation score" if self.early_stopping else "training loss"
+            warnings.warn(f"{type(self).__name__}: the {watched} was still improving after "
                           f"max_iter={self.max_iter} epochs; raise max_iter to train longer.",
                           ConvergenceWarning)
         return self
@@ -259,8 +345,12 @@ class _SparseMLP(BaseEstimator):
 
     @classmethod
     def _expected_failed_checks(cls) -> dict[str, str]:
-        """scikit-learn estimator checks that cannot apply, with the reason (none)."""
-        return {}
+        """scikit-learn estimator checks that cannot pass on the defaults, with the reason."""
+        return {"check_sample_weight_equivalence_on_dense_data": (
+            "in float32, the default dtype, weighted samples and repeated ones round "
+            "differently, and up to 200 epochs of Adam carry that past the check's rtol=1e-7; "
+            "in float64 the check passes (differences 1e-16), see tests/test_estimators.py::"
+            "test_scikit_learns_sample_weight_check_passes_in_float64")}
 
 
 def _fresh_moments(optimizer: Any) -> Any:
@@ -313,14 +403,23 @@ class SparseMLPClassifier(ClassifierMixin, _SparseMLP):
     def _validation_score(self, metrics):
         return float(metrics["test_accuracy"])
 
-    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> "SparseMLPClassifier":
-        """One epoch on ``X``, ``y``; the first call needs ``classes`` (all labels). Returns self."""
+    def _weighted_score(self, x, targets, weight):
+        from sklearn.metrics import accuracy_score
+
+        best = self.model_.predict(x, batch_size=4096).argmax(axis=1)
+        return float(accuracy_score(targets, best, sample_weight=weight))
+
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None,
+                    classes: Any = None) -> "SparseMLPClassifier":
+        """One epoch on ``X``, ``y`` (weighted by ``sample_weight``, optional); the first
+        call needs ``classes`` (all labels). Returns self. The arguments are in
+        ``MLPClassifier.partial_fit``'s order."""
         if not hasattr(self, "model_"):
             self._validate_params()
             if classes is None:
                 raise ValueError("The first call of partial_fit needs classes= (every label "
                                  "there will be).")
-        return self._fit(X, y, incremental=True, classes=classes)
+        return self._fit(X, y, incremental=True, classes=classes, sample_weight=sample_weight)
 
     def decision_function(self, X: Any) -> numpy.ndarray:
         """Logits (n_samples, n_classes); for two classes, logit(1) - logit(0), (n_samples,)."""
@@ -351,14 +450,29 @@ class SparseMLPClassifier(ClassifierMixin, _SparseMLP):
 class SparseMLPRegressor(RegressorMixin, _SparseMLP):
     """A truly sparse MLP regressor (linear output, mean squared error), scikit-learn style.
 
-    ``y`` may be (n_samples,) or (n_samples, n_outputs). Parameters and
-    attributes as :class:`SparseMLPClassifier` (without ``classes_``).
+    ``y`` may be (n_samples,) or (n_samples, n_outputs) of numbers; a column
+    (n_samples, 1) is taken as (n_samples,), with scikit-learn's
+    ``DataConversionWarning``, and predicted (n_samples,), as ``MLPRegressor``
+    does. Parameters and attributes as :class:`SparseMLPClassifier` (without
+    ``classes_``).
     """
 
     _loss = "mean_squared_error"
 
     def _targets(self, y, first, classes=None):
-        y = numpy.asarray(y, dtype=numpy.float64)
+        y = numpy.asarray(y)
+        if y.dtype.kind in "OUS":  # object arrays of numbers are converted, as scikit-learn does
+            try:
+                y = y.astype(numpy.float64) if y.dtype.kind == "O" else None
+            except (TypeError, ValueError):
+                y = None
+            if y is None:
+                raise ValueError(f"{type(self).__name__} fits numeric targets, but y holds "
+                                 f"strings. To predict labels, use SparseMLPClassifier; "
+                                 f"otherwise convert y to numbers.")
+        y = y.astype(numpy.float64, copy=False)
+        if y.ndim == 2 and y.shape[1] == 1:  # as MLPRegressor: a 1-d target, predicted (n,)
+            y = column_or_1d(y, warn=True)
         if first:
             self._y_1d = y.ndim == 1
             self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
@@ -373,11 +487,18 @@ class SparseMLPRegressor(RegressorMixin, _SparseMLP):
     def _validation_score(self, metrics):
         return float(metrics["test_r2"])
 
-    def partial_fit(self, X: Any, y: Any) -> "SparseMLPRegressor":
-        """One epoch on ``X``, ``y``; returns self."""
+    def _weighted_score(self, x, targets, weight):
+        from sklearn.metrics import r2_score
+
+        pred = self.model_.predict(x, batch_size=4096).astype(numpy.float64)
+        return float(r2_score(targets, pred[:, 0] if targets.ndim == 1 else pred,
+                              sample_weight=weight))
+
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> "SparseMLPRegressor":
+        """One epoch on ``X``, ``y`` (weighted by ``sample_weight``, optional); returns self."""
         if not hasattr(self, "model_"):
             self._validate_params()
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def predict(self, X: Any) -> numpy.ndarray:
         """Predictions (n_samples,) or (n_samples, n_outputs), as ``y`` was."""

@@ -26,9 +26,19 @@ def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
 
 
-def test_no_check_is_excused():
-    assert SparseMLPClassifier._expected_failed_checks() == {}
-    assert SparseMLPRegressor._expected_failed_checks() == {}
+def test_only_the_float32_sample_weight_equivalence_is_excused():
+    for cls in (SparseMLPClassifier, SparseMLPRegressor):
+        assert list(cls._expected_failed_checks()) == [
+            "check_sample_weight_equivalence_on_dense_data"]
+
+
+@pytest.mark.parametrize("cls", [SparseMLPClassifier, SparseMLPRegressor])
+def test_scikit_learns_sample_weight_check_passes_in_float64(cls):
+    """scikit-learn's own check that weight k means the sample k times (0: removed), on the
+    default settings but float64, where rounding cannot carry the two fits apart."""
+    from sklearn.utils.estimator_checks import check_sample_weight_equivalence_on_dense_data
+
+    check_sample_weight_equivalence_on_dense_data(cls.__name__, cls(dtype="float64"))
 
 
 SMALL = dict(hidden_layer_sizes=(32,), density=0.3, max_iter=30, learning_rate_init=1e-2,
@@ -190,3 +200,165 @@ def test_model_file_from_an_estimator(digits, tmp_path):
     cupynn.save(clf.model_, tmp_path / "digits.npz")
     model = cupynn.load(tmp_path / "digits.npz")
     assert (clf.classes_[model.predict(x).argmax(axis=1)] == clf.predict(x)).all()
+
+
+# ---------------------------------------------------------------- issue 17 part 4
+def test_warm_start_uses_a_changed_learning_rate_and_keeps_adams_moments(digits):
+    """MLPClassifier's warm start trains with the current learning_rate_init; so does
+    this one (the Adam moments and step count carry on)."""
+    x, y = digits
+    clf = SparseMLPClassifier(**dict(SMALL, max_iter=2, warm_start=True, tol=0))
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(x, y)
+    steps, moments = clf.optimizer_.t, clf.optimizer_.state
+    clf.set_params(learning_rate_init=0.5, beta_1=0.5)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(x, y)
+    assert clf.optimizer_.lr == 0.5 and clf.optimizer_.betas == (0.5, SMALL.get("beta_2", 0.999))
+    assert clf.optimizer_.t == 2 * steps and clf.optimizer_.state is moments
+    assert clf.n_iter_ == 4
+    # The learning rate is used: lr 0.5 wrecks what lr 1e-2 learned.
+    assert clf.loss_curve_[-1] > 2 * clf.loss_curve_[1]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(hidden_layer_sizes=(16,)), r"hidden_layer_sizes \[32\] -> \[16\]"),
+    (dict(density=0.5), r"density 0.3 -> 0.5"),
+    (dict(activation="sigmoid"), r"activation 'relu' -> 'sigmoid'"),
+])
+def test_warm_start_with_another_structure_warns_and_fits_a_new_network(digits, change,
+                                                                         expected):
+    x, y = digits
+    clf = SparseMLPClassifier(**dict(SMALL, max_iter=2, warm_start=True))
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(x, y)
+    clf.set_params(**change)
+    with pytest.warns(UserWarning, match="warm_start cannot continue a network built with "
+                                         "other parameters \\(" + expected):
+        clf.fit(x, y)
+    fresh = clone(clf).set_params(warm_start=False)
+    with pytest.warns(ConvergenceWarning):
+        fresh.fit(x, y)
+    assert clf.n_iter_ == 2 and clf.model_.config() == fresh.model_.config()
+    numpy.testing.assert_array_equal(clf.predict_proba(x), fresh.predict_proba(x))
+    with pytest.warns(ConvergenceWarning):  # the new network continues without a warning
+        clf.fit(x, y)
+    assert clf.n_iter_ == 4
+
+
+def test_partial_fit_refuses_a_network_of_another_structure(digits):
+    x, y = digits
+    clf = SparseMLPClassifier(**SMALL).partial_fit(x, y, classes=numpy.arange(10))
+    clf.set_params(density=0.5)
+    with pytest.raises(ValueError, match=r"partial_fit continues the fitted network, which was "
+                                         r"built with other parameters \(density 0.3 -> 0.5\)"):
+        clf.partial_fit(x, y)
+
+
+def test_warm_start_uses_a_changed_redistribution(digits):
+    x, y = digits
+    clf = SparseMLPClassifier(**dict(SMALL, max_iter=2, warm_start=True))
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(x, y)
+    clf.set_params(redistribution="set+random")
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(x, y)
+    assert clf.redistributor_.name == "set+random"
+
+
+FULL_BATCH = dict(hidden_layer_sizes=(16,), density=0.5, max_iter=4, tol=0.0, batch_size=10_000,
+                  learning_rate_init=1e-2, dtype="float64", random_state=0)
+
+
+@pytest.mark.parametrize("cls", [SparseMLPClassifier, SparseMLPRegressor])
+def test_integer_sample_weights_fit_as_repeated_samples(digits, cls):
+    """scikit-learn's meaning of sample_weight: weight k is the sample k times (0: removed).
+    With one batch (the whole data), in float64, fitting weighted equals fitting repeated."""
+    x, y = digits
+    x, y = x[:200], (y[:200] if cls is SparseMLPClassifier else y[:200] / 9.0)
+    w = numpy.random.default_rng(0).integers(0, 4, len(x))
+    with pytest.warns(ConvergenceWarning):
+        weighted = cls(**FULL_BATCH).fit(x, y, sample_weight=w)
+    with pytest.warns(ConvergenceWarning):
+        repeated = cls(**FULL_BATCH).fit(x.repeat(w, axis=0), y.repeat(w))
+    with pytest.warns(ConvergenceWarning):
+        unweighted = cls(**FULL_BATCH).fit(x, y)
+    method = "predict_proba" if cls is SparseMLPClassifier else "predict"
+    out = getattr(weighted, method)(x)
+    numpy.testing.assert_allclose(out, getattr(repeated, method)(x), rtol=1e-8, atol=1e-12)
+    assert not numpy.allclose(out, getattr(unweighted, method)(x), rtol=1e-3)
+
+
+def test_sample_weight_moves_the_decision_and_partial_fit_takes_it(digits):
+    x, y = digits
+    heavy = numpy.where(y == 3, 50.0, 1.0)
+    plain = SparseMLPClassifier(**SMALL).fit(x, y)
+    weighted = SparseMLPClassifier(**SMALL).fit(x, y, sample_weight=heavy)
+    assert (weighted.predict(x) == 3).sum() > (plain.predict(x) == 3).sum()
+    clf = SparseMLPClassifier(**SMALL)
+    clf.partial_fit(x, y, numpy.ones(len(y)), classes=numpy.arange(10))
+    clf.partial_fit(x, y, sample_weight=heavy)
+    assert clf.n_iter_ == 2
+    with pytest.raises(ValueError, match=r"sample_weight.shape == \(5,\), expected \(600,\)"):
+        SparseMLPClassifier(**SMALL).fit(x, y, sample_weight=numpy.ones(5))
+    with pytest.raises(ValueError, match="Negative values in data passed to `sample_weight`"):
+        SparseMLPClassifier(**SMALL).fit(x, y, sample_weight=-heavy)
+
+
+@pytest.mark.parametrize("cls", [SparseMLPClassifier, SparseMLPRegressor])
+def test_early_stopping_scores_the_validation_samples_by_their_weight(digits, cls):
+    """The validation score of a weighted fit is the weighted score of the held-out samples
+    (MLPClassifier's: accuracy_score / r2_score with their sample_weight)."""
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.model_selection import train_test_split
+
+    x, y = digits
+    y = y if cls is SparseMLPClassifier else y / 9.0
+    w = numpy.random.default_rng(1).uniform(0, 3, len(y))
+    clf = cls(**dict(SMALL, max_iter=1, early_stopping=True, validation_fraction=0.3))
+    with pytest.warns(ConvergenceWarning, match="the validation score was still improving"):
+        clf.fit(x, y, sample_weight=w)
+    stratify = y if cls is SparseMLPClassifier else None
+    _, x_val, _, y_val, _, w_val = train_test_split(x, y, w, test_size=0.3,
+                                                    random_state=clf.seed_, stratify=stratify)
+    score = (accuracy_score if cls is SparseMLPClassifier else r2_score)(
+        y_val, clf.predict(x_val), sample_weight=w_val)
+    assert clf.validation_scores_ == [pytest.approx(score, rel=1e-6)]
+    unweighted = (accuracy_score if cls is SparseMLPClassifier else r2_score)(
+        y_val, clf.predict(x_val))
+    assert score != pytest.approx(unweighted, rel=1e-6)
+
+
+def test_convergence_warning_names_the_validation_score_with_early_stopping(digits):
+    x, y = digits
+    clf = SparseMLPClassifier(**dict(SMALL, max_iter=2, early_stopping=True))
+    with pytest.warns(ConvergenceWarning, match="the validation score was still improving after "
+                                                "max_iter=2"):
+        clf.fit(x, y)
+
+
+def test_regressor_fitted_on_a_column_predicts_one_dimension():
+    """As MLPRegressor: y of shape (n, 1) warns like column_or_1d and predicts (n,)."""
+    from sklearn.exceptions import DataConversionWarning
+
+    x, y = make_regression(n_samples=100, n_features=5, random_state=0)
+    reg = SparseMLPRegressor(**dict(SMALL, max_iter=3))
+    with pytest.warns(DataConversionWarning, match="A column-vector y was passed"):
+        reg.fit(x, y[:, None] / 100)
+    assert reg.predict(x).shape == (100,) and reg.n_outputs_ == 1
+
+
+@pytest.mark.parametrize("y", [numpy.array(["a", "b"] * 50), numpy.array(["1.5", "2"] * 50),
+                               numpy.array(["a", 2.0] * 50, dtype=object)])
+def test_regressor_refuses_string_targets_clearly(y):
+    x = numpy.random.default_rng(0).standard_normal((100, 4))
+    with pytest.raises(ValueError, match="SparseMLPRegressor fits numeric targets, but y holds "
+                                         "strings. To predict labels, use SparseMLPClassifier"):
+        SparseMLPRegressor(**SMALL).fit(x, y)
+
+
+def test_regressor_takes_an_object_array_of_numbers():
+    x = numpy.random.default_rng(0).standard_normal((100, 4))
+    y = numpy.array([0.5, 2.0] * 50, dtype=object)
+    assert SparseMLPRegressor(**dict(SMALL, max_iter=3)).fit(x, y).predict(x).shape == (100,)
+
