@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -127,6 +128,9 @@ def corrupt_cases():
         ("npz", "images", good_npz[: len(good_npz) // 2], r"cannot be read as an \.npz archive"),
         ("npz", "images", bytes(flipped), r"corrupt or truncated \(BadZipFile: Bad CRC-32"),
         ("npz", "images", b"not a zip file at all", r"cannot be read as an \.npz archive"),
+        ("npz", "images", b"", r"cannot be read as an \.npz archive: the file is empty"),
+        ("npz", "images", pickle.dumps(images), r"\.npz archive: it is a pickle"),
+        ("npz", "images", npy_bytes(images), r"\.npz archive: it is a single NumPy array \(\.npy"),
         ("npz", "images", _npz_with(x=images), r"must hold an array named 'arr_0'"),
         ("npz", "images", npz_bytes(images[:, :27]), r"uint8 images of shape \(n, 28, 28\)"),
         ("npz", "images", npz_bytes(images.astype(numpy.float32)), r"uint8 images"),
@@ -137,6 +141,12 @@ def corrupt_cases():
         ("idx", "labels", idx_bytes(labels, magic=2051), r"IDX magic number 2049 .* Got 2051"),
         ("idx", "labels", gzip.compress(b"\x00\x00"), r"too short to hold an IDX header"),
     ]
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    numpy.save(buffer, array)
+    return buffer.getvalue()
 
 
 def _npz_with(**arrays) -> bytes:

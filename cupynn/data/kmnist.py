@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,20 +404,15 @@ def _read_file(path: Path, layout: str, kind: str, official: OfficialFile | None
 
 
 def _read_npz(path: Path) -> numpy.ndarray:
+    from ..serialization import read_npz
+
     try:
-        loaded = numpy.load(path, allow_pickle=False)
-        if isinstance(loaded, numpy.ndarray):  # a .npy file under an .npz name
-            raise _Corrupt("is a single NumPy array (.npy), not an .npz archive")
-        with loaded as archive:
-            if "arr_0" not in archive.files:
-                raise _Corrupt(f"must hold an array named 'arr_0'. Got {archive.files} instead")
-            # Reading the member whole makes zipfile check its CRC.
-            return archive["arr_0"]
-    except _Corrupt:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise _Corrupt(f"cannot be read as an .npz archive, so it is corrupt or truncated "
-                       f"({type(exc).__name__}: {exc})") from None
+        arrays = read_npz(path)  # says what the file is instead: .npy, pickle, empty, damaged
+    except ValueError as exc:
+        raise _Corrupt(f"cannot be read as an .npz archive: {exc}") from None
+    if "arr_0" not in arrays:
+        raise _Corrupt(f"must hold an array named 'arr_0'. Got {sorted(arrays)} instead")
+    return arrays["arr_0"]
 
 
 def _read_idx(path: Path, kind: str) -> numpy.ndarray:
