@@ -133,8 +133,8 @@ def test_report_tables_and_claims_that_hold(tmp_path):
     # health: random's zeros 10, 11, 12 of 100 and 5 of 50 hidden neurons dead at epoch 2
     assert report.curve(groups[("random", 0.1)], report.zero_share)[1].tolist() == \
         pytest.approx([0.0, 0.11])
-    assert "| random | 0.0 / 11.0 | 0.0 / 10.0 |" in text
-    assert "| static | 0.0 / 1.0 | 0.0 / 0.0 |" in text
+    assert "| random | 0.0 / 11.0 | 0.0 / 10.0 | 0.0 / 10.0 |" in text
+    assert "| static | 0.0 / 1.0 | 0.0 / 0.0 | 0.0 / 0.0 |" in text
     if not HAS_MATPLOTLIB:
         if os.environ.get("CI", "").strip().lower() in ("true", "1"):
             pytest.fail("matplotlib is missing; the test extra brings it, and CI checks figures.")

@@ -242,7 +242,17 @@ def dead_share(m: dict[str, Any]) -> float | None:
     return sum(h["dead"] for h in hidden) / sum(h["neurons"] for h in hidden)
 
 
-HEALTH = (("zero weights (% of stored)", zero_share), ("dead hidden neurons (%)", dead_share))
+def inactive_share(m: dict[str, Any]) -> float | None:
+    """The share of the hidden neurons whose ReLU is 0 on the whole probe batch: the part of
+    the dead that moves when a network collapses (no-input/no-output are mostly topology)."""
+    hidden = (m.get("health") or {}).get("hidden")
+    if not hidden:
+        return None
+    return sum(h["inactive"] for h in hidden) / sum(h["neurons"] for h in hidden)
+
+
+HEALTH = (("zero weights (% of stored)", zero_share), ("dead hidden neurons (%)", dead_share),
+          ("hidden ReLUs at 0 on the probe batch (%)", inactive_share))
 
 
 def induced_losses(run: RunResult) -> list[tuple[int, float]]:
@@ -568,7 +578,7 @@ def _health_figure(groups: Groups, density: float, path: Path, dataset: str) -> 
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(5 * len(HEALTH), 4.2), layout="constrained")
     axes = fig.subplots(1, len(HEALTH))
     for ax, (label, get) in zip(axes, HEALTH):
         for key in keys(groups, sparse=True):
@@ -596,9 +606,11 @@ def _health_section(groups: Groups, dens: list[float], out_dir: Path, dataset: s
                     mpl: Any) -> list[str]:
     md = ["### Network health per epoch", "",
           "At the end of each epoch's training, before its redistribution: the share of the "
-          "stored weights exactly 0, and of the hidden neurons dead (every weight in, or every "
-          "weight out, absent or 0, or a ReLU at 0 on the whole probe batch). A rise over the "
-          "epochs is a slow collapse.", ""]
+          "stored weights exactly 0, of the hidden neurons dead (every weight in, or every "
+          "weight out, absent or 0, or a ReLU at 0 on the whole probe batch), and of those whose "
+          "ReLU is 0 on the whole probe batch. A rise over the epochs is a slow collapse; a "
+          "sparse output layer leaves many neurons without an outgoing weight from the start.",
+          ""]
     if not any(zero_share(m) is not None for rs in groups.values() for r in rs for m in r.metrics):
         return md + ["No run recorded its health (runs from before it was recorded).", ""]
     for density in dens:
@@ -622,7 +634,8 @@ def _health_section(groups: Groups, dens: list[float], out_dir: Path, dataset: s
         if rows:
             epochs_text = ", ".join(str(e) for e in header_epochs or [])
             md += [f"Density {density:g}, mean over seeds at epochs {epochs_text}:", ""]
-            md += _table(["algorithm", "zero weights (%)", "dead hidden neurons (%)"], rows) + [""]
+            md += _table(["algorithm", "zero weights (%)", "dead hidden neurons (%)",
+                          "hidden ReLUs at 0 (%)"], rows) + [""]
     return md
 
 
