@@ -41,7 +41,11 @@ alike, and with ``early_stopping`` the validation score is the weighted one.
 ``learning_rate_init``, ``beta_1``, ``beta_2``, ``epsilon`` and
 ``redistribution`` (Adam's moments are kept). A changed ``hidden_layer_sizes``,
 ``density``, ``activation``, ``dtype`` or ``device`` cannot continue it: ``fit``
-then warns and fits a new network (``partial_fit`` refuses).
+then warns and fits a new network (``partial_fit`` refuses). ``device`` counts as
+the backend it resolves to: ``"auto"`` on a machine without a GPU is ``"cpu"``.
+
+``partial_fit(X, y, sample_weight=None, classes=None)`` takes its arguments in
+``MLPClassifier.partial_fit``'s order: ``classes`` is the 4th, so pass it by name.
 """
 
 from __future__ import annotations
@@ -203,7 +207,17 @@ class _SparseMLP(BaseEstimator):
             return {}
         now = {name: getattr(self, name) for name in STRUCTURE}
         now["hidden_layer_sizes"] = self._hidden_sizes()
-        return {name: (built[name], now[name]) for name in STRUCTURE if built[name] != now[name]}
+        changed = {name: (built[name], now[name]) for name in STRUCTURE
+                   if name != "device" and built[name] != now[name]}
+        # The device as the network runs on it: 'auto' that resolved to the CPU is 'cpu'.
+        running = self.model_.backend.name
+        wanted = _resolved_device(self.device)
+        if wanted != running:
+            was = built["device"]
+            changed["device"] = (was if was == running else _Text(f"{was!r} ({running})"),
+                                 self.device if self.device == wanted
+                                 else _Text(f"{self.device!r} ({wanted})"))
+        return {name: changed[name] for name in STRUCTURE if name in changed}
 
     def _continue(self, incremental: bool) -> bool:
         """Whether this call continues the fitted network; on a warm start whose structure
@@ -213,7 +227,8 @@ class _SparseMLP(BaseEstimator):
         changed = self._changed_structure()
         if not changed:
             return True
-        what = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        what = "; ".join(f"{name} {_shown(old)} -> {_shown(new)}"
+                         for name, (old, new) in changed.items())
         if incremental:
             raise ValueError(f"partial_fit continues the fitted network, which was built with "
                              f"other parameters ({what}); call fit to start a new one.")
@@ -254,12 +269,11 @@ class _SparseMLP(BaseEstimator):
             sample_weight = _check_sample_weight(sample_weight, X, dtype=numpy.float64,
                                                  ensure_non_negative=True)
         targets = self._targets(y, first, classes)
-        if first:
-            seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            self._build(X.shape[1], seed)
-        else:
-            self._apply_settings()
+        seed = (int(check_random_state(self.random_state).randint(0, 2**31 - 1)) if first
+                else self.seed_)
         x_train, y_train, w_train, test, w_val = X, targets, sample_weight, None, None
+        # The validation split and its checks come first: a refusal leaves a fitted network
+        # (warm_start) as it was.
         if self.early_stopping and not incremental:
             from sklearn.model_selection import train_test_split
 
@@ -267,7 +281,7 @@ class _SparseMLP(BaseEstimator):
             arrays = (X, targets) if sample_weight is None else (X, targets, sample_weight)
             try:
                 parts = train_test_split(*arrays, test_size=self.validation_fraction,
-                                         random_state=self.seed_, stratify=stratify)
+                                         random_state=seed, stratify=stratify)
             except ValueError as exc:
                 raise ValueError(f"early_stopping could not hold out validation_fraction="
                                  f"{self.validation_fraction} of {X.shape[0]} samples "
@@ -281,6 +295,17 @@ class _SparseMLP(BaseEstimator):
                     raise ValueError(f"early_stopping held out every sample of non-zero weight "
                                      f"(validation_fraction={self.validation_fraction}); no "
                                      f"weight is left to train on.")
+                if not w_val.any():
+                    raise ValueError(f"early_stopping's validation split (validation_fraction="
+                                     f"{self.validation_fraction}) holds no sample of non-zero "
+                                     f"weight, so there is no validation score to stop on; "
+                                     f"give more samples a non-zero weight, change "
+                                     f"validation_fraction or random_state, or fit without "
+                                     f"early_stopping.")
+        if first:
+            self._build(X.shape[1], seed)
+        else:
+            self._apply_settings()
         batch = (min(BATCH_AUTO, x_train.shape[0]) if self.batch_size == "auto"
                  else min(int(self.batch_size), x_train.shape[0]))
         trainer = Trainer(self.model_, self.optimizer_, (x_train, y_train), test,
@@ -360,6 +385,25 @@ class _SparseMLP(BaseEstimator):
             "test_scikit_learns_sample_weight_check_passes_in_float64")}
 
 
+class _Text(str):
+    """A value already written for a message (shown as is, not repr'd)."""
+
+
+def _shown(value: Any) -> str:
+    return str(value) if isinstance(value, _Text) else repr(value)
+
+
+def _resolved_device(device: str) -> str:
+    """The backend ``device`` gives here ("cpu" or "gpu"); the name itself where it cannot be
+    resolved (device='gpu' without a GPU: building the network then says why)."""
+    from .backend import get_backend
+
+    try:
+        return get_backend(device).name
+    except (RuntimeError, ValueError):
+        return device
+
+
 def _fresh_moments(optimizer: Any) -> Any:
     """Adam for restored weights whose moments belong to other epochs: started again,
     keeping its step count and settings."""
@@ -424,8 +468,11 @@ class SparseMLPClassifier(ClassifierMixin, _SparseMLP):
         if not hasattr(self, "model_"):
             self._validate_params()
             if classes is None:
-                raise ValueError("The first call of partial_fit needs classes= (every label "
-                                 "there will be).")
+                hint = ("" if sample_weight is None else
+                        "; classes is the 4th argument, as in MLPClassifier: pass classes=... "
+                        "(the 3rd is sample_weight)")
+                raise ValueError(f"The first call of partial_fit needs classes= (every label "
+                                 f"there will be){hint}.")
         return self._fit(X, y, incremental=True, classes=classes, sample_weight=sample_weight)
 
     def decision_function(self, X: Any) -> numpy.ndarray:

@@ -371,3 +371,83 @@ def test_the_default_init_is_fan_in_as_measured(digits):
     clf = SparseMLPClassifier(**{k: v for k, v in SMALL.items()}).fit(x, y)
     assert clf.model_.config()["init"] == "fan_in"
     assert cupynn.MLP([4, 3], device="cpu").init == "paper"
+
+
+# ---------------------------------------------------------------- review 17
+@pytest.mark.parametrize("cls", [SparseMLPClassifier, SparseMLPRegressor])
+def test_early_stopping_refuses_a_validation_split_without_weight_up_front(digits, cls):
+    """The mirror of "held out every sample of non-zero weight": a single non-zero weight that
+    falls in the training part leaves nothing to score; fit says so before training."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.utils import check_random_state
+
+    x, y = digits
+    x, y = x[:200], (y[:200] if cls is SparseMLPClassifier else y[:200] / 9.0)
+    seed = int(check_random_state(0).randint(0, 2**31 - 1))  # the estimator's seed_
+    stratify = y if cls is SparseMLPClassifier else None
+    train, _ = train_test_split(numpy.arange(len(y)), test_size=0.5, random_state=seed,
+                                stratify=stratify)
+    w = numpy.zeros(len(y))
+    w[train[0]] = 1.0
+    clf = cls(**dict(SMALL, early_stopping=True, validation_fraction=0.5, random_state=0))
+    with pytest.raises(ValueError, match=r"early_stopping's validation split "
+                                         r"\(validation_fraction=0.5\) holds no sample of "
+                                         r"non-zero weight"):
+        clf.fit(x, y, sample_weight=w)
+    assert not hasattr(clf, "model_")  # refused before any training
+    # A warm start keeps its fitted network untouched.
+    warm = cls(**dict(SMALL, max_iter=2, warm_start=True, random_state=0))
+    with pytest.warns(ConvergenceWarning):
+        warm.fit(x, y)
+    before = warm.predict(x)
+    warm.set_params(early_stopping=True, validation_fraction=0.5)
+    with pytest.raises(ValueError, match="holds no sample of non-zero weight"):
+        warm.fit(x, y, sample_weight=w)
+    assert warm.n_iter_ == 2
+    numpy.testing.assert_array_equal(warm.predict(x), before)
+
+
+def test_partial_fit_says_classes_is_the_fourth_argument(digits):
+    """partial_fit(X, y, sample_weight, classes) is MLPClassifier's order; classes passed
+    third (the old order) is taken as sample_weight, and the first call says why it failed."""
+    x, y = digits
+    clf = SparseMLPClassifier(**SMALL)
+    with pytest.raises(ValueError, match=r"first call of partial_fit needs classes=.*classes is "
+                                         r"the 4th argument, as in MLPClassifier: pass "
+                                         r"classes=\.\.\."):
+        clf.partial_fit(x[:10], y[:10], numpy.arange(10))
+    with pytest.raises(ValueError) as plain:  # no sample_weight: the plain message
+        clf.partial_fit(x[:10], y[:10])
+    assert "4th argument" not in str(plain.value)
+    clf.partial_fit(x[:10], y[:10], None, numpy.arange(10))
+    assert list(clf.classes_) == list(range(10))
+
+
+def test_warm_start_compares_the_resolved_device_not_its_name(digits):
+    """device 'auto' resolves to a backend; naming that backend continues the network (no
+    warning), while a changed dtype still fits a new one."""
+    import warnings
+
+    from cupynn.backend import get_backend
+
+    x, y = digits
+    resolved = get_backend("auto").name  # "cpu" on a machine without a GPU
+    clf = SparseMLPClassifier(**dict(SMALL, max_iter=2, warm_start=True, device="auto"))
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(x, y)
+    for device in (resolved, "auto"):
+        clf.set_params(device=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clf.fit(x, y)
+        assert not [w for w in caught if "warm_start cannot continue" in str(w.message)]
+    assert clf.n_iter_ == 6 and clf.model_.backend.name == resolved
+    clf.partial_fit(x, y)  # partial_fit continues too
+    assert clf.n_iter_ == 7
+    clf.set_params(dtype="float64")
+    with pytest.warns(ConvergenceWarning), \
+            pytest.warns(UserWarning, match=r"warm_start cannot continue a network built with "
+                                            r"other parameters \(dtype 'float32' -> "
+                                            r"'float64'\)"):
+        clf.fit(x, y)
+    assert clf.n_iter_ == 2 and clf.model_.dtype == numpy.float64
