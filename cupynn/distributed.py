@@ -22,9 +22,10 @@ host buffer that is kept and grown, never allocated per step.
 
 Failure ends the whole job promptly, never a hang: a rank that raises inside
 :meth:`Communicator.guard` (``fit``, ``Trainer`` and the scripts use it) prints
-its error and aborts the job; ``init()`` installs an excepthook that does the
-same for an exception that nothing catches anywhere in the program (as
-``python -m mpi4py`` does); a Ctrl-C stops every rank alike. Every collective
+its error and aborts the job (an error that every rank raises alike,
+:class:`RaisedAlike`, propagates on every rank instead); ``init()`` installs an
+excepthook that does the same for an exception that nothing catches anywhere in
+the program (as ``python -m mpi4py`` does); a Ctrl-C stops every rank alike. Every collective
 first waits, polling, until every rank has arrived at it, at most ``timeout``
 seconds (``init(timeout=...)``, ``$CUPYNN_MPI_TIMEOUT``, default
 :data:`DEFAULT_TIMEOUT`), then names the ranks that did not arrive and aborts.
@@ -95,8 +96,22 @@ def array_hash(array: Any) -> str:
     return digest.hexdigest()
 
 
-class RanksDisagree(ValueError):
+class RaisedAlike(Exception):
+    """Base of the errors that every rank raises alike: from the same check of settings
+    that every rank shares, before any rank can be left waiting in a collective.
+
+    :meth:`Communicator.guard` and :func:`guarded` let them propagate on every rank (the
+    caller may catch them) instead of ending the job. Checks of what one rank alone holds
+    (its data, its files) must not raise them."""
+
+
+class RanksDisagree(RaisedAlike, ValueError):
     """The ranks were given different settings or data; raised on every rank alike."""
+
+
+class UnsupportedAcrossRanks(RaisedAlike, ValueError):
+    """What data-parallel training does not support (yet), such as ``fit``'s
+    ``sample_weight``; raised on every rank alike, before any collective."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -171,9 +186,15 @@ class Communicator:
     def check_same(self, what: str, settings: dict[str, Any]) -> None:
         """Raise (on every rank alike) when the ranks' ``settings`` differ, naming the keys."""
         gathered = self.allgather(json.loads(json.dumps(settings, default=str)))
+
+        def text(g: dict[str, Any], key: str) -> str | None:
+            """A value as canonical JSON: equal values give equal text, NaN included
+            (``nan != nan``, but both are ``NaN``)."""
+            return json.dumps(g[key], sort_keys=True, default=str) if key in g else None
+
         differ = sorted({key for other in gathered[1:]
                          for key in set(gathered[0]) | set(other)
-                         if gathered[0].get(key) != other.get(key)})
+                         if text(gathered[0], key) != text(other, key)})
         if differ:
             values = "; ".join(f"{key}: " + ", ".join(f"rank {r} {g.get(key)!r}"
                                                      for r, g in enumerate(gathered))
@@ -212,7 +233,8 @@ class Communicator:
         ``MPI_Abort``, which ends every rank of the job with a non-zero status;
         an exit with status 0 passes, and so do the exception types in
         ``alike``: errors that every rank raises at the same point (such as a
-        NaN in the all-reduced loss), which the caller handles on every rank.
+        NaN in the all-reduced loss), which the caller handles on every rank
+        (:func:`guarded` passes :class:`RaisedAlike`).
         A ``KeyboardInterrupt`` is told to the other ranks (each raises
         :class:`Interrupted` at its next collective) and propagates, so that
         every rank stops as one process does; one that nothing catches ends
@@ -253,8 +275,9 @@ def guarded(function: Any) -> Any:
     With an MPI world of several ranks, an error in it — a check that fails
     on one rank only, say, before the first collective — ends the job, even
     where the caller would catch it, instead of leaving the other ranks
-    waiting there; :class:`RanksDisagree`, raised on every rank alike,
-    propagates. Other communicators (one rank; ranks simulated in one
+    waiting there; a :class:`RaisedAlike` (:class:`RanksDisagree`,
+    :class:`UnsupportedAcrossRanks`), raised on every rank alike, propagates
+    on every rank. Other communicators (one rank; ranks simulated in one
     process, as tests do) see the error as it is."""
     import inspect
 
@@ -265,7 +288,7 @@ def guarded(function: Any) -> Any:
         comm = signature.bind_partial(*args, **kwargs).arguments.get("comm")
         if not isinstance(comm, MPICommunicator) or comm.size == 1:
             return function(*args, **kwargs)
-        with comm.guard(alike=(RanksDisagree,)):
+        with comm.guard(alike=(RaisedAlike,)):
             return function(*args, **kwargs)
 
     return wrapper

@@ -9,7 +9,7 @@ from typing import Any
 import numpy
 
 from .backend import to_numpy
-from .distributed import guarded
+from .distributed import UnsupportedAcrossRanks, guarded
 from .health import network_health
 from .losses import LOSSES
 from .redistribution.schedule import SCHEDULES, fraction_at
@@ -370,7 +370,7 @@ class Trainer:
             model.backward(grad, need_input_grad=False)
         else:
             if weight is not None:
-                raise ValueError(_NO_WEIGHTS_ACROSS_RANKS.format(size=self.comm.size))
+                raise UnsupportedAcrossRanks(_NO_WEIGHTS_ACROSS_RANKS.format(size=self.comm.size))
             if shard is None:
                 start, stop = self.comm.shard(len(x))
                 shard, x, y = (start, stop, len(x)), x[start:stop], y[start:stop]
@@ -688,8 +688,8 @@ def _check_sample_weight(sample_weight: Any, train: Any, comm: Any) -> numpy.nda
     owner = "fit"
     if sample_weight is None:
         return None
-    if comm.size > 1:
-        raise ValueError(_NO_WEIGHTS_ACROSS_RANKS.format(size=comm.size))
+    if comm.size > 1:  # before any collective, on every rank alike: the guard lets it through
+        raise UnsupportedAcrossRanks(_NO_WEIGHTS_ACROSS_RANKS.format(size=comm.size))
     if train is None:
         raise ValueError(f"The 'sample_weight' argument of {owner} needs train given as a pair "
                          f"(x, y); a sampler draws its own rows.")

@@ -9,14 +9,18 @@ history. ``fault`` and ``mismatch`` modes make one rank fail or disagree.
 ``script-interrupt`` does the same with a Ctrl-C on the first rank during
 epoch 3 (``script-interrupt-last``: on the last rank), ``script-kill`` with a SIGKILL of the last rank during epoch 3,
 ``script-slow`` with epochs of at least 0.3 s (time for a Ctrl-C from outside),
-``script-differ`` with ``--density 0.2`` added on the last rank.
+``script-differ`` with ``--density 0.2`` added on the last rank, ``script-slow-load``
+with a small made-up data set in place of the experiment's files, whose loading takes
+every rank but the first 5 s (run it with a collective timeout shorter than that).
 
 Faults (tests/test_mpi_faults.py), each run by every rank: ``raise-before-fit``,
 ``bad-width`` (the last rank's inputs one column short; the error that ``fit``
 raises is caught by the user's code), ``raise-between-epochs``
 (the last rank raises in its own loop around ``fit``), ``never-fit SECONDS`` (the
 last rank leaves without calling fit; the others' timeout is SECONDS), ``different-calls``
-(the last rank calls allgather where the others call barrier).
+(the last rank calls allgather where the others call barrier). ``sample-weight`` (every
+rank asks ``fit`` for sample weights, which data-parallel training refuses; each catches
+the error and says so) is no fault: the job must end normally.
 """
 
 from __future__ import annotations
@@ -193,6 +197,31 @@ def faulty_script(mode: str, args: list[str]) -> list[str]:
     return args
 
 
+SLOW_LOAD = 5.0  # seconds that every rank but the first takes to load (script-slow-load)
+
+
+def slow_load(args):
+    """An experiment's ``load``: made-up HIGGS-shaped rows; slow on every rank but the first
+    (as with --no-cache, where each rank parses the files itself after the first). Every
+    rank first does the script's one-time work (compiling the kernels), so that the first
+    rank reaches its next collective at once, however long compiling takes."""
+    import time
+
+    from sklearn.metrics import roc_auc_score
+
+    from cupynn.backend import get_backend
+    from cupynn.kernels import warm_up
+
+    warm_up(get_backend(args.device), args.dtype)
+    roc_auc_score([0, 1], [0.2, 0.8])
+    if not distributed.init().is_root:
+        time.sleep(SLOW_LOAD)
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((256, 21))
+    y = (x[:, 0] > 0).astype(numpy.float64)
+    return (x, y), (x[:64], y[:64]), "made-up rows", []
+
+
 def faults(mode: str, argv: list[str]) -> int:
     """A user's program in which the last rank fails (see the module doc)."""
     comm = (distributed.init(timeout=float(argv[3])) if mode == "never-fit"
@@ -213,6 +242,14 @@ def faults(mode: str, argv: list[str]) -> int:
         return comm.allgather(1) if last else comm.barrier()
     model = cupynn.MLP([16, 24, 4], density=0.3, seed=3, dtype="float64", device="cpu")
     optimizer = cupynn.Adam(model)
+    if mode == "sample-weight":  # refused alike on every rank: each one catches it
+        try:
+            cupynn.fit(model, optimizer, (x, y), test, epochs=1, batch_size=BATCH,
+                       progress=False, comm=comm, sample_weight=numpy.ones(len(y)))
+        except ValueError as exc:
+            print(f"rank {comm.rank} caught {type(exc).__name__}: {exc}", flush=True)
+        comm.barrier()  # the ranks go on together, as a program that handles it would
+        return 0
     try:
         for epoch in range(3):
             cupynn.fit(model, optimizer, (x, y), test, epochs=1, batch_size=BATCH, seed=epoch,
@@ -230,10 +267,14 @@ def main(argv):
     if mode.startswith("script"):
         from cupynn.paper.experiments import HIGGS, KMNIST, run as run_script
 
-        args = faulty_script(mode, argv[3:])
-        return run_script({"kmnist": KMNIST, "higgs": HIGGS}[argv[2]], args)
+        import dataclasses
+
+        experiment = {"kmnist": KMNIST, "higgs": HIGGS}[argv[2]]
+        if mode == "script-slow-load":
+            experiment = dataclasses.replace(experiment, load=slow_load)
+        return run_script(experiment, faulty_script(mode, argv[3:]))
     if mode in ("raise-before-fit", "bad-width", "raise-between-epochs", "never-fit",
-                "different-calls"):
+                "different-calls", "sample-weight"):
         return faults(mode, argv)
     out = Path(argv[2])
     comm = distributed.init()

@@ -277,6 +277,49 @@ def test_check_same_names_the_settings_that_differ():
         comm.check_same("setup", {"lr": 0.1, "seed": 2})
 
 
+def test_check_same_takes_nan_for_nan():
+    """Canonical text per key: NaN equals NaN (``nan != nan`` made every rank given
+    ``--lr nan`` disagree), at any depth and in any key order; a missing key still
+    differs from one set to None."""
+    nan = float("nan")
+    settings = {"--lr": nan, "--scale": [nan, nan], "opt": {"b": nan, "a": 1}}
+    TwoAlike(others=[json.loads(json.dumps(settings))]).check_same("x", settings)
+    TwoAlike(others=[{"opt": {"a": 1, "b": nan}, "--scale": [nan, nan], "--lr": nan}]
+             ).check_same("x", settings)
+    with pytest.raises(distributed.RanksDisagree, match=r"--lr: rank 0 nan, rank 1 0\.1\. Every"):
+        TwoAlike(others=[{**settings, "--lr": 0.1}]).check_same("x", settings)
+    with pytest.raises(distributed.RanksDisagree, match=r"^The 2 ranks disagree on the x: "
+                                                        r"extra: rank 0 None, rank 1 None\."):
+        TwoAlike(others=[{**settings, "extra": None}]).check_same("x", settings)
+
+
+def test_alike_errors_pass_the_guard_of_several_mpi_ranks():
+    """Errors raised by every rank alike (RaisedAlike) propagate through ``guarded`` on
+    every rank; any other error aborts the job."""
+    aborted = []
+
+    class Ranks(distributed.MPICommunicator):
+        def __init__(self):
+            self.rank, self.size = 1, 2
+
+        def abort(self, code=1):
+            aborted.append(code)
+            raise SystemExit(code)
+
+    @distributed.guarded
+    def check(error, comm=None):
+        raise error
+
+    for error in (distributed.UnsupportedAcrossRanks("no"), distributed.RanksDisagree("no")):
+        assert isinstance(error, (ValueError, distributed.RaisedAlike))
+        with pytest.raises(type(error)):
+            check(error, comm=Ranks())
+    assert aborted == []
+    with pytest.raises(SystemExit):
+        check(ValueError("one rank only"), comm=Ranks())
+    assert aborted == [1]
+
+
 def test_diverged_models_are_named_by_layer():
     model = cupynn.MLP([6, 5, 2], density=0.5, device="cpu")
     other = cupynn.MLP([6, 5, 2], density=0.5, device="cpu")

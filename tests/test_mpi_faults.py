@@ -7,8 +7,10 @@ before ``fit``, in ``fit``'s checks and between epochs in the user's own code;
 a rank killed mid-epoch (whose run then resumes on three ranks as if never
 stopped); a rank that never calls ``fit`` (the collective timeout names it);
 Ctrl-C (status 130 and the summary, as one process); ranks given different
-flags (one paragraph, status 2); ranks at different collectives. And, in one
-process, ``init``'s timeout checks.
+flags (one paragraph, status 2); ranks at different collectives. And what is no
+fault: every rank's data loading outlasting a short collective timeout; ``--lr nan``
+on every rank (the range message, not a disagreement); an error that every rank raises
+alike (one ValueError each, no abort). And, in one process, ``init``'s timeout checks.
 """
 
 from __future__ import annotations
@@ -167,6 +169,44 @@ def test_ranks_given_different_flags_get_one_paragraph_and_status_2(tmp_path):
     assert errors == ["train_kmnist.py: error: The 2 ranks disagree on the command-line "
                       "arguments: --density: rank 0 0.1, rank 1 0.2. Every rank must run the "
                       "same configuration on the same data."], done.stderr
+
+
+def test_every_ranks_data_loading_is_exempt_from_the_timeout(tmp_path):
+    """The first rank loads while the others wait, then the others load (5 s) while the
+    first waits: neither wait counts against the 2 s timeout. Before the fix the first
+    rank went on to its next collective and, after 2 s, ended the job naming rank 1."""
+    import mpi_worker
+
+    assert mpi_worker.SLOW_LOAD > 2 + distributed._ANSWER_SECONDS  # else it would pass anyway
+    out = tmp_path / "run"
+    done = launch(2, "script-slow-load", "higgs", "--epochs", "1", "--hidden", "8",
+                  "--batch-size", "64", "--dtype", "float64", "--device", "cpu", "--quiet",
+                  "--out", str(out), env={distributed.TIMEOUT_ENV: "2"}, timeout=FAULT_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "did not arrive" not in done.stderr
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 1
+
+
+def test_nan_on_every_rank_gets_the_range_message_not_a_disagreement(tmp_path):
+    """NaN != NaN: check_same called ``--lr nan`` on both ranks a disagreement."""
+    done = launch(2, "script", "kmnist", "--data-dir", str(tmp_path / "none"), "--lr", "nan",
+                  "--out", str(tmp_path / "out"), timeout=FAULT_TIMEOUT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].endswith(": error: --lr must be > 0"), done.stderr
+
+
+def test_an_error_every_rank_raises_alike_propagates_on_every_rank():
+    """fit refuses sample_weight with several ranks: every rank raises the same ValueError
+    from the same check, before any collective; it reaches each rank's own code (which
+    catches it here) instead of a traceback per rank and MPI_Abort."""
+    done = launch(2, "sample-weight", "-", timeout=FAULT_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "[rank" not in done.stderr, done.stderr
+    caught = sorted(re.findall(r"rank (\d) caught (\w+): (sample_weight .*? yet)", done.stdout))
+    assert caught == [(str(rank), "UnsupportedAcrossRanks", "sample_weight is not supported by "
+                       "data-parallel training (2 ranks) yet") for rank in (0, 1)], done.stdout
 
 
 # ----------------------------------------------------------------- in one process

@@ -404,12 +404,18 @@ def _read_run(out: Path) -> tuple[dict[str, Any], Any]:
 
 
 def _first_then_others(comm: Any, work: Callable[[], Any]) -> Any:
-    """``work()`` on the first rank, then on the others (a shared cache is written once)."""
+    """``work()`` on the first rank, then on the others (a shared cache is written once).
+
+    Neither wait has a limit: the others wait for the first rank's ``work()`` (HIGGS:
+    minutes), then the first rank waits for the others' (from the cache; with
+    ``--no-cache`` each parses the files itself, as long again), so that no rank meets
+    its next collective's timeout while another still loads."""
     if comm.is_root:
         result = work()
-    comm.barrier(timeout=math.inf)  # as long as the first rank loads (HIGGS: minutes)
+    comm.barrier(timeout=math.inf)  # as long as the first rank loads
     if not comm.is_root:
         result = work()
+    comm.barrier(timeout=math.inf)  # as long as the slowest of the others loads
     return result
 
 
