@@ -12,8 +12,8 @@ import numpy
 import pytest
 
 from conftest import shared_data
-from cupynn import grid, report
-from cupynn.grid import GridError, expected_arguments, plan, run_state, shell_commands
+from cupynn.paper import grid, report
+from cupynn.paper.grid import GridError, expected_arguments, plan, run_state, shell_commands
 
 HAS_MATPLOTLIB = report._matplotlib() is not None
 
@@ -24,7 +24,7 @@ def _write_run(root: Path, dataset: str, key: str, density: float | None, seed: 
                train_seconds: float = 1.0, redistribution_seconds: float = 0.0,
                peak: int = 1_000_000, auc: list[float] | None = None,
                health: list[tuple[int, int]] | None = None) -> Path:
-    """One run directory as cupynn.experiments writes it, with chosen numbers.
+    """One run directory as cupynn.paper.experiments writes it, with chosen numbers.
 
     ``induced`` lists (before, after) of the redistributions after epochs 1, 2, ….
     ``health`` lists (zero weights of 100, dead hidden neurons of 50) per epoch.

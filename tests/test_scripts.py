@@ -14,7 +14,7 @@ import cupynn
 import pytest
 
 from conftest import shared_data
-from cupynn.experiments import HIGGS, KMNIST, parameter_equivalent_width, run
+from cupynn.paper.experiments import HIGGS, KMNIST, parameter_equivalent_width, run
 from cupynn.redistribution import NAMES
 
 ROOT = Path(__file__).resolve().parents[1]

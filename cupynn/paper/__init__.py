@@ -8,7 +8,5 @@
 - :mod:`.report`: the paper's figures, tables and claims from a grid's runs
   (``scripts/report.py``).
 
-They build on the library (``cupynn``) and nothing in it depends on them. The
-old names ``cupynn.experiments``, ``cupynn.grid`` and ``cupynn.report`` still
-import the same modules.
+They build on the library (``cupynn``) and nothing in it depends on them.
 """

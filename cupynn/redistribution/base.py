@@ -349,14 +349,6 @@ class Redistributor:
         return {"layer": index, "removed": removed, "added": added, "nnz": layer.nnz,
                 "empty_rows": empty}
 
-    @classmethod
-    def _rebuild(cls, layer: SparseLinear, optimizer: Any, drop: Drop, kept: Any, new: Any) -> None:
-        """Merge survivors and new keys into canonical CSR; re-map the moments."""
-        indptr, indices, data, mapping = cls._merge(layer, drop, kept, new)
-        layer.set_topology(indptr, indices, data)
-        if optimizer is not None:
-            optimizer.remap(layer, mapping)
-
     @staticmethod
     def _merge(layer: SparseLinear, drop: Drop, kept: Any, new: Any) -> tuple[Any, Any, Any, Any]:
         """The new CSR ``(indptr, indices, data)`` of a layer and the moments'
