@@ -5,6 +5,7 @@ forward and backward passes are hand-written; Adam is hand-written.
 """
 
 from . import data, distributed, export, losses, redistribution
+from ._version import __version__
 from .backend import Backend, get_backend, gpu_available, to_numpy
 from .layers import Linear, ReLU, Sigmoid, SparseLinear
 from .model import MLP
@@ -12,8 +13,6 @@ from .memory import MemoryTracker
 from .optim import Adam
 from .serialization import ModelFileError, load, save
 from .training import Trainer, evaluate, fit
-
-__version__ = "0.1.0"
 
 _LAZY = {"SparseMLPClassifier": "estimators", "SparseMLPRegressor": "estimators"}
 

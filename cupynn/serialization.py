@@ -114,7 +114,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, numpy.ndarray]:
 
 def save(model: Any, path: str | os.PathLike) -> Path:
     """Write ``model`` (an :class:`cupynn.MLP`) to ``path`` (see the module doc); returns it."""
-    from . import __version__
+    from ._version import __version__
     from .layers import SparseLinear
 
     path = Path(path)
@@ -179,7 +179,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, numpy.ndarr
     if not isinstance(version, int) or version < 1:
         raise bad(f"its format version {version!r} is not valid; the file is corrupt.")
     if version > FORMAT_VERSION:
-        from . import __version__
+        from ._version import __version__
 
         raise bad(f"written in model-file format {version} by cupynn {header.get('cupynn')}; "
                   f"this cupynn ({__version__}) reads format {FORMAT_VERSION} and older. "

@@ -278,7 +278,7 @@ def versions(backend: Any) -> dict[str, str]:
     import scipy
     import sklearn
 
-    from .. import __version__
+    from .._version import __version__
 
     found = {"cupynn": __version__, "python": platform.python_version(),
              "numpy": numpy.__version__, "scipy": scipy.__version__, "numba": numba.__version__,
