@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import os
 import re
 import shutil
@@ -36,6 +37,10 @@ from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import CUDA_SOURCES, THREADS_PER_BLOCK, numpy_twins as twins
+
+# The modules that keep the settings (kernels.spmm and kernels.sddmm are the functions).
+SPMM_MODULE = importlib.import_module("cupynn.kernels.spmm")
+SDDMM_MODULE = importlib.import_module("cupynn.kernels.sddmm")
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
     from cuda_host import (HostCompileError, HostCompilerMissing, WarpError, compile_cu, launch,
@@ -594,13 +599,13 @@ def test_spmm_t_checks_the_transposed_pattern():
 def test_spmm_method_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="must be one of \\['rows', 'cusparse'\\]"):
         kernels.set_spmm("atomics")
-    monkeypatch.setattr(kernels, "_SPMM_DEFAULT", [])
+    monkeypatch.setattr(SPMM_MODULE, "_SPMM_DEFAULT", [])
     monkeypatch.setenv(kernels.SPMM_ENV, "dense")
     with pytest.raises(ValueError, match="\\$CUPYNN_SPMM"):
         kernels.spmm_setting()
     monkeypatch.setenv(kernels.SPMM_ENV, "cusparse")
     assert kernels.spmm_setting() == "cusparse"
-    monkeypatch.setattr(kernels, "_SPMM_DEFAULT", [])
+    monkeypatch.setattr(SPMM_MODULE, "_SPMM_DEFAULT", [])
     monkeypatch.delenv(kernels.SPMM_ENV)
     assert kernels.spmm_setting() == "rows"
 
@@ -782,7 +787,7 @@ def test_sddmm_rejects_bad_choices(small, kwargs, message):
                                             ("warp", ("warp", None)), ("warp:16", ("warp", 16))])
 def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
     monkeypatch.setenv(kernels.SDDMM_ENV, text)
-    monkeypatch.setattr(kernels, "_SDDMM_DEFAULT", [])
+    monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
     assert kernels.sddmm_setting() == expected
     kernels.set_sddmm("thread")
     assert kernels.sddmm_setting() == ("thread", None)
@@ -793,7 +798,7 @@ def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
                                            ("fast", r"must be one of \['thread', 'warp'\]")])
 def test_sddmm_environment_is_checked(monkeypatch, text, message):
     monkeypatch.setenv(kernels.SDDMM_ENV, text)
-    monkeypatch.setattr(kernels, "_SDDMM_DEFAULT", [])
+    monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
     with pytest.raises(ValueError, match=message):
         kernels.sddmm_setting()
 

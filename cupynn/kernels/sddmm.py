@@ -1,0 +1,191 @@
+"""SDDMM, the weight gradient at a sparse layer's active entries (``sddmm.cu`` on
+the GPU, ``cpu.sddmm`` on the CPU), with the choice of GPU kernel
+(:func:`set_sddmm`, ``$CUPYNN_SDDMM``); and :func:`relu_grad_rowsum`, the step of
+the backward pass just before it (the gradient through the ReLU and the bias
+gradient).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy
+
+from ._checks import (_check_contiguous, _check_pattern, _check_same_backend,
+                      _float_suffix)
+from ._launch import THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
+
+SDDMM_METHODS = ("thread", "warp")
+SDDMM_ENV = "CUPYNN_SDDMM"
+SDDMM_MAX_GROUP = 16  # measured: 16 lanes beat 32 at batch 512 on an H100 and an H200
+
+
+def sddmm_group(batch: int) -> int:
+    """Lanes per nonzero of the warp SDDMM for a batch: the power of two in [8, 16]
+    that gives each lane about 8 products (8 float32 lanes fill a 32-byte sector),
+    16 for any larger batch. The GPU checks of docs/gpu/ timed groups of 4 to 32:
+    at batch 512 the 4096x4096 layer's SDDMM took 649 us with 16 lanes and 886 us
+    with 32 (H200; 680 and 902 us on an H100), and 16 was fastest overall."""
+    group = 8
+    while group < SDDMM_MAX_GROUP and group * 8 < batch:
+        group *= 2
+    return group
+
+
+def _check_sddmm_choice(method: Any, group: Any, source: str) -> tuple[str, int | None]:
+    if method not in SDDMM_METHODS:
+        raise ValueError(f"The SDDMM method ({source}) must be one of {list(SDDMM_METHODS)}. "
+                         f"Got {method!r} instead.")
+    if group is not None:
+        if method != "warp":
+            raise ValueError(f"An SDDMM group ({source}) goes with method 'warp'. "
+                             f"Got method {method!r} with group {group!r}.")
+        if (isinstance(group, bool) or not isinstance(group, (int, numpy.integer))
+                or group < 1 or group > WARP_SIZE or group & (group - 1)):
+            raise ValueError(f"The SDDMM group ({source}) must be a power of two in "
+                             f"[1, {WARP_SIZE}]. Got {group!r} instead.")
+        group = int(group)
+    return method, group
+
+
+def _sddmm_from_env() -> tuple[str, int | None]:
+    """``$CUPYNN_SDDMM``: ``thread``, ``warp`` or ``warp:<group>`` (default ``warp``)."""
+    text = os.environ.get(SDDMM_ENV, "").strip() or "warp"
+    method, _, group = text.partition(":")
+    try:
+        parsed = int(group) if group else None
+    except ValueError:
+        raise ValueError(f"${SDDMM_ENV} must be 'thread', 'warp' or 'warp:<group>'. "
+                         f"Got {text!r} instead.") from None
+    return _check_sddmm_choice(method, parsed, f"${SDDMM_ENV}")
+
+
+_SDDMM_DEFAULT: list[Any] = []  # [method, group], read from the environment on first use
+
+
+def set_sddmm(method: str = "warp", group: int | None = None) -> None:
+    """Choose the GPU SDDMM kernel that :func:`sddmm` uses when not told.
+
+    Parameters
+    ----------
+    method : {"thread", "warp"}
+        ``"thread"``: one thread per nonzero (``sddmm_*``); ``"warp"``: groups
+        of lanes per nonzero, reading along the batch (``sddmm_warp_*``). See
+        ``sddmm.cu``. The default is ``"warp"`` or ``$CUPYNN_SDDMM``.
+    group : int, optional
+        Lanes per nonzero for ``"warp"`` (a power of two up to 32); by default
+        :func:`sddmm_group` of each call's batch.
+
+    The CPU backend has one kernel and ignores the choice.
+    """
+    _SDDMM_DEFAULT[:] = _check_sddmm_choice(method, group, "set_sddmm")
+
+
+def sddmm_setting() -> tuple[str, int | None]:
+    """The (method, group) :func:`sddmm` uses when not told (group None: per batch)."""
+    if not _SDDMM_DEFAULT:
+        _SDDMM_DEFAULT[:] = _sddmm_from_env()
+    return _SDDMM_DEFAULT[0], _SDDMM_DEFAULT[1]
+
+
+def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
+          check: bool = True, max_blocks: int | None = None, method: str | None = None,
+          group: int | None = None) -> Any:
+    """Weight gradient at the active entries: ``out[k] = dy[row(k)] . x[indices[k]]``.
+
+    Parameters
+    ----------
+    indptr : (n_rows + 1,) int32
+    indices : (nnz,) int32
+    dy : (n_rows, batch) float32 or float64, C-contiguous
+    x : (n_cols, batch) same dtype, C-contiguous
+    out : (nnz,) same dtype, optional
+    check : bool
+        Also check the CSR structure and index ranges (a pass over indices).
+    max_blocks : int, optional
+        Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
+    method : {"thread", "warp"}, optional
+        The GPU kernel (see :func:`set_sddmm`; default :func:`sddmm_setting`).
+    group : int, optional
+        Lanes per nonzero of the ``"warp"`` kernel (default: the set one, else
+        :func:`sddmm_group` of the batch).
+
+    Returns
+    -------
+    (nnz,) array on the operands' device.
+    """
+    what = "sddmm"
+    if method is None:
+        method, default_group = sddmm_setting()
+        group = default_group if group is None else group
+    method, group = _check_sddmm_choice(method, group, what)
+    backend = _check_same_backend(what, indptr, indices, dy, x)
+    suffix = _float_suffix(dy, x, *(() if out is None else (out,)), what=what)
+    if dy.ndim != 2 or x.ndim != 2 or dy.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: dy (n_rows, batch) and x (n_cols, batch) must share the batch "
+                         f"axis. Got {dy.shape} and {x.shape} instead.")
+    _check_contiguous(what, dy=dy, x=x)
+    _check_pattern(what, indptr, indices, dy.shape[0], x.shape[0], check)
+    nnz = int(indices.shape[0])
+    xp = backend.xp
+    if out is None:
+        out = xp.empty(nnz, dtype=dy.dtype)
+    elif out.shape != (nnz,):
+        raise ValueError(f"{what}: out must have shape ({nnz},). Got {out.shape} instead.")
+    else:
+        _check_contiguous(what, out=out)
+    if nnz == 0:
+        return out
+    batch = int(dy.shape[1])
+    if batch == 0:
+        out[...] = 0
+        return out
+    if backend.is_gpu:
+        sizes = (numpy.int32(dy.shape[0]), numpy.int32(nnz), numpy.int32(batch))
+        if method == "thread":
+            kernel = cuda_function("sddmm.cu", f"sddmm_{suffix}")
+            kernel(_grid(nnz, max_blocks), (THREADS_PER_BLOCK,),
+                   (indptr, indices, dy, x, out) + sizes)
+        else:
+            group = sddmm_group(batch) if group is None else group
+            warps = -(-nnz // (WARP_SIZE // group))
+            kernel = cuda_function("sddmm.cu", f"sddmm_warp_{suffix}")
+            kernel(_grid(warps * WARP_SIZE, max_blocks), (THREADS_PER_BLOCK,),
+                   (indptr, indices, dy, x, out) + sizes + (numpy.int32(group),))
+    else:
+        _cpu().sddmm(indptr, indices, dy, x, out)
+    return out
+
+
+def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False) -> tuple[Any, Any]:
+    """``(dy * (y > 0), its row sums)``, or ``(dy, row sums)`` without ``y``.
+
+    A sparse layer's backward pass before its SDDMM: the gradient through its
+    ReLU (``y`` is the layer's output after the ReLU) and its bias gradient. One
+    Numba pass on the CPU; element-wise operations and a reduction on the
+    GPU. ``dy`` and ``y`` are (n_rows, batch) C-contiguous of one float dtype;
+    ``dy`` is not modified, unless ``in_place`` lets the result overwrite it
+    (a caller that gives ``dy`` up saves an array of its size at the peak of
+    the backward pass).
+    """
+    what = "relu_grad_rowsum"
+    arrays = (dy,) if y is None else (dy, y)
+    backend = _check_same_backend(what, *arrays)
+    _float_suffix(*arrays, what=what)
+    if dy.ndim != 2 or (y is not None and y.shape != dy.shape):
+        raise ValueError(f"{what}: dy must be 2-D and y of its shape. Got {dy.shape} and "
+                         f"{None if y is None else y.shape} instead.")
+    _check_contiguous(what, **({"dy": dy} if y is None else {"dy": dy, "y": y}))
+    if backend.is_gpu:
+        if y is None:
+            out = dy
+        elif in_place:
+            out = backend.xp.multiply(dy, y > 0, out=dy)
+        else:
+            out = dy * (y > 0)
+        return out, out.sum(axis=1)
+    out = dy if in_place else numpy.empty_like(dy)
+    sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
+    _cpu().relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
+    return out, sums

@@ -1,0 +1,218 @@
+"""The sparse products of a layer: ``W @ x`` (:func:`spmm`, the forward pass with
+its bias and ReLU) and ``W.T @ dy`` (:func:`spmm_t`, the input gradient), from
+``spmm.cu`` or cuSPARSE on the GPU (:func:`set_spmm`, ``$CUPYNN_SPMM``) and from
+``cpu.spmm`` / ``cpu.spmm_t`` on the CPU; :func:`transpose_pattern` is the
+pattern of ``W.T`` that ``spmm.cu`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy
+
+from ..backend import backend_of
+from ._checks import (_check_contiguous, _check_pattern, _check_same_backend,
+                      _float_suffix, _rows_of)
+from ._launch import MAX_BLOCKS, WARP_SIZE, _cpu, cuda_function, numba_threads
+
+SPMM_METHODS = ("rows", "cusparse")
+SPMM_ENV = "CUPYNN_SPMM"
+SPMM_MAX_THREADS = 256  # threads per block of spmm.cu, along the batch
+
+
+def _check_spmm_choice(method: Any, source: str) -> str:
+    if method not in SPMM_METHODS:
+        raise ValueError(f"The GPU sparse product ({source}) must be one of "
+                         f"{list(SPMM_METHODS)}. Got {method!r} instead.")
+    return method
+
+
+_SPMM_DEFAULT: list[str] = []  # [method], read from the environment on first use
+
+
+def set_spmm(method: str = "rows") -> None:
+    """Choose how :func:`spmm` and :func:`spmm_t` run on the GPU when not told.
+
+    ``"rows"`` (the default, or ``$CUPYNN_SPMM``): the kernels of ``spmm.cu``,
+    one thread per output element, the threads of a block along the batch;
+    ``W.T @ dy`` reads W through its transposed pattern
+    (:func:`transpose_pattern`). Each output is summed in a fixed order, so a
+    run repeats bit for bit. ``"cusparse"``: cuSPARSE's SpMM through
+    ``cupyx.scipy.sparse``, with the transposes it needs to and from its
+    column-major layout; its transposed product adds with atomics, so two runs
+    differ in the last bits. The CPU backend ignores the choice.
+    """
+    _SPMM_DEFAULT[:] = [_check_spmm_choice(method, "set_spmm")]
+
+
+def spmm_setting() -> str:
+    """The GPU method :func:`spmm` and :func:`spmm_t` use when not told."""
+    if not _SPMM_DEFAULT:
+        text = os.environ.get(SPMM_ENV, "").strip() or "rows"
+        _SPMM_DEFAULT[:] = [_check_spmm_choice(text, f"${SPMM_ENV}")]
+    return _SPMM_DEFAULT[0]
+
+
+def _spmm_launch(n_out: int, batch: int, max_blocks: int | None) -> tuple[tuple[int], tuple[int]]:
+    """Grid and block of spmm.cu: a block's threads along the batch (whole warps),
+    one block per (output row, chunk of the batch), capped like every grid."""
+    threads = min(SPMM_MAX_THREADS, WARP_SIZE * max(1, -(-batch // WARP_SIZE)))
+    items = n_out * -(-batch // threads)
+    return (max(1, min(items, max_blocks or MAX_BLOCKS)),), (threads,)
+
+
+def transpose_pattern(indptr: Any, indices: Any, n_cols: int) -> tuple[Any, Any, Any]:
+    """The pattern of ``W.T`` for CSR ``W`` (n_rows, n_cols): ``(t_indptr, t_rows, t_perm)``.
+
+    ``t_indptr`` (n_cols + 1,) delimits each column's entries, ``t_rows[p]`` is
+    the row of the p-th and ``t_perm[p]`` its position in ``W``'s data, the
+    entries of each column in ascending row order; all int32, on the pattern's
+    device, with no host synchronisation (``spmm.cu`` reads ``W.T`` through
+    these; layers keep them until their topology changes). The sort key
+    ``column * n_rows + row`` is unique, so the result does not depend on the
+    sort's stability.
+    """
+    backend = _check_same_backend("transpose_pattern", indptr, indices)
+    xp = backend.xp
+    n_rows = int(indptr.shape[0]) - 1
+    nnz = int(indices.shape[0])
+    positions = xp.arange(nnz, dtype=indptr.dtype)
+    rows = xp.searchsorted(indptr, positions, side="right") - 1
+    order = xp.argsort(indices.astype(numpy.int64) * max(n_rows, 1) + rows)
+    t_indptr = xp.searchsorted(indices[order], xp.arange(n_cols + 1, dtype=indices.dtype),
+                               side="left")
+    return (t_indptr.astype(numpy.int32), rows[order].astype(numpy.int32),
+            order.astype(numpy.int32))
+
+
+def _check_transpose(what: str, transpose: Any, backend: Any, nnz: int, n_cols: int) -> None:
+    if not (isinstance(transpose, tuple) and len(transpose) == 3):
+        raise TypeError(f"{what}: transpose must be the tuple (t_indptr, t_rows, t_perm) of "
+                        f"transpose_pattern. Got {type(transpose).__name__} instead.")
+    shapes = ((n_cols + 1,), (nnz,), (nnz,))
+    for name, a, shape in zip(("t_indptr", "t_rows", "t_perm"), transpose, shapes):
+        if backend_of(a) is not backend or a.dtype != numpy.int32 or a.shape != shape \
+                or not a.flags.c_contiguous:
+            raise ValueError(f"{what}: transpose's {name} must be a contiguous int32 array of "
+                             f"shape {shape} on the operands' device (see transpose_pattern). "
+                             f"Got {a.dtype} {a.shape} instead.")
+
+
+def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> Any:
+    sparse = backend_of(data).sparse
+    w = sparse.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    # Our CSR is canonical by construction (checked when the topology is set);
+    # saying so spares cuSPARSE's wrapper a check that synchronises the device.
+    w.has_canonical_format = True
+    return w
+
+
+def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
+         bias: Any = None, relu: bool = False, method: str | None = None,
+         max_blocks: int | None = None) -> Any:
+    """``W @ x`` for CSR ``W`` (n_rows, n_cols) and dense x (n_cols, batch).
+
+    With ``bias`` (n_rows,) the bias is added to every column, and with
+    ``relu`` the result is clipped at 0: a sparse layer with its activation.
+    On the GPU one ``spmm.cu`` kernel does all three (or, with
+    ``method="cusparse"``, cuSPARSE then two element-wise operations); on the
+    CPU one row-parallel Numba kernel. ``max_blocks`` caps the CUDA grid (tests
+    use it to exercise the grid-stride loop). Returns a C-contiguous
+    (n_rows, batch) array.
+    """
+    what = "spmm"
+    backend = _check_same_backend(what, indptr, indices, data, x)
+    suffix = _float_suffix(data, x, *(() if bias is None else (bias,)), what=what)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: x must be (n_cols, batch). Got shape {x.shape} instead.")
+    _check_contiguous(what, x=x)
+    n_rows = _rows_of(what, indptr)
+    _check_pattern(what, indptr, indices, n_rows, x.shape[0], check, data)
+    if bias is not None and (bias.shape != (n_rows,) or backend_of(bias) is not backend):
+        raise ValueError(f"{what}: bias must be a ({n_rows},) array on the operands' device. "
+                         f"Got {bias.shape} instead.")
+    if relu and bias is None:
+        raise ValueError(f"{what}: relu=True goes with a bias (the layer's).")
+    if backend.is_gpu:
+        method = _check_spmm_choice(spmm_setting() if method is None else method, what)
+        xp = backend.xp
+        batch = int(x.shape[1])
+        if method == "rows":
+            out = xp.empty((n_rows, batch), dtype=x.dtype)
+            if batch and n_rows:
+                grid, block = _spmm_launch(n_rows, batch, max_blocks)
+                cuda_function("spmm.cu", f"spmm_{suffix}")(
+                    grid, block, (indptr, indices, data, x, data if bias is None else bias, out,
+                                  numpy.int32(n_rows), numpy.int32(batch),
+                                  numpy.int32(bias is not None), numpy.int32(bool(relu))))
+            return out
+        if batch == 0 or n_rows == 0:  # cuSPARSE is not asked about empty products
+            out = xp.zeros((n_rows, batch), dtype=x.dtype)
+        else:
+            w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
+            out = xp.ascontiguousarray(w @ x)
+        if bias is not None:
+            out += bias[:, None]
+            if relu:
+                xp.maximum(out, 0, out=out)
+        return out
+    out = numpy.empty((n_rows, x.shape[1]), dtype=x.dtype)
+    _cpu().spmm(indptr, indices, data, x, out, data[:0] if bias is None else bias, bool(relu))
+    return out
+
+
+def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
+           check: bool = True, transpose: Any = None, method: str | None = None,
+           max_blocks: int | None = None, sorted_rows: bool = False) -> Any:
+    """``W.T @ dy`` for CSR ``W`` (n_rows, n_cols) and dense dy (n_rows, batch).
+
+    On the GPU the ``spmm_t`` kernel of ``spmm.cu`` reads W column by column
+    through ``transpose`` (:func:`transpose_pattern` of this pattern; built
+    here when not given, which costs a sort: layers keep theirs), or, with
+    ``method="cusparse"``, cuSPARSE's transposed product. On the CPU a Numba
+    kernel that works on cache-sized bands of output rows in parallel (rows
+    with sorted columns), or scatters over disjoint batch slices (unsorted
+    rows); it needs no transposed pattern. With ``check=False`` it finds out
+    which (a parallel pass over ``indices``, 20-50 us at the paper's sizes)
+    unless ``sorted_rows=True`` says the columns of every row increase (layers
+    say so: their pattern is checked canonical when set). Returns a
+    C-contiguous (n_cols, batch) array.
+    """
+    what = "spmm_t"
+    backend = _check_same_backend(what, indptr, indices, data, dy)
+    suffix = _float_suffix(data, dy, what=what)
+    if dy.ndim != 2 or _rows_of(what, indptr) != dy.shape[0]:
+        raise ValueError(f"{what}: dy must be (n_rows, batch) with n_rows = len(indptr) - 1. "
+                         f"Got dy {dy.shape} and indptr {indptr.shape} instead.")
+    _check_contiguous(what, dy=dy)
+    _check_pattern(what, indptr, indices, dy.shape[0], n_cols, check, data)
+    if transpose is not None:
+        _check_transpose(what, transpose, backend, int(indices.shape[0]), n_cols)
+    if backend.is_gpu:
+        method = _check_spmm_choice(spmm_setting() if method is None else method, what)
+        xp = backend.xp
+        batch = int(dy.shape[1])
+        if batch == 0 or dy.shape[0] == 0:
+            return xp.zeros((n_cols, batch), dtype=dy.dtype)
+        if method == "rows":
+            if transpose is None:
+                transpose = transpose_pattern(indptr, indices, n_cols)
+            out = xp.empty((n_cols, batch), dtype=dy.dtype)
+            if n_cols:
+                grid, block = _spmm_launch(n_cols, batch, max_blocks)
+                cuda_function("spmm.cu", f"spmm_t_{suffix}")(
+                    grid, block, (*transpose, data, dy, out, numpy.int32(n_cols),
+                                  numpy.int32(batch)))
+            return out
+        w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
+        return xp.ascontiguousarray(w.T @ dy)
+    cpu = _cpu()
+    out = numpy.empty((n_cols, dy.shape[1]), dtype=dy.dtype)
+    # The number of workers to plan for (bands, or batch slices when unsorted).
+    if check or sorted_rows:  # canonical: checked above, or vouched for by the caller
+        cpu._spmm_t_bands(indptr, indices, data, dy, out, numba_threads())
+    else:  # finds out (a parallel pass over indices) and takes the kernel for the order
+        cpu.spmm_t(indptr, indices, data, dy, out, numba_threads())
+    return out
