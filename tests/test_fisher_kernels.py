@@ -15,7 +15,7 @@ The blocks are stored packed (upper triangle, row-major) and tiled (entry p of
 (c) the CUDA source run on the CPU (``tests/cuda_host``) against the twins,
     float32 and float64, with more blocks than threads (grid-stride loops);
 (d) every kernel of ``fisher.cu`` is among ``CUDA_SOURCES``, so the compile
-    tests of ``test_kernels.py`` (nvcc / NVRTC and host C++) cover it;
+    tests of ``tests/kernels/test_sources.py`` (nvcc / NVRTC and host C++) cover it;
 (e) the dispatchers reject bad input with clear messages.
 
 Where a toolchain is missing, its tests skip with the reason, except under
@@ -500,7 +500,7 @@ def test_emulated_matvec_matches_twin(n_blocks, block_size, dtype, config):
 
 
 def test_fisher_cu_is_a_cuda_source_with_all_kernels():
-    """test_kernels.py compiles every CUDA_SOURCES file (nvcc/NVRTC and host C++)."""
+    """tests/kernels/test_sources.py compiles every CUDA_SOURCES file (nvcc/NVRTC and host C++)."""
     assert FISHER_CU in CUDA_SOURCES
     defined = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)', FISHER_CU.read_text()))
     assert defined == KERNELS

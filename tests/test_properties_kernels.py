@@ -1,7 +1,7 @@
 """Property: every kernel equals its NumPy twin, over random shapes, densities, dtypes,
 seeds and launches (hypothesis).
 
-``test_kernels.py`` and ``test_fisher_kernels.py`` check each kernel on chosen cases;
+``tests/kernels/`` and ``test_fisher_kernels.py`` check each kernel on chosen cases;
 here the cases are drawn: CSR patterns of 0-24 rows and 1-24 columns at any density
 (empty rows, an empty matrix and a full one among them), batches of 0-10, float32 and
 float64, values over six decades with exact zeros, and any grid and block for the CUDA
@@ -15,7 +15,7 @@ threads run first to last or last to first. The implementations under test:
 
 Each is compared with its twin in :mod:`cupynn.kernels.numpy_twins` run in the same
 dtype, within ``rtol`` times the same sums taken over absolute values (the scale of
-any summation order's rounding; see ``test_kernels.assert_close``). What must hold
+any summation order's rounding; see ``kernel_cases.assert_close``). What must hold
 exactly is checked exactly: nothing is written past an output, a dead Fisher block
 and the padding lanes are left as they were, the order of the threads changes no bit.
 
@@ -38,9 +38,9 @@ from conftest import BACKENDS
 from cupynn import kernels
 from cupynn.backend import to_numpy
 from cupynn.kernels import CUDA_SOURCES, FISHER_TILE, THREADS_PER_BLOCK, numpy_twins as twins
-from test_fisher_kernels import matvec_argtypes, rank1_argtypes
-from test_kernels import (GUARD, adam_argtypes, assert_close, host_library, kernel_names,
+from kernel_cases import (GUARD, adam_argtypes, assert_close, host_library, kernel_names,
                           sddmm_argtypes, sddmm_warp_argtypes, suffix_of)
+from test_fisher_kernels import matvec_argtypes, rank1_argtypes
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
     from cuda_host import launch, pointer
