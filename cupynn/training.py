@@ -12,7 +12,7 @@ from .backend import to_numpy
 from .distributed import UnsupportedAcrossRanks, guarded
 from .health import network_health
 from .losses import LOSSES
-from .redistribution.schedule import SCHEDULES, fraction_at
+from .redistribution.schedule import SCHEDULES, UNITS, Schedule
 from .validation import check_choice, check_finite, check_int, check_real
 
 EVAL_BATCH = 8192
@@ -163,7 +163,9 @@ class Trainer:
     """The training loop, with its state, so that it can stop and resume exactly.
 
     :func:`fit` is ``Trainer(...).run()``. The trainer owns the random streams
-    (shuffle and sampling; augmentation), the epoch counter and the history;
+    (shuffle and sampling; augmentation), the epoch counter and the history,
+    and asks its ``schedule`` (:class:`cupynn.redistribution.schedule.Schedule`)
+    when and how much to redistribute;
     :meth:`state_dict` / :meth:`load_state_dict` with the model's and the
     optimizer's make a checkpoint (:mod:`cupynn.checkpoint`) from which
     :meth:`run` continues with exactly the result of an uninterrupted run on
@@ -200,13 +202,15 @@ class Trainer:
         self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
         self.seed = check_int(seed, "seed", owner, low=0)
         self.eval_batch_size = check_int(eval_batch_size, "eval_batch_size", owner, low=1)
-        self.alpha = check_real(alpha, "alpha", owner, 0.0, 1.0)
-        self.redistribute_every = check_int(redistribute_every, "redistribute_every", owner, low=1)
-        self.end_fraction = check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
+        alpha = check_real(alpha, "alpha", owner, 0.0, 1.0)
+        redistribute_every = check_int(redistribute_every, "redistribute_every", owner, low=1)
+        end_fraction = check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
         self.growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
-        self.schedule = check_choice(schedule, "schedule", owner, SCHEDULES)
-        self.redistribute_unit = check_choice(redistribute_unit, "redistribute_unit", owner,
-                                              ("epoch", "step"))
+        schedule = check_choice(schedule, "schedule", owner, SCHEDULES)
+        redistribute_unit = check_choice(redistribute_unit, "redistribute_unit", owner, UNITS)
+        # When and how much to redistribute: the trainer asks, and schedules nothing itself.
+        self.schedule = Schedule(self.epochs, alpha=alpha, every=redistribute_every,
+                                 end_fraction=end_fraction, kind=schedule, unit=redistribute_unit)
         if augment is not None and not callable(augment):
             raise TypeError(f"The 'augment' parameter of {owner} must be callable. Got {augment!r}.")
         distributed = self.comm.size > 1
@@ -257,7 +261,6 @@ class Trainer:
             self.probe = (probe_source[0][rows], probe_source[1][rows])
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
-        self._interval_open = False  # step-wise: an interval's start_epoch has been called
         if distributed:
             self.comm.check_same("configuration", self._settings())
 
@@ -265,7 +268,7 @@ class Trainer:
         """What every rank of a data-parallel run must agree on (sizes, seeds, data)."""
         from .distributed import fingerprint
 
-        model, r = self.model, self.redistributor
+        model, r, schedule = self.model, self.redistributor, self.schedule
         data = (fingerprint(*self.train) if self.sampler is None else
                 {"sampler": type(self.sampler).__name__,
                  "rows": fingerprint(*(getattr(self.sampler, name) for name in
@@ -278,10 +281,10 @@ class Trainer:
         return {"model": model.config(), "backend": model.backend.name,
                 "optimizer": {"type": type(self.optimizer).__name__, **optimizer},
                 "loss": self.loss, "epochs": self.epochs, "batch_size": self.batch_size,
-                "seed": self.seed, "alpha": self.alpha,
-                "redistribute_every": self.redistribute_every,
-                "end_fraction": self.end_fraction, "growth_batches": self.growth_batches,
-                "schedule": self.schedule, "redistribute_unit": self.redistribute_unit,
+                "seed": self.seed, "alpha": schedule.alpha,
+                "redistribute_every": schedule.every,
+                "end_fraction": schedule.end_fraction, "growth_batches": self.growth_batches,
+                "schedule": schedule.kind, "redistribute_unit": schedule.unit,
                 "eval_batch_size": self.eval_batch_size, "redistribution": params,
                 "augment": None if self.augment is None else repr(self.augment),
                 "train data": data,
@@ -451,36 +454,10 @@ class Trainer:
             return x_train[idx], y_train[idx], n - b0 * size
         return batch, n, rows_from
 
-    def _step_fraction(self, step: int, n_batches: int) -> float:
-        """The fraction moved after global step ``step`` (redistribution every t steps)."""
-        total = self.epochs * n_batches
-        if step > total:
-            return 0.0
-        return fraction_at(step, total, self.alpha, self.redistribute_every, self.end_fraction,
-                           self.schedule)
-
-    def _start_interval(self, step: int, first_of_epoch: bool, n_batches: int) -> None:
-        """Tell the redistributor an interval of t steps begins (its Fisher, say), at the
-        interval's first step, or on the first step of a resumed run inside one."""
-        every = self.redistribute_every
-        into = (step - 1) % every
-        if into and not (first_of_epoch and not self._interval_open):
-            return
-        end = step - into + every - 1  # the interval's last step
-        self.redistributor.start_epoch(self.model, every - into,
-                                       self._step_fraction(end, n_batches) > 0)
-        self._interval_open = True
-
-    def _redistribute_at_step(self, step: int, n_batches: int, rows: tuple[Any, ...],
+    def _redistribute_at_step(self, step: int, fraction: float, rows: tuple[Any, ...],
                               moves: list[dict[str, Any]]) -> None:
-        """After step ``step``: redistribute when the schedule says so, growing from this
+        """After step ``step``, as the schedule says: move ``fraction``, growing from this
         step's batch (this rank's share of it)."""
-        if step % self.redistribute_every:
-            return
-        self._interval_open = False
-        fraction = self._step_fraction(step, n_batches)
-        if fraction <= 0:
-            return
         x, y, *shard = rows  # (x, y), (x, y, shard) or, weighted, (x, y, None, weight)
         record = _redistribute(self.model, self.optimizer, self.redistributor, fraction,
                                (x, y, shard[0][2] if shard and shard[0] else None, *shard[1:]),
@@ -497,12 +474,11 @@ class Trainer:
         model, backend, batch_size = self.model, self.model.backend, self.batch_size
         batch, n, rows_from = self._epoch_data()
         n_batches = -(-n // batch_size)
-        redistributor = self.redistributor
-        stepwise = redistributor is not None and self.redistribute_unit == "step"
+        redistributor, schedule = self.redistributor, self.schedule
+        stepwise = redistributor is not None and schedule.stepwise
         fraction = 0.0
         if redistributor is not None and not stepwise:
-            fraction = fraction_at(epoch, self.epochs, self.alpha, self.redistribute_every,
-                                   self.end_fraction, self.schedule)
+            fraction = schedule.fraction(epoch)
             redistributor.start_epoch(model, n_batches, fraction > 0)
         if self.memory is not None:
             self.memory.reset_peak()
@@ -514,14 +490,18 @@ class Trainer:
         shown = None  # the loss on its way to the progress bar (never waited for)
         moves: list[dict[str, Any]] = []  # redistributions every t steps, within the epoch
         for b in batch_bar:
-            step = (epoch - 1) * n_batches + b + 1
-            if stepwise:
-                self._start_interval(step, b == 0, n_batches)
+            step = schedule.step(epoch, b, n_batches)
+            if stepwise:  # an interval of t steps begins: the redistributor's Fisher, say
+                opening = schedule.interval_start(step, b == 0, n_batches)
+                if opening is not None:
+                    redistributor.start_epoch(model, *opening)
             rows = batch(b)
             value = self.train_batch(*rows, check=False)
             batch_losses[b] = value
             if stepwise:
-                self._redistribute_at_step(step, n_batches, rows, moves)
+                step_fraction = schedule.interval_end(step, n_batches)
+                if step_fraction is not None and step_fraction > 0:
+                    self._redistribute_at_step(step, step_fraction, rows, moves)
             if self.progress and b % 50 == 0:
                 shown = _show_loss(batch_bar, shown, backend, value)
         host_losses = to_numpy(batch_losses)  # one sync per epoch
@@ -614,6 +594,9 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
     alpha, redistribute_every, end_fraction : the schedule (SPEC §3)
     schedule : {"cosine", "constant", "linear"}
         How the fraction falls from ``alpha`` (:func:`cupynn.redistribution.fraction_at`).
+        With ``redistribute_every``, ``end_fraction`` and ``redistribute_unit``
+        it makes the trainer's :class:`cupynn.redistribution.schedule.Schedule`
+        (``Trainer.schedule``), which alone decides when and how much.
     redistribute_unit : {"epoch", "step"}
         ``"step"``: redistribute after every ``redistribute_every`` training
         steps instead of epochs (RigL: every 100), the schedule counting steps
