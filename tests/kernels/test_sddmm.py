@@ -1,23 +1,26 @@
 """``kernels.sddmm`` (``sddmm.cu`` thread and warp kernels, ``cpu.sddmm``) and
-``kernels.relu_grad_rowsum``: emulated CUDA, Numba and GPU against the twins,
-and the choice of GPU kernel.
+``kernels.relu_grad_rowsum``: one body checks every implementation against the
+twin (the twins, the Numba kernel, ``sddmm.cu`` emulated on the CPU, ``sddmm.cu`` on
+a GPU); then the warp kernel's order, the choice of GPU kernel and the ReLU step.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import numpy
 import pytest
 
+from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import THREADS_PER_BLOCK, numpy_twins as twins
-from kernel_cases import (CASES, Case, GPU_SDDMM_CHOICES, GUARD, WARP_CASES, WARP_GROUPS,
-                          WARP_LAUNCHES, assert_close, assert_relu_grad_rowsum, case_params,
+from kernel_cases import (CASES, GPU_SDDMM_CHOICES, GUARD, LAUNCHES, WARP_CASES, WARP_GROUPS,
+                          WARP_LAUNCHES, Case, assert_close, assert_relu_grad_rowsum, case_params,
                           dtype_params, fused_inputs, gpu, grid_and_block, host_library,
-                          launch_params, launch_sddmm_warp, sddmm_argtypes, sddmm_reference, small,
-                          suffix_of, to_gpu)
+                          launch_sddmm_warp, sddmm_argtypes, sddmm_reference, small, suffix_of,
+                          to_gpu)
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
     from cuda_host import WarpError, launch
@@ -28,37 +31,80 @@ except ModuleNotFoundError:  # tests/ became a package
 SDDMM_MODULE = importlib.import_module("cupynn.kernels.sddmm")
 
 
-@case_params
-@dtype_params
-@launch_params
-def test_emulated_sddmm_matches_twin(case, dtype, config):
-    lib = host_library("sddmm.cu")
-    a = case.arrays(dtype)
-    nnz = len(a["indices"])
-    out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
-    grid, block = grid_and_block(config, nnz)
-    suffix = suffix_of(dtype)
-    launch(lib, f"sddmm_{suffix}", grid, block, sddmm_argtypes(dtype),
-           [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, nnz, case.batch])
-    expected, bound = sddmm_reference(a)
-    assert_close(out[:nnz], expected, bound, dtype)
-    assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+def _twin(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+    return twins.sddmm(a["indptr"], a["indices"], a["dy"], a["x"])
 
 
-@pytest.mark.parametrize("case", WARP_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("group", WARP_GROUPS)
+def _twin_warp(group: int) -> Callable:
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        return twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group)
+    return run
+
+
+def _numba(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+    return kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"])
+
+
+def _emulated_thread(config: str) -> Callable:
+    """sddmm.cu's thread kernel run on the CPU one (block, thread) at a time."""
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        nnz = len(a["indices"])
+        out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
+        launch(host_library("sddmm.cu"), f"sddmm_{suffix_of(dtype)}",
+               *grid_and_block(config, nnz), sddmm_argtypes(dtype),
+               [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, nnz, case.batch])
+        assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+        return out[:nnz]
+    return run
+
+
+def _emulated_warp(group: int, config: str) -> Callable:
+    """sddmm.cu's warp kernel run on the CPU, lanes in step."""
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        nnz = len(a["indices"])
+        out = launch_sddmm_warp(a, case, dtype, group, *WARP_LAUNCHES[config])
+        assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+        # The twin that sums in the kernel's order is within rounding of the kernel too.
+        assert_close(out[:nnz], _twin_warp(group)(a, case, dtype), sddmm_reference(a)[1], dtype)
+        return out[:nnz]
+    return run
+
+
+def _gpu(method: str, group: int | None, max_blocks: int | None) -> Callable:
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        d = to_gpu(a)
+        out = get_backend("gpu").xp.full(len(a["indices"]), numpy.nan, dtype=dtype)
+        result = kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], out=out,
+                               max_blocks=max_blocks, method=method, group=group)
+        assert result is out
+        return to_numpy(result)
+    return run
+
+
+# name: (run(case arrays, case, dtype) -> (nnz,) NumPy result, the cases it runs, marks)
+IMPLEMENTATIONS = {
+    "twin": (_twin, CASES, ()),
+    **{f"twin_warp{g}": (_twin_warp(g), WARP_CASES, ()) for g in WARP_GROUPS},
+    "numba": (_numba, CASES, ()),
+    **{f"emulated_thread-{c}": (_emulated_thread(c), CASES, ()) for c in LAUNCHES},
+    **{f"emulated_warp{g}-{c}": (_emulated_warp(g, c), WARP_CASES, ())
+       for g in WARP_GROUPS for c in WARP_LAUNCHES},
+    **{f"gpu_{m}{g or ''}-{blocks}": (_gpu(m, g, max_blocks), CASES, needs_gpu)
+       for m, g in GPU_SDDMM_CHOICES
+       for blocks, max_blocks in (("full_grid", None), ("max_blocks_2", 2))},
+}
+CALLS = [pytest.param(name, case, id=f"{name}-{case.name}", marks=marks)
+         for name, (_, cases, marks) in IMPLEMENTATIONS.items() for case in cases]
+
+
+@pytest.mark.parametrize("name, case", CALLS)
 @dtype_params
-@pytest.mark.parametrize("config", list(WARP_LAUNCHES))
-def test_emulated_sddmm_warp_matches_twin(case, group, dtype, config):
+def test_sddmm_matches_twin(name, case, dtype):
+    """One body over every implementation: the twins, the Numba kernel, sddmm.cu's
+    kernels emulated under several launch shapes, and sddmm.cu on a GPU."""
     a = case.arrays(dtype)
-    nnz = len(a["indices"])
-    out = launch_sddmm_warp(a, case, dtype, group, *WARP_LAUNCHES[config])
     expected, bound = sddmm_reference(a)
-    assert_close(out[:nnz], expected, bound, dtype)
-    assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
-    # The twin that sums in the kernel's order is within rounding of the kernel too.
-    assert_close(out[:nnz], twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group),
-                 bound, dtype)
+    assert_close(IMPLEMENTATIONS[name][0](a, case, dtype), expected, bound, dtype)
 
 
 @pytest.mark.parametrize("group", [4, 32])
@@ -91,15 +137,6 @@ def test_twin_sddmm_warp_matches_sddmm(group, batch):
     expected, bound = sddmm_reference(a)
     got = twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group)
     assert_close(got, expected, bound, numpy.float64)
-
-
-@case_params
-@dtype_params
-def test_cpu_sddmm_matches_twin(case, dtype):
-    a = case.arrays(dtype)
-    result = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"])
-    expected, bound = sddmm_reference(a)
-    assert_close(result, expected, bound, dtype)
 
 
 @dtype_params
@@ -165,23 +202,6 @@ def test_sddmm_environment_is_checked(monkeypatch, text, message):
 @dtype_params
 def test_cpu_relu_grad_rowsum(case, dtype):
     assert_relu_grad_rowsum(fused_inputs(case, dtype), numpy.asarray, dtype)
-
-
-@gpu
-@pytest.mark.parametrize("max_blocks", [None, 2], ids=["full_grid", "max_blocks_2"])
-@pytest.mark.parametrize("method, group", GPU_SDDMM_CHOICES,
-                         ids=[f"{m}{g or ''}" for m, g in GPU_SDDMM_CHOICES])
-@case_params
-@dtype_params
-def test_gpu_sddmm_matches_twin(case, dtype, method, group, max_blocks):
-    a = case.arrays(dtype)
-    d = to_gpu(a)
-    out = get_backend("gpu").xp.full(len(a["indices"]), numpy.nan, dtype=dtype)
-    result = kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], out=out,
-                           max_blocks=max_blocks, method=method, group=group)
-    assert result is out
-    expected, bound = sddmm_reference(a)
-    assert_close(result, expected, bound, dtype)
 
 
 @gpu
