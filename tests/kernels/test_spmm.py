@@ -1,57 +1,117 @@
 """``kernels.spmm`` and ``kernels.spmm_t`` (``spmm.cu``, cuSPARSE, ``cpu.spmm`` /
-``cpu.spmm_t``) and ``transpose_pattern``: emulated CUDA, Numba and GPU against
-the twins, and the choice of GPU method.
+``cpu.spmm_t``) and ``transpose_pattern``: one body checks every implementation
+against the twin (the twin, the Numba kernels, ``spmm.cu`` emulated on the CPU,
+``spmm.cu`` and cuSPARSE on a GPU), another the fused bias and ReLU; then thread
+order, the transposed pattern and the choice of GPU method.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any, Callable
 
 import numpy
 import pytest
 
+from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import to_numpy
 from cupynn.kernels import numpy_twins as twins
-from kernel_cases import (CASES, Case, assert_close, assert_fused_spmm, call_fused_spmm,
-                          case_params, dtype_params, emulated_spmm, emulated_spmm_t, fused_inputs,
-                          gpu, launch_params, spmm_gpu_params, to_gpu)
+from kernel_cases import (CASES, LAUNCHES, SPMM_GPU, Case, assert_close, assert_fused_spmm,
+                          call_fused_spmm, case_params, dtype_params, emulated_spmm,
+                          emulated_spmm_t, fused_inputs, gpu, to_gpu)
 
 # The module that keeps the setting (kernels.spmm is the function).
 SPMM_MODULE = importlib.import_module("cupynn.kernels.spmm")
 
 
-@case_params
-@dtype_params
-@launch_params
-def test_emulated_spmm_matches_twin(case, dtype, config):
-    a = fused_inputs(case, dtype)
-    bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
-    plain = emulated_spmm(a, case, dtype, config)
-    assert_close(plain, twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype),
-                 bound, dtype)
-    # The epilogue: bias then ReLU on the kernel's own sum, bit for bit as numpy does them.
-    if a["x"].size:
-        a["x"][0, 0] = numpy.nan  # reaches every row with column 0: NaN passes the ReLU
-    plain = emulated_spmm(a, case, dtype, config)
-    with_bias = emulated_spmm(a, case, dtype, config, bias=True)
-    with_relu = emulated_spmm(a, case, dtype, config, bias=True, relu=True)
-    numpy.testing.assert_array_equal(with_bias, plain + a["bias"][:, None])
-    numpy.testing.assert_array_equal(with_relu, numpy.maximum(with_bias, 0))
-    numpy.testing.assert_array_equal(numpy.signbit(with_relu),
-                                     numpy.signbit(numpy.maximum(with_bias, 0)))
+def _twin(a: dict, case: Case, dtype: type, kernel: str) -> numpy.ndarray:
+    if kernel == "spmm":
+        return twins.spmm(a["indptr"], a["indices"], a["data"], a["x"])
+    return twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
 
 
+def _dispatcher(backend: str, **options: Any) -> Callable:
+    """kernels.spmm / spmm_t with ``options`` on the case's arrays moved to ``backend``."""
+    def run(a: dict, case: Case, dtype: type, kernel: str) -> numpy.ndarray:
+        d = to_gpu(a) if backend == "gpu" else a
+        if kernel == "spmm":
+            result = kernels.spmm(d["indptr"], d["indices"], d["data"], d["x"], **options)
+        else:
+            result = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols,
+                                    **options)
+            if options.get("method") == "rows":  # the transposed pattern given, as layers do
+                t = kernels.transpose_pattern(d["indptr"], d["indices"], case.n_cols)
+                again = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"],
+                                       case.n_cols, transpose=t, **options)
+                numpy.testing.assert_array_equal(to_numpy(again), to_numpy(result))
+        assert result.flags.c_contiguous
+        return to_numpy(result)
+    return run
+
+
+def _emulated(config: str) -> Callable:
+    """spmm.cu run on the CPU one (block, thread) at a time."""
+    def run(a: dict, case: Case, dtype: type, kernel: str) -> numpy.ndarray:
+        return (emulated_spmm if kernel == "spmm" else emulated_spmm_t)(a, case, dtype, config)
+    return run
+
+
+GPU_IDS = dict(zip(SPMM_GPU, ["rows", "rows_max_blocks_2", "cusparse"]))
+# name: run(case arrays, case, dtype, "spmm" or "spmm_t") -> NumPy result, and marks
+IMPLEMENTATIONS = {
+    "twin": (_twin, ()),
+    "numba": (_dispatcher("cpu"), ()),
+    **{f"emulated-{config}": (_emulated(config), ()) for config in LAUNCHES},
+    **{f"gpu-{GPU_IDS[m, b]}": (_dispatcher("gpu", method=m,
+                                             **({} if b is None else {"max_blocks": b})),
+                                 needs_gpu) for m, b in SPMM_GPU},
+}
+CALLS = [pytest.param(name, kernel, id=f"{name}-{kernel}", marks=marks)
+         for name, (_, marks) in IMPLEMENTATIONS.items() for kernel in ("spmm", "spmm_t")]
+
+
+@pytest.mark.parametrize("name, kernel", CALLS)
 @case_params
 @dtype_params
-@launch_params
-def test_emulated_spmm_t_matches_twin(case, dtype, config):
+def test_spmm_matches_twin(name, kernel, case, dtype):
+    """One body over every implementation of W @ x and W.T @ dy: the twin, the Numba
+    kernels, spmm.cu emulated under several launch shapes, spmm.cu and cuSPARSE on a GPU."""
     a = case.arrays(dtype)
-    got = emulated_spmm_t(a, case, dtype, config)
-    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
-    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
-                         case.n_cols)
-    assert_close(got, expected.astype(dtype), bound, dtype)
+    absolute = {**a, "data": numpy.abs(a["data"]), "x": numpy.abs(a["x"]),
+                "dy": numpy.abs(a["dy"])}
+    expected = _twin(a, case, dtype, kernel).astype(dtype)
+    bound = _twin(absolute, case, dtype, kernel)
+    assert_close(IMPLEMENTATIONS[name][0](a, case, dtype, kernel), expected, bound, dtype)
+
+
+def _emulated_fused(config: str) -> Callable:
+    def fused(case: Case) -> Callable:
+        def call(a: dict, options: dict) -> numpy.ndarray:
+            return emulated_spmm(a, case, a["x"].dtype.type, config, **options)
+        return call
+    return fused
+
+
+# name: (spmm(arrays, {"bias": ..., "relu": ...}) for a case, on the GPU?, marks)
+FUSED = {
+    "numba": (lambda case: call_fused_spmm, False, ()),
+    **{f"emulated-{config}": (_emulated_fused(config), False, ()) for config in LAUNCHES},
+    "gpu": (lambda case: call_fused_spmm, True, needs_gpu),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=m) for n, (_, _, m) in FUSED.items()])
+@case_params
+@dtype_params
+def test_spmm_with_bias_and_relu(name, case, dtype):
+    """The epilogue: bias then ReLU on the kernel's own sum, bit for bit as NumPy does them."""
+    spmm, on_gpu, _ = FUSED[name]
+    a = fused_inputs(case, dtype)
+    if a["x"].size:  # reaches every row with column 0: NaN passes the ReLU as NaN
+        a["x"][0, 0] = numpy.nan
+    a = to_gpu(a) if on_gpu else a
+    assert_fused_spmm(spmm(case), a, to_numpy, dtype)
 
 
 @pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
@@ -112,29 +172,6 @@ def test_spmm_method_is_checked(monkeypatch):
     assert kernels.spmm_setting() == "rows"
 
 
-@case_params
-@dtype_params
-def test_cpu_spmm_matches_twin(case, dtype):
-    a = case.arrays(dtype)
-    result = kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"])
-    assert result.flags.c_contiguous
-    expected = twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype)
-    bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
-    assert_close(result, expected, bound, dtype)
-
-
-@case_params
-@dtype_params
-def test_cpu_spmm_t_matches_twin(case, dtype):
-    a = case.arrays(dtype)
-    result = kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
-    assert result.flags.c_contiguous
-    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
-    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
-                         case.n_cols)
-    assert_close(result, expected.astype(dtype), bound, dtype)
-
-
 @pytest.mark.parametrize("n_chunks", [1, 2, 3, 5, 8, 40])
 @dtype_params
 def test_cpu_spmm_t_batch_slices(n_chunks, dtype):
@@ -149,63 +186,6 @@ def test_cpu_spmm_t_batch_slices(n_chunks, dtype):
     bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
                          case.n_cols)
     assert_close(out, expected.astype(dtype), bound, dtype)
-
-
-def fused_inputs(case: Case, dtype: type) -> dict:
-    """The case's arrays plus a bias, and a ``y`` with zeros, negatives, -0.0 and NaN."""
-    a = case.arrays(dtype)
-    rng = numpy.random.default_rng(7)
-    a["bias"] = rng.standard_normal(case.n_rows).astype(dtype)
-    y = rng.standard_normal(a["dy"].shape).astype(dtype)
-    y.flat[::5] = 0.0
-    y.flat[1::7] = -0.0
-    y.flat[2::11] = numpy.nan
-    a["y"] = y
-    return a
-
-
-def assert_fused_spmm(kernels_spmm, a: dict, xp_to_numpy, dtype: type) -> None:
-    """spmm with bias (and relu) gives, bit for bit, spmm then ``+= bias`` then ``maximum``."""
-    plain = xp_to_numpy(kernels_spmm(a, {}))
-    with_bias = xp_to_numpy(kernels_spmm(a, {"bias": True}))
-    with_relu = xp_to_numpy(kernels_spmm(a, {"bias": True, "relu": True}))
-    bias = xp_to_numpy(a["bias"])
-    expected = plain + bias[:, None]
-    numpy.testing.assert_array_equal(with_bias, expected)
-    expected = numpy.maximum(expected, 0)
-    numpy.testing.assert_array_equal(with_relu, expected)
-    numpy.testing.assert_array_equal(numpy.signbit(with_relu), numpy.signbit(expected))
-    assert with_bias.dtype == with_relu.dtype == dtype
-
-
-def call_fused_spmm(a: dict, options: dict):
-    bias = a["bias"] if options.get("bias") else None
-    return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"], bias=bias,
-                        relu=options.get("relu", False))
-
-
-@case_params
-@dtype_params
-def test_cpu_spmm_with_bias_and_relu(case, dtype):
-    a = fused_inputs(case, dtype)
-    if a["x"].size:  # reaches every row with column 0: NaN passes the ReLU as NaN
-        a["x"][0, 0] = numpy.nan
-    assert_fused_spmm(call_fused_spmm, a, numpy.asarray, dtype)
-
-
-@gpu
-@case_params
-@dtype_params
-@spmm_gpu_params
-def test_gpu_spmm_matches_twin(case, dtype, method, max_blocks):
-    a = case.arrays(dtype)
-    d = to_gpu(a)
-    result = kernels.spmm(d["indptr"], d["indices"], d["data"], d["x"], method=method,
-                          **({} if max_blocks is None else {"max_blocks": max_blocks}))
-    assert result.flags.c_contiguous
-    expected = twins.spmm(a["indptr"], a["indices"], a["data"], a["x"]).astype(dtype)
-    bound = twins.spmm(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["x"]))
-    assert_close(result, expected, bound, dtype)
 
 
 @gpu
@@ -235,36 +215,3 @@ def test_gpu_transpose_pattern_matches_the_cpu(case):
                              kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)):
         assert got.dtype == numpy.int32
         numpy.testing.assert_array_equal(to_numpy(got), expected)
-
-
-@gpu
-@case_params
-@dtype_params
-def test_gpu_spmm_with_bias_and_relu(case, dtype):
-    a = fused_inputs(case, dtype)
-    if a["x"].size:
-        a["x"][0, 0] = numpy.nan
-    assert_fused_spmm(call_fused_spmm, to_gpu(a), to_numpy, dtype)
-
-
-@gpu
-@case_params
-@dtype_params
-@spmm_gpu_params
-def test_gpu_spmm_t_matches_twin(case, dtype, method, max_blocks):
-    a = case.arrays(dtype)
-    d = to_gpu(a)
-    options = {"method": method} if max_blocks is None else {"method": method,
-                                                             "max_blocks": max_blocks}
-    result = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols,
-                            **options)
-    assert result.flags.c_contiguous
-    expected = twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
-    bound = twins.spmm_t(a["indptr"], a["indices"], numpy.abs(a["data"]), numpy.abs(a["dy"]),
-                         case.n_cols)
-    assert_close(result, expected.astype(dtype), bound, dtype)
-    if method == "rows":  # with the transposed pattern given, as layers pass it
-        t = kernels.transpose_pattern(d["indptr"], d["indices"], case.n_cols)
-        again = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols,
-                               transpose=t, **options)
-        numpy.testing.assert_array_equal(to_numpy(again), to_numpy(result))
