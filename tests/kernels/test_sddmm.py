@@ -198,10 +198,13 @@ def test_sddmm_environment_is_checked(monkeypatch, text, message):
         kernels.sddmm_setting()
 
 
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=needs_gpu)],
+                         ids=["numba", "gpu"])
 @case_params
 @dtype_params
-def test_cpu_relu_grad_rowsum(case, dtype):
-    assert_relu_grad_rowsum(fused_inputs(case, dtype), numpy.asarray, dtype)
+def test_relu_grad_rowsum(on_gpu, case, dtype):
+    a = fused_inputs(case, dtype)
+    assert_relu_grad_rowsum(to_gpu(a) if on_gpu else a, to_numpy, dtype)
 
 
 @gpu
@@ -217,10 +220,3 @@ def test_gpu_sddmm_warp_runs_the_emulated_kernel(group):
     expected, bound = sddmm_reference(a)
     assert_close(got, expected, bound, numpy.float64)
     assert_close(got, emulated[:len(got)], bound, numpy.float64)
-
-
-@gpu
-@case_params
-@dtype_params
-def test_gpu_relu_grad_rowsum(case, dtype):
-    assert_relu_grad_rowsum(to_gpu(fused_inputs(case, dtype)), to_numpy, dtype)
