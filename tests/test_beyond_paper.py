@@ -102,6 +102,27 @@ def test_schedule_variants():
         fraction_at(1, 8, schedule="step")
 
 
+def test_the_trainer_asks_its_schedule():
+    """fit's schedule arguments make the trainer's Schedule, and that object alone says when
+    and how much to redistribute: another one put in its place is followed."""
+    from cupynn.redistribution.schedule import Schedule
+
+    x, y = _blobs()
+    model = cupynn.MLP([12, 16, 3], density=0.4, seed=0, device="cpu")
+    trainer = cupynn.Trainer(model, cupynn.Adam(model, lr=1e-2), (x, y), epochs=4, batch_size=24,
+                             redistribution="gradient", alpha=0.3, redistribute_every=4,
+                             end_fraction=0.5, schedule="linear", redistribute_unit="step",
+                             progress=False)
+    s = trainer.schedule
+    assert isinstance(s, Schedule)
+    assert (s.epochs, s.alpha, s.every, s.end_fraction, s.kind, s.unit) == \
+        (4, 0.3, 4, 0.5, "linear", "step")
+    trainer.schedule = Schedule(4, alpha=0.2, every=6, kind="constant", unit="step")
+    history = trainer.run()
+    moves = [(m["step"], m["fraction"]) for h in history for m in h.get("redistributions", [])]
+    assert moves == [(6, 0.2), (12, 0.2), (18, 0.2), (24, 0.2)]  # E_end = 30 of 40 steps
+
+
 def _blobs(n=240, features=12, classes=3, seed=0):
     rng = numpy.random.default_rng(seed)
     y = rng.integers(0, classes, n)
