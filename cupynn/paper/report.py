@@ -233,26 +233,22 @@ def zero_share(m: dict[str, Any]) -> float | None:
     return m["zero_weights"] / sum(m["nnz"])
 
 
-def dead_share(m: dict[str, Any]) -> float | None:
-    """The share of the hidden neurons dead (no input, no output or inactive) at the end of
-    an epoch's training."""
-    hidden = (m.get("health") or {}).get("hidden")
-    if not hidden:
-        return None
-    return sum(h["dead"] for h in hidden) / sum(h["neurons"] for h in hidden)
+def hidden_share(count: str) -> Any:
+    """A function of an epoch's metrics: the share of the hidden neurons counted under
+    ``count`` in its ``health`` (``"dead"``: no input, no output or inactive; ``"inactive"``:
+    a ReLU at 0 on the whole probe batch, the part of the dead that moves when a network
+    collapses — no-input/no-output are mostly topology), or None without one."""
+    def share(m: dict[str, Any]) -> float | None:
+        hidden = (m.get("health") or {}).get("hidden")
+        if not hidden:
+            return None
+        return sum(h[count] for h in hidden) / sum(h["neurons"] for h in hidden)
+    return share
 
 
-def inactive_share(m: dict[str, Any]) -> float | None:
-    """The share of the hidden neurons whose ReLU is 0 on the whole probe batch: the part of
-    the dead that moves when a network collapses (no-input/no-output are mostly topology)."""
-    hidden = (m.get("health") or {}).get("hidden")
-    if not hidden:
-        return None
-    return sum(h["inactive"] for h in hidden) / sum(h["neurons"] for h in hidden)
-
-
-HEALTH = (("zero weights (% of stored)", zero_share), ("dead hidden neurons (%)", dead_share),
-          ("hidden ReLUs at 0 on the probe batch (%)", inactive_share))
+HEALTH = (("zero weights (% of stored)", zero_share),
+          ("dead hidden neurons (%)", hidden_share("dead")),
+          ("hidden ReLUs at 0 on the probe batch (%)", hidden_share("inactive")))
 
 
 def induced_losses(run: RunResult) -> list[tuple[int, float]]:
