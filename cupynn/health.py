@@ -23,8 +23,9 @@ from .backend import to_numpy
 from .layers import SparseLinear
 
 
-def _live_in_out(layer: Any) -> tuple[Any, Any]:
-    """Per output neuron and per input feature: whether a nonzero weight joins it."""
+def _live_in_out(layer: Any) -> tuple[Any, Any, int]:
+    """Per output neuron and per input feature: whether a nonzero weight joins it; and the
+    count of the layer's stored weights exactly 0."""
     xp = layer.backend.xp
     if isinstance(layer, SparseLinear):
         live = layer.data != 0
@@ -33,9 +34,9 @@ def _live_in_out(layer: Any) -> tuple[Any, Any]:
                                  xp.cumsum(live, dtype=numpy.int64)])
         rows = prefix[layer.indptr[1:]] - prefix[layer.indptr[:-1]]
         cols = xp.bincount(layer.indices[live], minlength=layer.in_features)
-        return rows > 0, cols > 0
+        return rows > 0, cols > 0, int(live.size - xp.count_nonzero(live))
     live = layer.weight != 0  # (out, in)
-    return live.any(axis=1), live.any(axis=0)
+    return live.any(axis=1), live.any(axis=0), int(live.size - xp.count_nonzero(live))
 
 
 def network_health(model: Any, x: Any) -> dict[str, Any]:
@@ -55,11 +56,8 @@ def network_health(model: Any, x: Any) -> dict[str, Any]:
     ``no_input``, ``no_output``, ``inactive`` and ``dead``.
     """
     xp = model.backend.xp
-    zeros = []
-    for layer in model.layers:
-        values = layer.data if isinstance(layer, SparseLinear) else layer.weight
-        zeros.append(int(values.size - xp.count_nonzero(values)))
     live = [_live_in_out(layer) for layer in model.layers]
+    zeros = [count for _, _, count in live]
     hidden = []
     h = xp.ascontiguousarray(xp.asarray(x, dtype=model.dtype).T)  # feature-major, as inside
     fused = model.activation == "relu"
