@@ -315,6 +315,10 @@ _QUERY, _ANSWER, _INTERRUPT = 1, 2, 3
 _KINDS = {"allreduce": 1, "bcast": 2, "allgather": 3, "allgather_array": 4, "barrier": 5}
 _SPIN_SECONDS = 0.01  # how long a wait polls without sleeping (a step's usual imbalance)
 _ANSWER_SECONDS = 2.0  # how long a timed-out rank waits for the others to say where they are
+# MPI_Abort ends the launcher's processes at once, and a launcher may end with output it
+# had not yet read from a rank's pipe (MPICH's hydra once lost the timeout message this
+# way); an aborting rank waits this long after flushing its output.
+_FORWARD_SECONDS = 0.5
 
 
 class MPICommunicator(Communicator):
@@ -546,6 +550,7 @@ class MPICommunicator(Communicator):
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(_FORWARD_SECONDS)  # let the launcher read this rank's last words
         self.comm.Abort(int(code) or 1)
 
 
