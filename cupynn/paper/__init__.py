@@ -6,7 +6,8 @@
 - :mod:`.grid`: every algorithm x density x seed plus the dense baselines, one
   process per run (``scripts/run_grid.py``);
 - :mod:`.report`: the paper's figures, tables and claims from a grid's runs
-  (``scripts/report.py``).
+  (``scripts/report.py``); the runs read back and their statistics in
+  :mod:`.results`, the figures (matplotlib) in :mod:`.figures`.
 
 They build on the library (``cupynn``) and nothing in it depends on them.
 """
