@@ -105,7 +105,7 @@ class Adam:
         b1, b2 = self.betas
         hyper = dict(lr=self.lr, b1=b1, b2=b2, eps=self.eps, bc1=1.0 - b1 ** self.t,
                      bc2=1.0 - b2 ** self.t)
-        scalars: dict[Any, tuple] = {}  # per dtype, made once a step
+        scalars: dict[Any, kernels.AdamScalars] = {}  # per dtype, made once a step
         for index, layer in enumerate(self.layers):
             for name, value, grad in layer.parameters():
                 if grad is None:
@@ -117,17 +117,15 @@ class Adam:
                                        f"{m.shape[0]} entries for {value.size} values; the "
                                        f"topology changed without Adam.remap.")
                 p, g = value.reshape(-1), grad.reshape(-1)
-                # The moments are this optimizer's own (flat, contiguous, the value's
-                # dtype); what a user can swap is checked here, anything odd goes
-                # through the checking dispatcher for its error.
-                if (g.dtype != p.dtype or g.shape != p.shape or not p.flags.c_contiguous
-                        or not g.flags.c_contiguous or type(g) is not type(p)
-                        or m.dtype != p.dtype):
-                    kernels.adam(p, g, m, v, **hyper)
-                    continue
                 if p.dtype not in scalars:
                     scalars[p.dtype] = kernels.adam_scalars(p.dtype, **hyper)
-                kernels.adam_apply(layer.backend, p, g, m, v, scalars[p.dtype])
+                # The moments are this optimizer's own (flat, contiguous, the value's
+                # dtype) and so are the scalars; what a user can swap is checked here,
+                # and anything odd is left to the kernel's checks for their error.
+                odd = (g.dtype != p.dtype or g.shape != p.shape or not p.flags.c_contiguous
+                       or not g.flags.c_contiguous or type(g) is not type(p)
+                       or m.dtype != p.dtype)
+                kernels.adam(p, g, m, v, scalars[p.dtype], check=odd)
 
     def remap(self, layer: SparseLinear | int, mapping: Any) -> None:
         """Re-align a sparse layer's ``data`` moments with a new topology.

@@ -9,7 +9,8 @@ wrapper is the one place that chooses the device:
                 cuSPARSE (:func:`set_spmm`); :func:`transpose_pattern`
 ``sddmm.py``    the weight gradient at the active entries; ``sddmm.cu``
                 (:func:`set_sddmm`); :func:`relu_grad_rowsum` before it
-``adam.py``     the fused Adam update; ``adam.cu``
+``adam.py``     the fused Adam update; ``adam.cu``; its scalars
+                (:func:`adam_scalars`), made once a step per dtype
 ``fisher.py``   WoodFisher's packed inverse Fisher: update and product;
                 ``fisher.cu``
 ``_launch.py``  per-device compilation of the ``.cu`` files, grids, the lazy
@@ -26,7 +27,9 @@ compare all of them.
 The wrappers check dtypes, contiguity and shapes on every call (cheap, no
 device synchronisation). Index ranges cost a pass over the indices, so they are
 checked when ``check=True`` (the default for direct calls); layers validate
-their topology once when it is set and then call with ``check=False``.
+their topology once when it is set and then call with ``check=False``. The
+optimizer checks the arrays it owns itself and calls :func:`adam` with
+``check=False``, which then checks nothing.
 
 This package only hands the names on. ``cupynn.kernels.spmm``, ``.sddmm`` and
 ``.adam`` are the functions, not their modules (the functions were here first);
@@ -41,7 +44,7 @@ from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
 from ._launch import (_CPU_MODULE, _SUFFIX, CUDA_SOURCES, KERNEL_DIR, MAX_BLOCKS,
                       THREADS_PER_BLOCK, WARP_SIZE, _cpu, _cuda_module, _grid, cuda_function,
                       numba_threads)
-from .adam import adam, adam_apply, adam_scalars
+from .adam import AdamScalars, adam, adam_scalars
 from .fisher import (FISHER_TILE, _check_fisher_blocks, fisher_shape, fisher_update,
                      packed_matvec)
 from .sddmm import (_SDDMM_DEFAULT, SDDMM_ENV, SDDMM_MAX_GROUP, SDDMM_METHODS,
