@@ -374,6 +374,81 @@ def test_cpu_update_matches_twin_on_random_blocks(dtype):
     kernels.fisher_update(empty, numpy.empty(0, dtype=dtype), 4.0, block_size=34)
 
 
+# Part lengths of one gradient of 23 values, B=5 (5 blocks, the last padded), and
+# of 3 * 34 * 70 values, B=34 (210 blocks in four tiles), as a model's layers give them.
+PARTS_CASES = [(5, (7, 0, 16)), (34, (2380, 1, 4759, 1)), (34, (4000, 3140)),
+               (5, tuple(range(1, 7)))]  # (six parts: a second compiled version)
+
+
+def parts_run(xp, block_size: int, lengths: tuple, dtype, **kw):
+    """The dispatcher given the parts (and a grad_sum) against one padded vector: finv,
+    work and grad_sum of both, as NumPy."""
+    rng = numpy.random.default_rng(sum(lengths))
+    n = sum(lengths)
+    n_blocks = -(-n // block_size)
+    finv, _, _ = random_state(n_blocks, block_size, dtype, seed=2)
+    flat = rng.standard_normal(n).astype(dtype)
+    flat[:block_size] = 0  # a dead block
+    ends = numpy.cumsum(lengths)
+    parts = [xp.asarray(flat[end - length:end]) for end, length in zip(ends, lengths)]
+    results = []
+    for g in (parts, xp.asarray(padded(flat[None, :], block_size)[0])):
+        f = xp.array(finv)  # a copy each
+        work = xp.full(n_blocks * block_size, numpy.nan, dtype=dtype)
+        grad_sum = xp.ones(g.shape[0] if not isinstance(g, list) else n, dtype=dtype)
+        kernels.fisher_update(f, g, 3.0, block_size=block_size, work=work, grad_sum=grad_sum,
+                              **kw)
+        results.append((to_numpy(f), to_numpy(work), to_numpy(grad_sum)[:n]))
+    return results, 1 + flat
+
+
+def assert_parts_equal_vector(results, expected_sum) -> None:
+    (f, work, grad_sum), (f1, work1, grad_sum1) = results
+    assert numpy.array_equal(f, f1) and numpy.array_equal(work, work1)
+    assert numpy.array_equal(grad_sum, grad_sum1)
+    assert numpy.array_equal(grad_sum, expected_sum)
+
+
+@dtype_params
+@pytest.mark.parametrize("block_size, lengths", PARTS_CASES, ids=str)
+def test_cpu_update_of_parts_equals_update_of_one_vector(block_size, lengths, dtype):
+    """A gradient given as parts (read where they are, zero-padded) is the same step,
+    bit for bit, as the padded vector, and adds the same to grad_sum."""
+    results, expected_sum = parts_run(numpy, block_size, lengths, dtype)
+    assert_parts_equal_vector(results, expected_sum)
+
+
+def test_cpu_update_of_up_to_four_parts_compiles_one_version():
+    """A single vector and up to four parts share one compiled kernel per dtype
+    (cpu_fisher.MIN_PARTS); BlockFisherInverse passes a model's layers as parts."""
+    import numba
+
+    from cupynn.kernels import cpu_fisher
+
+    for lengths in ((5,), (2, 3), (1, 1, 1, 2)):
+        finv = identity_over(1.0, 1, 5, numpy.float64)
+        kernels.fisher_update(finv, [numpy.ones(k) for k in lengths], 2.0, block_size=5)
+    kernels.fisher_update(identity_over(1.0, 1, 5, numpy.float64), numpy.ones(5), 2.0,
+                          block_size=5)
+    kernels.fisher_update(identity_over(1.0, 1, 5, numpy.float64), numpy.ones(5), 2.0,
+                          block_size=5, check=False)
+    parts_types = {sig[1] for sig in cpu_fisher.fisher_update.signatures
+                   if str(sig[0].dtype) == "float64"}
+    flat = numba.types.Array(numba.types.float64, 1, "C")
+    assert {t for t in parts_types if t.count <= cpu_fisher.MIN_PARTS} == {
+        numba.types.UniTuple(flat, cpu_fisher.MIN_PARTS)}
+
+
+@gpu
+@dtype_params
+@pytest.mark.parametrize("block_size, lengths", PARTS_CASES, ids=str)
+@pytest.mark.parametrize("max_blocks", [None, 2], ids=["full_grid", "max_blocks_2"])
+def test_gpu_update_of_parts_equals_update_of_one_vector(block_size, lengths, dtype, max_blocks):
+    results, expected_sum = parts_run(get_backend("gpu").xp, block_size, lengths, dtype,
+                                      max_blocks=max_blocks)
+    assert_parts_equal_vector(results, expected_sum)
+
+
 # ------------------------------------------------- (c) fisher.cu emulated on the CPU
 
 
@@ -593,6 +668,27 @@ FISHER_BAD = [
      ValueError, "block_size must be a positive int. Got 3.0"),
     ("matvec_block_size_bool", call_matvec, dict(B=True),
      ValueError, "block_size must be a positive int. Got True"),
+    ("update_parts_2d", call_update, dict(g=[numpy.ones(3), numpy.ones((1, 3))]),
+     ValueError, r"g\[1\] must be flat. Got shape \(1, 3\)"),
+    ("update_parts_strided", call_update, dict(g=[numpy.ones(2), numpy.ones(8)[::2]]),
+     ValueError, r"'g\[1\]' must be C-contiguous"),
+    ("update_parts_dtype", call_update, dict(g=[numpy.ones(3), numpy.ones(3, numpy.float32)]),
+     TypeError, "one dtype. Got float64 and float32"),
+    ("update_parts_of_two_tiles", call_update,
+     dict(g=[numpy.ones(3 * FISHER_TILE), numpy.ones(1)]),
+     ValueError, rf"g has {FISHER_TILE + 1} blocks, which need finv of shape "
+                 rf"\(2, 6, {FISHER_TILE}\). Got \(1, 6, {FISHER_TILE}\)"),
+    ("update_parts_work_shape", call_update, dict(g=[numpy.ones(4)], kw=dict(work=numpy.ones(4))),
+     ValueError, r"work must have shape \(6,\)"),
+    ("update_grad_sum_shape", call_update, dict(kw=dict(grad_sum=numpy.ones(5))),
+     ValueError, r"grad_sum must have shape \(6,\), the length of g. Got \(5,\)"),
+    ("update_parts_grad_sum_shape", call_update,
+     dict(g=[numpy.ones(2), numpy.ones(2)], kw=dict(grad_sum=numpy.ones(6))),
+     ValueError, r"grad_sum must have shape \(4,\)"),
+    ("update_grad_sum_dtype", call_update,
+     dict(kw=dict(grad_sum=numpy.ones(6, dtype=numpy.float32))), TypeError, "one dtype"),
+    ("update_strided_grad_sum", call_update, dict(kw=dict(grad_sum=numpy.ones(12)[::2])),
+     ValueError, "'grad_sum' must be C-contiguous"),
 ]
 
 
@@ -606,6 +702,14 @@ def _aliasing_cases():
          ValueError, "work must not overlap g"),
         ("update_g_in_finv", call_update, dict(finv=f, g=f.reshape(-1)[:6]),
          ValueError, "finv must not overlap g"),
+        ("update_part_in_finv", call_update, dict(finv=f, g=[g[:2], f.reshape(-1)[:4]]),
+         ValueError, r"finv must not overlap g\[1\]"),
+        ("update_grad_sum_is_g", call_update, dict(g=g, kw=dict(grad_sum=g)),
+         ValueError, "grad_sum must not overlap g"),
+        ("update_grad_sum_is_a_part", call_update, dict(g=[g[:3], g[3:]], kw=dict(grad_sum=g)),
+         ValueError, r"grad_sum must not overlap g\[0\]"),
+        ("update_grad_sum_is_work", call_update, dict(kw=dict(work=g, grad_sum=g)),
+         ValueError, "work must not overlap grad_sum"),
         ("matvec_out_is_v", call_matvec, dict(v=g, kw=dict(out=g)),
          ValueError, "out must not overlap v"),
         ("matvec_out_in_finv", call_matvec, dict(finv=f, kw=dict(out=f.reshape(-1)[6:12])),

@@ -7,8 +7,9 @@ about n·(B+1)/2 floats (plus at most 63 blocks of padding), and nothing grows
 with the number of gradients m.
 
 Beyond the blocks, nothing of size n is kept: a gradient arrives as the
-layers' own arrays. On the CPU one compiled call reads them where they are
-(every tile in parallel, its scratch per tile); on the GPU they are copied
+layers' own arrays, which :func:`cupynn.kernels.fisher_update` takes. On the
+CPU its one compiled call reads them where they are (every tile in parallel,
+its scratch per tile); on the GPU, whose kernels read one vector, they are copied
 into a small buffer a chunk of tiles at a time (:data:`CHUNK_BLOCKS`), which
 the update kernels read, with a scratch of the same size. Products ``F⁻¹ v``
 run chunk by chunk and may be written over ``v``.
@@ -128,30 +129,23 @@ class BlockFisherInverse:
                              f"({self.n_params},) {self.finv.dtype} array. Got "
                              f"{grad_sum.shape} {grad_sum.dtype}.")
         if self.xp is numpy:
-            self._update_cpu(parts, lengths, grad_sum)
+            self._update_in_place(parts, grad_sum)
         else:
             self._update_chunks(parts, lengths, grad_sum)
         self.count += 1
 
-    def _update_cpu(self, parts: list[Any], lengths: tuple[int, ...], grad_sum: Any) -> None:
-        """One compiled call reads the parts where they are: no copies, every tile in parallel.
+    def _update_in_place(self, parts: list[Any], grad_sum: Any) -> None:
+        """One kernel call reads the parts where they are: no copies, every tile in
+        parallel (the CPU's kernel can; the GPU's read one vector).
 
         Its inputs are made here with the right dtype and layout, so the
         dispatcher's checks (a tenth of the kernel's time on the paper's HIGGS
         network) are skipped.
         """
-        from ..kernels import cpu_fisher
-
-        starts = getattr(self, "_starts", None)
-        if starts is None or starts[0] != lengths:
-            starts = (lengths, cpu_fisher.part_starts(lengths))
-            self._starts = starts
         dtype = self.finv.dtype
-        none = self._g[:0]
-        parts = cpu_fisher.padded_parts(
-            [numpy.ascontiguousarray(part, dtype=dtype) for part in parts], none)
-        cpu_fisher.fisher_update(self.finv, parts, starts[1], none, dtype.type(self.m),
-                                 self.block_size, none if grad_sum is None else grad_sum)
+        parts = [self.xp.ascontiguousarray(part, dtype=dtype) for part in parts]
+        kernels.fisher_update(self.finv, parts, self.m, block_size=self.block_size,
+                              grad_sum=grad_sum, check=False)
 
     def _update_chunks(self, parts: list[Any], lengths: tuple[int, ...], grad_sum: Any) -> None:
         """The parts copied into a small buffer a chunk of tiles at a time, one kernel call each."""
@@ -163,7 +157,7 @@ class BlockFisherInverse:
                 g[p1 - p0:size] = 0  # the padding of the last block
             finv = self._tiles(b0, b1)
             kernels.fisher_update(finv, g[:size], m, block_size=B, work=work[:size])
-            if grad_sum is not None:
+            if grad_sum is not None:  # (the padding of the last block is not the gradient's)
                 grad_sum[p0:p1] += g[:p1 - p0]
 
     def diagonal(self) -> Any:
