@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # the package benchmarks.gpu_check, as scripts/gpu_check.py finds it
 
-import gpu_check  # noqa: E402
+from benchmarks.gpu_check import context, runner  # noqa: E402
+from benchmarks.gpu_check import report as reports  # noqa: E402
+from benchmarks.gpu_check.parts import launches, mpi, sddmm  # noqa: E402
+from benchmarks.gpu_check.parts import tests as tests_part  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,11 @@ def dry_run(tmp_path_factory):
 def test_dry_run_runs_every_part_and_never_passes(dry_run):
     done, out = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((out / gpu_check.REPORT_JSON).read_text())
+    report = json.loads((out / reports.REPORT_JSON).read_text())
     assert report["verdict"] == "dry run" and report["backend"] == "cpu"
     assert report["commit"] == "abc123"
     statuses = {p["name"]: p["status"] for p in report["parts"]}
-    assert list(statuses) == list(gpu_check.PART_NAMES)
+    assert list(statuses) == list(runner.PART_NAMES)
     assert "passed" not in statuses.values(), statuses
     assert statuses["tests"] == statuses["launches"] == "skipped: no GPU"
     for name in ("parity", "steps", "sddmm", "higgs", "redistribution", "mpi", "env"):
@@ -56,7 +59,7 @@ def test_dry_run_runs_every_part_and_never_passes(dry_run):
     assert {r["model"] for r in parts["steps"]["data"]["steps"]} >= {"dense", "sparse"}
     assert parts["higgs"]["data"]["higgs"]["cupynn"]["steps"] == 32
     assert len(parts["redistribution"]["data"]["rows"]) == 7
-    assert [r["config"] for r in parts["mpi"]["data"]["rows"]] == list(gpu_check.MPI_CONFIGS)
+    assert [r["config"] for r in parts["mpi"]["data"]["rows"]] == list(mpi.MPI_CONFIGS)
     assert all(r["ok"] for r in parts["mpi"]["data"]["rows"])
 
 
@@ -65,12 +68,12 @@ def test_dry_run_prints_the_verdict_table_last_and_writes_markdown(dry_run):
     tail = done.stdout.strip().splitlines()
     table_start = next(i for i, line in enumerate(tail) if line.startswith("cupynn GPU check:"))
     assert "DRY RUN" in tail[table_start]
-    assert [line.split()[0] for line in tail[table_start + 1:]] == list(gpu_check.PART_NAMES)
-    markdown = (out / gpu_check.REPORT_MD).read_text()
+    assert [line.split()[0] for line in tail[table_start + 1:]] == list(runner.PART_NAMES)
+    markdown = (out / reports.REPORT_MD).read_text()
     assert markdown.startswith("# cupynn GPU check: dry run")
-    for name in gpu_check.PART_NAMES:
+    for name in runner.PART_NAMES:
         assert f"## {name}:" in markdown
-    assert (out / gpu_check.TESTS_LOG).exists()
+    assert (out / tests_part.TESTS_LOG).exists()
 
 
 def test_trace_counts_reads_kineto_traces():
@@ -90,7 +93,7 @@ def test_trace_counts_reads_kineto_traces():
         {"ph": "i", "cat": "kernel", "name": "an instant, not a kernel"},
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm"},
     ]}
-    counts = gpu_check.trace_counts(trace)
+    counts = launches.trace_counts(trace)
     assert counts["kernels"] == 3 and counts["memcpy"] == 1 and counts["memset"] == 1
     assert counts["api_calls"] == 7
     assert counts["waits"] == 3
@@ -106,19 +109,19 @@ def test_trace_counts_reads_kineto_traces():
     ("no summary", {}),
 ])
 def test_pytest_counts(text, counts):
-    assert gpu_check.pytest_counts(text) == counts
+    assert tests_part.pytest_counts(text) == counts
 
 
 def test_a_part_over_its_limit_is_killed_and_reported(tmp_path):
-    args = gpu_check.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
-    entry = gpu_check.run_part(args, gpu_check.Part("steps", "t", 1, 1), seconds=0.5)
+    args = runner.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    entry = runner.run_part(args, runner.Part("steps", "t", 1, 1), seconds=0.5)
     assert entry["status"] == "failed" and entry["summary"] == "timed out after 0 s"
     assert entry["wall_seconds"] < 30
 
 
 def gpu_shaped_report() -> dict:
     """A report as a GPU run fills it (values made up), for the formatters."""
-    part = gpu_check.result
+    part = context.result
     memory = [{"sizes": "784-256-256-10", "model": "dense", "density": 1.0, "peak_bytes": 2**24},
               {"sizes": "784-256-256-10", "model": "sparse", "density": 0.1, "peak_bytes": 2**22,
                "vs_dense": 0.25, "peer_peak_bytes": 2**25, "vs_peer": 0.125}]
@@ -151,8 +154,8 @@ def gpu_shaped_report() -> dict:
                                                 "epoch_s": 0.82}},
                              "thread_sddmm": {"train_s": 1.2, "redistribution_s": 0.01,
                                               "epoch_s": 1.21}},
-             targets=[gpu_check.target("HIGGS epoch (s)", 1.01, 0.6, "s"),
-                      gpu_check.target("HIGGS epoch / peer epoch", None, 1.0)]),
+             targets=[context.target("HIGGS epoch (s)", 1.01, 0.6, "s"),
+                      context.target("HIGGS epoch / peer epoch", None, 1.0)]),
         part("passed", "s", {"rows": [{"setting": "kmnist", "algorithm": "random",
                                        "redistribute_ms": 3.0, "start_epoch_ms": 0.1,
                                        "observe_ms": 0.0, "static_step_ms": 0.4,
@@ -162,24 +165,24 @@ def gpu_shaped_report() -> dict:
                                        "histories_equal": True, "ok": True}]}),
         part("passed", "H100", {"device": "NVIDIA H100", "driver": 13000}),
     ]
-    for entry, spec in zip(parts, gpu_check.PARTS):
+    for entry, spec in zip(parts, runner.PARTS):
         entry.update(name=spec.name, title=spec.title, wall_seconds=1.0, limit_seconds=9.0)
     return {"device": "NVIDIA H100 80GB HBM3", "backend": "gpu", "quick": False,
             "commit": "0123456789abcdef", "budget_seconds": 345, "started": "now",
-            "wall_seconds": 8.0, "parts": parts, "verdict": gpu_check.verdict(parts, True)}
+            "wall_seconds": 8.0, "parts": parts, "verdict": runner.verdict(parts, True)}
 
 
 def test_reports_of_a_gpu_run():
     report = gpu_shaped_report()
     assert report["verdict"] == "failed"  # parity failed
-    markdown = gpu_check.format_markdown(report)
+    markdown = reports.format_markdown(report)
     assert "| random | [True, False] | [9, 3] | 0.001 | - | False |" in markdown
     assert "| kmnist | 512 | 70 | 2 | 1 | 0 | False | none |" in markdown
     assert "| 784-256-256-10 | sparse | 0.1 | 4 | 0.25 | 32 | 0.125 |" in markdown
     assert "| higgs | HIGGS epoch (s) | 1.01 | 0.6 | missed |" in markdown
     assert "| higgs | HIGGS epoch / peer epoch | - | 1 | not measured |" in markdown
     assert "| woodfisher | True | 1e-15 | 0 | True | True |" in markdown
-    table = gpu_check.format_table(report)
+    table = reports.format_table(report)
     assert table.splitlines()[0].startswith("cupynn GPU check: FAILED on NVIDIA H100")
     assert "target HIGGS epoch (s) <= 0.6: 1.01 missed" in table
 
@@ -188,19 +191,19 @@ def test_verdicts():
     def parts(*statuses):
         return [{"status": s} for s in statuses]
 
-    assert gpu_check.verdict(parts("passed", "passed"), True) == "passed"
-    assert gpu_check.verdict(parts("passed", "skipped: out of time"), True) == "incomplete"
-    assert gpu_check.verdict(parts("passed", "failed"), True) == "failed"
-    assert gpu_check.verdict(parts("dry run", "skipped: no GPU"), False) == "dry run"
-    assert gpu_check.verdict(parts("dry run", "failed"), False) == "failed"
+    assert runner.verdict(parts("passed", "passed"), True) == "passed"
+    assert runner.verdict(parts("passed", "skipped: out of time"), True) == "incomplete"
+    assert runner.verdict(parts("passed", "failed"), True) == "failed"
+    assert runner.verdict(parts("dry run", "skipped: no GPU"), False) == "dry run"
+    assert runner.verdict(parts("dry run", "failed"), False) == "failed"
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
-        gpu_check.parse_args(["--out", "x", "--parts", "tests,speed"])
+        runner.parse_args(["--out", "x", "--parts", "tests,speed"])
     with pytest.raises(SystemExit):
-        gpu_check.parse_args(["--out", "x", "--budget", "0"])
-    assert gpu_check.parse_args(["--out", "x", "--parts", "env,tests"]).parts == ["tests", "env"]
+        runner.parse_args(["--out", "x", "--budget", "0"])
+    assert runner.parse_args(["--out", "x", "--parts", "env,tests"]).parts == ["tests", "env"]
 
 
 def test_recommended_sddmm_is_the_best_over_all_shapes():
@@ -208,15 +211,15 @@ def test_recommended_sddmm_is_the_best_over_all_shapes():
             {"us": {"thread": 20.0, "warp8": 12.0, "warp32": 9.0}},
             {"us": {"thread": 20.0, "warp8": 10.0, "warp32": 10.5}}]
     # warp8: 1 * 12/9 * 1 = 1.33; warp32: 1.1 * 1 * 1.05 = 1.155 -> warp32
-    assert gpu_check.recommend(rows) == "warp32"
-    assert gpu_check.sddmm_env("warp32") == "CUPYNN_SDDMM=warp:32"
-    assert gpu_check.sddmm_env("thread") == "CUPYNN_SDDMM=thread"
+    assert sddmm.recommend(rows) == "warp32"
+    assert sddmm.sddmm_env("warp32") == "CUPYNN_SDDMM=warp:32"
+    assert sddmm.sddmm_env("thread") == "CUPYNN_SDDMM=thread"
 
 
 def test_numba_warm_up_runs():
     """What the GPU run starts in the background beside the GPU tests."""
     import time
 
-    process = gpu_check.start_numba_warm_up()
-    gpu_check._finish(process, time.monotonic() + 240)
+    process = runner.start_numba_warm_up()
+    runner._finish(process, time.monotonic() + 240)
     assert process.returncode == 0

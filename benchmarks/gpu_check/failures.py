@@ -1,4 +1,4 @@
-"""A pytest plugin for ``gpu_check.py``'s tests part: each failure's traceback is
+"""A pytest plugin for the GPU check's tests part: each failure's traceback is
 appended to ``$CUPYNN_FAILURES_LOG`` the moment the test ends, so that a run
 stopped at its time limit (before pytest's own summary) still says why each
 test that had failed by then failed."""

@@ -1,0 +1,20 @@
+"""The parts of the GPU check: each a function of the :class:`~..context.Context` that
+returns its result (:func:`~..context.result`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..context import Context
+from .env import part_env
+from .launches import part_launches
+from .mpi import part_mpi
+from .parity import part_parity
+from .sddmm import part_sddmm
+from .speed import part_higgs, part_redistribution, part_steps
+from .tests import part_tests
+
+PART_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "tests": part_tests, "parity": part_parity, "steps": part_steps, "sddmm": part_sddmm,
+    "launches": part_launches, "higgs": part_higgs, "redistribution": part_redistribution,
+    "mpi": part_mpi, "env": part_env}

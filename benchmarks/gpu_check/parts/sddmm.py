@@ -1,0 +1,138 @@
+"""The ``sddmm`` part: the thread and warp SDDMM kernels, and spmm.cu against cuSPARSE,
+timed at the layers' shapes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy
+
+import cupynn
+from cupynn import kernels
+from cupynn.backend import to_numpy
+
+from ..context import FAILED, Context, result
+
+
+SDDMM_SHAPES = [  # (in, out, batch): the layers of the step table and of HIGGS
+    (784, 256, 512), (256, 256, 512), (784, 4096, 512), (4096, 4096, 512),
+    (21, 256, 128), (256, 256, 128)]
+SDDMM_VARIANTS = [("thread", None), ("warp", 4), ("warp", 8), ("warp", 16), ("warp", 32)]
+
+
+def timer(ctx: Context, fn: Callable[[], Any], reps: int) -> float:
+    """Seconds per call: CUDA events around ``reps`` calls on the GPU, a wall clock on the CPU."""
+    for _ in range(2):
+        fn()
+    if ctx.gpu:
+        cupy = ctx.backend.xp
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) / 1e3 / reps
+    begin = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - begin) / reps
+
+
+def part_sddmm(ctx: Context) -> dict[str, Any]:
+    xp = ctx.backend.xp
+    shapes = [(64, 32, 64)] if ctx.quick else SDDMM_SHAPES
+    densities = (0.1,) if ctx.quick else (0.1, 0.03)
+    reps = 2 if ctx.quick else 20
+    rows, products = [], []
+    rng = numpy.random.default_rng(0)
+    for fan_in, fan_out, batch in shapes:
+        for density in densities:
+            layer = cupynn.SparseLinear(fan_in, fan_out, density, seed=1, device=ctx.backend)
+            dy = xp.asarray(rng.standard_normal((fan_out, batch), dtype=numpy.float32))
+            x = xp.asarray(rng.standard_normal((fan_in, batch), dtype=numpy.float32))
+            out = xp.empty(layer.nnz, dtype=numpy.float32)
+            times, results = {}, {}
+            for method, group in SDDMM_VARIANTS:
+                label = method if group is None else f"{method}{group}"
+
+                def call(method=method, group=group):
+                    return kernels.sddmm(layer.indptr, layer.indices, dy, x, out, check=False,
+                                         method=method, group=group)
+
+                times[label] = timer(ctx, call, reps)
+                results[label] = to_numpy(call()).copy()
+            products.append(time_products(ctx, layer, x, dy, reps, f"{fan_in}->{fan_out} b{batch}",
+                                          density))
+            ref = results["thread"]
+            spread = max(float(numpy.abs(r - ref).max()) for r in results.values())
+            scale = float(numpy.abs(ref).max()) or 1.0
+            fastest = min(times, key=times.get)
+            default = f"warp{kernels.sddmm_group(batch)}"
+            rows.append({"shape": f"{fan_in}->{fan_out} b{batch}", "density": density,
+                         "nnz": layer.nnz, "us": {k: 1e6 * v for k, v in times.items()},
+                         "fastest": fastest, "default": default,
+                         "default_vs_fastest": times[default] / times[fastest],
+                         "warp_best_vs_thread": min(v for k, v in times.items()
+                                                    if k != "thread") / times["thread"],
+                         "max_rel_diff": spread / scale})
+    agree = sum(r["fastest"] == r["default"] for r in rows)
+    worst = max(r["max_rel_diff"] for r in rows)
+    best = min(r["warp_best_vs_thread"] for r in rows)
+    recommended = recommend(rows)
+    rows_vs_cusparse = statistics.geometric_mean(
+        r["rows_us"] / r["cusparse_us"] for r in products)
+    product_diff = max(r["max_rel_diff"] for r in products)
+    summary = (f"default (warp, group by batch) fastest at {agree}/{len(rows)} shapes; best warp "
+               f"{1 / best:.2f}x faster than thread at best; fastest overall {recommended} "
+               f"({sddmm_env(recommended)}); variants agree to {worst:.1e}; products: spmm.cu "
+               f"{rows_vs_cusparse:.2f}x cuSPARSE's time (geometric mean), agree to "
+               f"{product_diff:.1e}")
+    status = ctx.measured() if max(worst, product_diff) <= 1e-4 else FAILED
+    return result(status, summary, {"rows": rows, "reps": reps, "recommended": recommended,
+                                    "recommended_env": sddmm_env(recommended),
+                                    "products": products,
+                                    "products_rows_vs_cusparse": rows_vs_cusparse},
+                  notes=[] if ctx.gpu else ["on the CPU every variant is the one Numba kernel"])
+
+
+def time_products(ctx: Context, layer: Any, x: Any, dy: Any, reps: int, shape: str,
+                  density: float) -> dict[str, Any]:
+    """``W @ x`` and ``W.T @ dy`` of one layer by spmm.cu ("rows", the default) and by
+    cuSPARSE: microseconds per call and how far the two results are apart."""
+    times, results = {}, {}
+    for method in kernels.SPMM_METHODS:
+        def forward(method=method):
+            return kernels.spmm(layer.indptr, layer.indices, layer.data, x, check=False,
+                                bias=layer.bias, relu=True, method=method)
+
+        def backward(method=method):
+            return kernels.spmm_t(layer.indptr, layer.indices, layer.data, dy,
+                                  layer.in_features, check=False, method=method,
+                                  transpose=layer._pattern_t() if method == "rows" else None)
+
+        times[method] = (timer(ctx, forward, reps), timer(ctx, backward, reps))
+        results[method] = (to_numpy(forward()), to_numpy(backward()))
+    diff = max(float(numpy.abs(a - b).max()) / (float(numpy.abs(b).max()) or 1.0)
+               for a, b in zip(results["rows"], results["cusparse"]))
+    return {"shape": shape, "density": density, "nnz": layer.nnz,
+            "spmm_us": {m: 1e6 * t[0] for m, t in times.items()},
+            "spmm_t_us": {m: 1e6 * t[1] for m, t in times.items()},
+            "rows_us": 1e6 * sum(times["rows"]), "cusparse_us": 1e6 * sum(times["cusparse"]),
+            "max_rel_diff": diff}
+
+
+def recommend(rows: list[dict[str, Any]]) -> str:
+    """The variant with the smallest geometric mean, over the shapes, of its time over the
+    fastest variant's time there."""
+    labels = list(rows[0]["us"])
+    score = {label: statistics.geometric_mean(r["us"][label] / min(r["us"].values())
+                                              for r in rows) for label in labels}
+    return min(labels, key=score.get)
+
+
+def sddmm_env(label: str) -> str:
+    """The $CUPYNN_SDDMM setting of a variant label ("thread", "warp16")."""
+    return f"{kernels.SDDMM_ENV}=" + ("thread" if label == "thread" else f"warp:{label[4:]}")
