@@ -2,7 +2,8 @@
 
 - :mod:`.experiments`: the KMNIST and HIGGS experiments as library code
   (``scripts/train_kmnist.py`` and ``train_higgs.py`` parse arguments and call
-  :func:`.experiments.run`);
+  :func:`.experiments.run`); their command line in :mod:`.arguments`, a run's
+  output directory in :mod:`.run_dir`;
 - :mod:`.grid`: every algorithm x density x seed plus the dense baselines, one
   process per run (``scripts/run_grid.py``);
 - :mod:`.report`: the paper's figures, tables and claims from a grid's runs
