@@ -7,7 +7,7 @@ Three tables:
   the loss into one buffer and all-reduces it once; a masked-dense
   data-parallel run (PyTorch DDP) all-reduces every dense weight and bias.
   cupynn's figure is read from a real step: the buffer of
-  :class:`cupynn.distributed.GradientReducer` after one reduction (its length
+  :class:`cupynn.step.GradientReducer` after one reduction (its length
   times the dtype's size); DDP's is the dense parameter count times 4 bytes.
 * **strong scaling on this machine** (``--ranks 1,2``): the same training
   (784-4096-4096-10 at density 0.1, batch 512, float32, ``--steps`` steps of
@@ -57,7 +57,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(1, str(HERE))
 
 import cupynn  # noqa: E402
-from cupynn.distributed import GradientReducer, launcher_env  # noqa: E402
+from cupynn.distributed import launcher_env  # noqa: E402
+from cupynn.step import GradientReducer  # noqa: E402
 from machine import (finish_info, header_lines, load_and_env_lines, load_average,  # noqa: E402
                      machine_info, publish)
 

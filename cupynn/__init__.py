@@ -12,7 +12,8 @@ from .model import MLP
 from .memory import MemoryTracker
 from .optim import Adam
 from .serialization import ModelFileError, load, save
-from .training import Trainer, evaluate, fit
+from .evaluation import evaluate
+from .training import Trainer, fit
 
 _LAZY = {"SparseMLPClassifier": "estimators", "SparseMLPRegressor": "estimators"}
 

@@ -285,7 +285,10 @@ def guarded(function: Any) -> Any:
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        comm = signature.bind_partial(*args, **kwargs).arguments.get("comm")
+        try:
+            comm = signature.bind_partial(*args, **kwargs).arguments.get("comm")
+        except TypeError:  # arguments it does not take: the function says so itself
+            comm = None
         if not isinstance(comm, MPICommunicator) or comm.size == 1:
             return function(*args, **kwargs)
         with comm.guard(alike=(RaisedAlike,)):
@@ -703,40 +706,3 @@ def as_communicator(comm: Any, owner: str = "fit") -> Communicator:
                         f"Communicator (from cupynn.distributed.init()). Got "
                         f"{type(comm).__name__} instead.")
     return comm
-
-
-class GradientReducer:
-    """Packs a model's gradients (and the batch loss) into one flat buffer, all-reduces it
-    in one call, and points every gradient at its part of the result.
-
-    The buffer is kept while the layout (the parameters' sizes) stays the same.
-    """
-
-    def __init__(self, comm: Communicator) -> None:
-        self.comm = comm
-        self._buffer: Any = None
-        self._layout: tuple[int, ...] = ()
-
-    def reduce(self, model: Any, loss: Any) -> Any:
-        """Sum every ``grad_*`` of ``model`` and the 0-d ``loss`` over the ranks; returns the
-        summed loss (0-d, on the device). Each gradient becomes a view of the buffer."""
-        xp = model.backend.xp
-        grads = [(layer, name, grad) for layer in model.layers
-                 for name, _, grad in layer.parameters()]
-        layout = tuple(int(g.size) for _, _, g in grads)
-        total = sum(layout) + 1
-        if self._buffer is None or layout != self._layout or self._buffer.dtype != model.dtype:
-            self._buffer = xp.empty(total, dtype=model.dtype)
-            self._layout = layout
-        buffer = self._buffer
-        offset = 0
-        for _, _, grad in grads:
-            buffer[offset:offset + grad.size] = grad.reshape(-1)
-            offset += grad.size
-        buffer[offset] = loss
-        self.comm.allreduce(buffer)
-        offset = 0
-        for layer, name, grad in grads:
-            setattr(layer, "grad_" + name, buffer[offset:offset + grad.size].reshape(grad.shape))
-            offset += grad.size
-        return buffer[offset].astype(numpy.float64)

@@ -1,4 +1,9 @@
-"""The training loop: seeded shuffles, mini-batches on the device, evaluation."""
+"""The training loop: seeded shuffles, mini-batches, the schedule's redistributions, epochs.
+
+Each mini-batch is a :class:`cupynn.step.TrainStep`; the settings are declared
+in :mod:`cupynn.settings`; the data checks and :func:`evaluate` are in
+:mod:`cupynn.evaluation`.
+"""
 
 from __future__ import annotations
 
@@ -10,153 +15,12 @@ import numpy
 
 from .backend import to_numpy
 from .distributed import UnsupportedAcrossRanks, guarded
+from .evaluation import check_dataset, evaluate
 from .health import network_health
 from .losses import LOSSES
-from .redistribution.schedule import SCHEDULES, UNITS, Schedule
-from .validation import check_choice, check_finite, check_int, check_real
-
-EVAL_BATCH = 8192
-
-
-def _check_dataset(model: Any, data: Any, loss: str, name: str) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """Validate an (x, y) pair of host arrays against the model and loss."""
-    owner = "fit"
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise ValueError(f"The {name!r} argument of {owner} must be a pair (x, y). "
-                         f"Got {type(data).__name__} instead.")
-    x, y = (numpy.asarray(to_numpy(a)) for a in data)
-    if x.ndim != 2 or x.shape[1] != model.sizes[0]:
-        raise ValueError(f"The {name!r} inputs of {owner} must have shape (n, {model.sizes[0]}). "
-                         f"Got {x.shape} instead.")
-    outputs = model.sizes[-1]
-    if loss == "mean_squared_error" and outputs > 1:
-        if y.shape != (x.shape[0], outputs):
-            raise ValueError(f"The {name!r} targets of {owner} must have shape ({x.shape[0]}, "
-                             f"{outputs}) for a model with {outputs} outputs. Got {y.shape} "
-                             f"instead.")
-    elif y.shape != (x.shape[0],):
-        raise ValueError(f"The {name!r} labels of {owner} must have shape ({x.shape[0]},). "
-                         f"Got {y.shape} instead.")
-    if x.shape[0] == 0:
-        raise ValueError(f"The {name!r} data of {owner} is empty.")
-    if x.dtype.kind not in "fiub":
-        raise TypeError(f"The {name!r} inputs of {owner} must be numeric. Got {x.dtype} instead.")
-    check_finite(x, f"{name} x", owner)
-    if loss == "cross_entropy":
-        classes = model.sizes[-1]
-        if y.dtype.kind == "f" and numpy.all(numpy.isfinite(y)) and numpy.all(y == numpy.round(y)):
-            y = y.astype(numpy.int64)
-        if y.dtype.kind not in "iu":
-            raise TypeError(f"The {name!r} labels of {owner} must be integer class indices for "
-                            f"cross_entropy. Got {y.dtype} instead.")
-        if y.min() < 0 or y.max() >= classes:
-            raise ValueError(f"The {name!r} labels of {owner} must be in [0, {classes}) for a model "
-                             f"with {classes} outputs. Got values in [{y.min()}, {y.max()}] instead.")
-    elif loss == "mean_squared_error":
-        if y.dtype.kind not in "fiub":
-            raise TypeError(f"The {name!r} targets of {owner} must be numbers for "
-                            f"mean_squared_error. Got {y.dtype} instead.")
-        check_finite(y.astype(numpy.float64), f"{name} y", owner)
-    else:
-        if model.sizes[-1] != 1:
-            raise ValueError(f"binary_cross_entropy needs a model with one output. "
-                             f"Got {model.sizes[-1]} outputs instead.")
-        check_finite(y.astype(numpy.float64), f"{name} y", owner)
-        if y.min() < 0 or y.max() > 1:
-            raise ValueError(f"The {name!r} labels of {owner} must be in [0, 1] for "
-                             f"binary_cross_entropy. Got values in [{y.min()}, {y.max()}] instead.")
-    return x, y
-
-
-def evaluate(model: Any, x: Any, y: Any, loss: str = "cross_entropy",
-             batch_size: int = EVAL_BATCH, comm: Any = None) -> dict[str, float]:
-    """Mean loss, accuracy and (for binary tasks) ROC AUC on a dataset.
-
-    Parameters
-    ----------
-    x : (n, sizes[0]) host array
-    y : (n,) labels
-    loss : {"cross_entropy", "binary_cross_entropy", "mean_squared_error"}
-    comm : cupynn.distributed.Communicator, optional
-        With several ranks (each given the whole dataset), each evaluates its
-        contiguous share of the rows and the sums are reduced; the scores for
-        the AUC are gathered in row order. Every rank returns the same result.
-
-    Returns
-    -------
-    dict with ``loss``, ``accuracy`` and, for binary tasks, ``auc`` (NaN when
-    ``y`` holds one class only); for ``mean_squared_error``, ``loss``, ``mse``
-    and ``r2`` (the coefficient of determination, averaged over the outputs as
-    scikit-learn's ``r2_score`` does; a constant target gives 1 for a perfect
-    fit and 0 otherwise).
-    """
-    from .distributed import as_communicator
-
-    check_choice(loss, "loss", "evaluate", tuple(LOSSES))
-    x, y = _check_dataset(model, (x, y), loss, "test")
-    comm = as_communicator(comm, "evaluate")
-    loss_fn = LOSSES[loss]
-    backend = model.backend
-    xp = backend.xp
-    n = x.shape[0]
-    first, stop = comm.shard(n)
-    if loss == "mean_squared_error":
-        return _evaluate_regression(model, x, y, batch_size, comm, first, stop)
-    # Sums stay on the device (one read at the end, not one per batch).
-    total = xp.zeros((), dtype=numpy.float64)
-    correct = xp.zeros((), dtype=numpy.int64)
-    scores = []
-    for start in range(first, stop, batch_size):
-        end = min(start + batch_size, stop)
-        xb, yb = x[start:end], y[start:end]
-        logits = model.forward(xb)
-        yd = backend.asarray(yb)
-        value, _ = loss_fn(logits, yd, check=False)
-        total += value.astype(numpy.float64) * len(yb)
-        if loss == "cross_entropy":
-            correct += (logits.argmax(axis=1) == yd).sum()
-        else:
-            z = logits.reshape(-1)
-            correct += ((z > 0) == (yd > 0.5)).sum()
-            scores.append(z)
-    model.clear_cache()
-    sums = numpy.array([float(to_numpy(total)), float(to_numpy(correct))])
-    comm.allreduce(sums)
-    result = {"loss": float(sums[0]) / n, "accuracy": int(sums[1]) / n}
-    if loss == "binary_cross_entropy":
-        from sklearn.metrics import roc_auc_score
-
-        local = (to_numpy(xp.concatenate(scores)) if scores
-                 else numpy.empty(0, dtype=model.dtype))
-        labels = y > 0.5
-        result["auc"] = (float(roc_auc_score(labels, comm.allgather_array(local)))
-                         if 0 < labels.sum() < n else float("nan"))
-    return result
-
-
-def _evaluate_regression(model: Any, x: numpy.ndarray, y: numpy.ndarray, batch_size: int,
-                         comm: Any, first: int, stop: int) -> dict[str, float]:
-    """MSE and R² from per-output sums of squared errors, targets and squared targets."""
-    xp = model.backend.xp
-    outputs = model.sizes[-1]
-    sums = xp.zeros((3, outputs), dtype=numpy.float64)  # residual², y, y²
-    for start in range(first, stop, batch_size):
-        end = min(start + batch_size, stop)
-        pred = model.forward(x[start:end]).astype(numpy.float64)
-        target = model.backend.asarray(y[start:end], dtype=numpy.float64).reshape(pred.shape)
-        sums[0] += ((pred - target) ** 2).sum(axis=0)
-        sums[1] += target.sum(axis=0)
-        sums[2] += (target ** 2).sum(axis=0)
-    model.clear_cache()
-    host = numpy.ascontiguousarray(to_numpy(sums))
-    comm.allreduce(host)
-    n = x.shape[0]
-    residual, total, squares = host
-    spread = squares - total * total / n
-    r2 = numpy.where(spread > 0, 1 - residual / numpy.where(spread > 0, spread, 1),
-                     numpy.where(residual == 0, 1.0, 0.0))
-    mse = float(residual.sum()) / (n * outputs)
-    return {"loss": mse, "mse": mse, "r2": float(r2.mean())}
+from .redistribution.schedule import Schedule
+from .settings import check_settings, takes_settings
+from .step import _NO_WEIGHTS_ACROSS_RANKS, TrainStep
 
 
 class Trainer:
@@ -183,51 +47,37 @@ class Trainer:
     # With several ranks, a check that fails on one rank ends them all (the others would wait
     # forever at the first collective); ranks that disagree raise RanksDisagree alike.
     @guarded
+    @takes_settings
     def __init__(self, model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = None,
-                 *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
-                 progress: bool = True, eval_batch_size: int = EVAL_BATCH,
-                 redistribution: Any = None, alpha: float = 0.5, redistribute_every: int = 1,
-                 end_fraction: float = 0.75, growth_batches: int = 1,
-                 augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
-                 track_memory: Any = False,
-                 on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
-                 comm: Any = None, schedule: str = "cosine",
-                 redistribute_unit: str = "epoch", sample_weight: Any = None) -> None:
-        from .distributed import GradientReducer, as_communicator
+                 **settings: Any) -> None:
+        from .distributed import as_communicator
 
         owner = "fit"
-        self.comm = as_communicator(comm, owner)
-        self.loss = check_choice(loss, "loss", owner, tuple(LOSSES))
-        self.epochs = check_int(epochs, "epochs", owner, low=1)
-        self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
-        self.seed = check_int(seed, "seed", owner, low=0)
-        self.eval_batch_size = check_int(eval_batch_size, "eval_batch_size", owner, low=1)
-        alpha = check_real(alpha, "alpha", owner, 0.0, 1.0)
-        redistribute_every = check_int(redistribute_every, "redistribute_every", owner, low=1)
-        end_fraction = check_real(end_fraction, "end_fraction", owner, 0.0, 1.0)
-        self.growth_batches = check_int(growth_batches, "growth_batches", owner, low=1)
-        schedule = check_choice(schedule, "schedule", owner, SCHEDULES)
-        redistribute_unit = check_choice(redistribute_unit, "redistribute_unit", owner, UNITS)
+        s = check_settings(settings, owner)
+        self.comm = as_communicator(s["comm"], owner)
+        self.loss, self.epochs, self.batch_size = s["loss"], s["epochs"], s["batch_size"]
+        self.seed, self.eval_batch_size = s["seed"], s["eval_batch_size"]
+        self.growth_batches = s["growth_batches"]
         # When and how much to redistribute: the trainer asks, and schedules nothing itself.
-        self.schedule = Schedule(self.epochs, alpha=alpha, every=redistribute_every,
-                                 end_fraction=end_fraction, kind=schedule, unit=redistribute_unit)
-        if augment is not None and not callable(augment):
-            raise TypeError(f"The 'augment' parameter of {owner} must be callable. Got {augment!r}.")
+        self.schedule = Schedule(self.epochs, alpha=s["alpha"], every=s["redistribute_every"],
+                                 end_fraction=s["end_fraction"], kind=s["schedule"],
+                                 unit=s["redistribute_unit"])
+        augment, loss = s["augment"], self.loss
         distributed = self.comm.size > 1
         if distributed and augment is not None and not _takes_rows(augment):
             raise TypeError(f"With {self.comm.size} ranks the 'augment' callable of {owner} must "
                             f"take rows= and total= (a rank's share of a batch), as "
                             f"cupynn.data.RandomAffine does. Got {augment!r}.")
-        self.redistributor = _redistributor(redistribution, self.seed)
+        self.redistributor = _redistributor(s["redistribution"], self.seed)
         if self.redistributor is not None:
             self.redistributor.comm = self.comm
         if getattr(optimizer, "model", model) is not model:
             raise ValueError("The optimizer of fit was built for another model.")
         self.model, self.optimizer = model, optimizer
-        self.reducer = GradientReducer(self.comm) if distributed else None
         # Only the first rank shows progress.
-        self.progress = progress and self.comm.is_root
-        self.augment, self.on_epoch_end = augment, on_epoch_end
+        self.progress = s["progress"] and self.comm.is_root
+        self.augment, self.on_epoch_end = augment, s["on_epoch_end"]
+        track_memory = s["track_memory"]
         from .memory import MemoryTracker
 
         if isinstance(track_memory, MemoryTracker):
@@ -239,11 +89,15 @@ class Trainer:
         if self.sampler is not None and not callable(getattr(train, "sample_epoch", None)):
             raise TypeError(f"The 'train' argument of {owner} must be a pair (x, y) or have a "
                             f"sample_epoch(rng) method. Got {type(train).__name__} instead.")
-        self.train = None if self.sampler is not None else _check_dataset(model, train, loss, "train")
-        self.test = None if test is None else _check_dataset(model, test, loss, "test")
-        self.sample_weight = _check_sample_weight(sample_weight, self.train, self.comm)
+        self.train = None if self.sampler is not None else check_dataset(model, train, loss, "train")
+        self.test = None if test is None else check_dataset(model, test, loss, "test")
+        self.sample_weight = _check_sample_weight(s["sample_weight"], self.train, self.comm)
         self.rng = numpy.random.default_rng(self.seed)
         self.augment_rng = numpy.random.default_rng((self.seed, 2))
+        # Every mini-batch's step; with several ranks its reducer sums the gradients.
+        self.step = TrainStep(model, optimizer, loss, redistributor=self.redistributor,
+                              comm=self.comm, augment=augment, augment_rng=self.augment_rng)
+        self.reducer = self.step.reducer
         # A fixed batch of training rows for the induced loss, from its own stream: of a
         # sampler's epoch (only those rows are copied, where it can take rows).
         stream = numpy.random.default_rng((self.seed, 1))
@@ -251,9 +105,9 @@ class Trainer:
             sample_rows = self.sampler.epoch_rows(stream)
             rows = numpy.sort(numpy.random.default_rng((self.seed, 1)).choice(
                 len(sample_rows), size=min(self.batch_size, len(sample_rows)), replace=False))
-            self.probe = _check_dataset(model, self.sampler.take(sample_rows[rows]), loss, "train")
+            self.probe = check_dataset(model, self.sampler.take(sample_rows[rows]), loss, "train")
         else:
-            probe_source = self.train or _check_dataset(
+            probe_source = self.train or check_dataset(
                 model, self.sampler.sample_epoch(stream), loss, "train")
             rows = numpy.sort(numpy.random.default_rng((self.seed, 1)).choice(
                 probe_source[0].shape[0], size=min(self.batch_size, probe_source[0].shape[0]),
@@ -340,61 +194,12 @@ class Trainer:
     def train_batch(self, x: numpy.ndarray, y: numpy.ndarray,
                     shard: tuple[int, int, int] | None = None, weight: Any = None, *,
                     check: bool = True) -> Any:
-        """One training step on a host mini-batch, as every batch of an epoch takes it.
-
-        The batch goes to the device (and through ``augment``), then forward,
-        loss, backward, the redistributor's ``observe`` and the optimizer's
-        step. Returns the batch's mean loss as a 0-d array on the device: on
-        the GPU the step queues its work and returns without waiting for the
-        device (``scripts/gpu_check.py`` checks this).
-
-        With several ranks, ``(x, y)`` is the global batch, of which this rank
-        takes its contiguous share, or, with ``shard=(start, stop, total)``,
-        already rows ``[start, stop)`` of a global batch of ``total`` rows. The
-        loss and gradients are this rank's share of the global batch's mean,
-        summed over the ranks in one all-reduce before ``observe`` and Adam.
-
-        ``check=False`` skips the scan of ``x`` for NaN and infinity: the
-        epochs pass it for batches of the training data, checked whole when
-        the trainer took it (or each epoch, from a sampler).
-
-        ``weight`` (one process only): the batch's rows' sample weights; the
-        loss is then their weighted mean (:mod:`cupynn.losses`).
-        """
-        model, backend = self.model, self.model.backend
-        if self.reducer is None:
-            xb = backend.asarray(x, dtype=model.dtype)
-            if self.augment is not None:
-                xb = self.augment(xb, self.augment_rng)
-            logits = model.forward(xb, check=check)
-            value, grad = LOSSES[self.loss](logits, backend.asarray(y), check=False,
-                                            weight=None if weight is None
-                                            else backend.asarray(weight))
-            model.backward(grad, need_input_grad=False)
-        else:
-            if weight is not None:
-                raise UnsupportedAcrossRanks(_NO_WEIGHTS_ACROSS_RANKS.format(size=self.comm.size))
-            if shard is None:
-                start, stop = self.comm.shard(len(x))
-                shard, x, y = (start, stop, len(x)), x[start:stop], y[start:stop]
-            start, stop, total = shard
-            xb = backend.asarray(x, dtype=model.dtype)
-            if self.augment is not None:  # advances the stream as for the whole batch
-                xb = self.augment(xb, self.augment_rng, rows=(start, stop), total=total)
-            if stop > start:
-                value, grad = LOSSES[self.loss](model.forward(xb, check=check), backend.asarray(y),
-                                                check=False, total=total)
-                model.backward(grad, need_input_grad=False)
-            else:  # no rows here: this rank adds zeros
-                value = backend.xp.zeros((), dtype=model.dtype)
-                for layer in model.layers:
-                    for name, param, _ in layer.parameters():
-                        setattr(layer, "grad_" + name, backend.xp.zeros_like(param))
-            value = self.reducer.reduce(model, value)
-        if self.redistributor is not None:
-            self.redistributor.observe(model)
-        self.optimizer.step()
-        return value
+        """One training step on a host mini-batch, as every batch of an epoch takes it: the
+        trainer's :class:`cupynn.step.TrainStep` (``self.step``; its :meth:`~cupynn.step.
+        TrainStep.take` says what the arguments mean). Returns the batch's mean loss as a
+        0-d array on the device: on the GPU the step queues its work and returns without
+        waiting for the device (``scripts/gpu_check.py`` checks this)."""
+        return self.step(x, y, shard, weight, check=check)
 
     def _epoch_data(self) -> tuple[Callable[[int], tuple[Any, ...]], int, Callable[[int], Any]]:
         """This epoch's batches: ``(batch(b), n_rows, rows_from(b0))``.
@@ -412,7 +217,7 @@ class Trainer:
             n = len(sample_rows)
         else:
             if self.sampler is not None:
-                x_train, y_train = _check_dataset(model, self.sampler.sample_epoch(self.rng),
+                x_train, y_train = check_dataset(model, self.sampler.sample_epoch(self.rng),
                                                   self.loss, "train")
             else:
                 x_train, y_train = self.train
@@ -440,7 +245,7 @@ class Trainer:
             mine = numpy.concatenate(positions) if positions else numpy.empty(0, dtype=int)
             x_train, y_train = self.sampler.take(sample_rows[mine])
             if len(mine):
-                _check_dataset(model, (x_train, y_train), self.loss, "train")
+                check_dataset(model, (x_train, y_train), self.loss, "train")
             offsets = numpy.concatenate([[0], numpy.cumsum([len(p) for p in positions])])
             positions = [numpy.arange(offsets[b], offsets[b + 1]) for b in range(n_batches)]
 
@@ -554,16 +359,9 @@ class Trainer:
         return metrics
 
 
+@takes_settings
 def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = None,
-        *, epochs: int, batch_size: int, loss: str = "cross_entropy", seed: int = 0,
-        progress: bool = True, eval_batch_size: int = EVAL_BATCH,
-        redistribution: Any = None, alpha: float = 0.5, redistribute_every: int = 1,
-        end_fraction: float = 0.75, growth_batches: int = 1,
-        augment: Callable[[Any, numpy.random.Generator], Any] | None = None,
-        track_memory: Any = False,
-        on_epoch_end: Callable[[dict[str, Any]], Any] | None = None,
-        comm: Any = None, schedule: str = "cosine",
-        redistribute_unit: str = "epoch", sample_weight: Any = None) -> list[dict[str, Any]]:
+        **settings: Any) -> list[dict[str, Any]]:
     """Train ``model`` with ``optimizer`` and return one metrics dict per epoch.
 
     Each epoch visits the training rows in a fresh permutation drawn from a
@@ -652,18 +450,7 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
     FloatingPointError
         When a batch loss is NaN or infinite; names the epoch and batch.
     """
-    return Trainer(model, optimizer, train, test, epochs=epochs, batch_size=batch_size, loss=loss,
-                   seed=seed, progress=progress, eval_batch_size=eval_batch_size,
-                   redistribution=redistribution, alpha=alpha,
-                   redistribute_every=redistribute_every, end_fraction=end_fraction,
-                   growth_batches=growth_batches, augment=augment, track_memory=track_memory,
-                   on_epoch_end=on_epoch_end, comm=comm, schedule=schedule,
-                   redistribute_unit=redistribute_unit, sample_weight=sample_weight).run()
-
-
-_NO_WEIGHTS_ACROSS_RANKS = ("sample_weight is not supported by data-parallel training ({size} "
-                            "ranks) yet: train in one process, or repeat rows instead of "
-                            "weighting them.")
+    return Trainer(model, optimizer, train, test, **settings).run()
 
 
 def _check_sample_weight(sample_weight: Any, train: Any, comm: Any) -> numpy.ndarray | None:

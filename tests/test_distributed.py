@@ -26,7 +26,8 @@ import pytest
 
 import cupynn
 from cupynn import distributed
-from cupynn.distributed import Communicator, GradientReducer, SingleProcess, shard
+from cupynn.distributed import Communicator, SingleProcess, shard
+from cupynn.step import GradientReducer
 from cupynn.losses import binary_cross_entropy, cross_entropy
 
 HERE = Path(__file__).resolve().parent
