@@ -5,7 +5,8 @@
   :func:`.experiments.run`); their command line in :mod:`.arguments`, a run's
   output directory in :mod:`.run_dir`;
 - :mod:`.grid`: every algorithm x density x seed plus the dense baselines, one
-  process per run (``scripts/run_grid.py``);
+  process per run (``scripts/run_grid.py``); its runs planned in :mod:`.grid_plan`
+  and run in :mod:`.grid_launch`;
 - :mod:`.report`: the paper's figures, tables and claims from a grid's runs
   (``scripts/report.py``); the runs read back and their statistics in
   :mod:`.results`, the figures (matplotlib) in :mod:`.figures`.
