@@ -83,7 +83,7 @@ sys.path.insert(1, HERE)
 
 import cupynn  # noqa: E402
 from cupynn import kernels  # noqa: E402
-from cupynn.losses import LOSSES  # noqa: E402
+from cupynn.step import TrainStep  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution import NAMES, create  # noqa: E402
 from machine import (finish_info, fmt, header_lines, load_and_env_lines,  # noqa: E402
@@ -222,22 +222,12 @@ class Setting:
 
 def train_step(model: Any, optimizer: Any, redistributor: Any, x: Any, y: Any,
                loss: str) -> dict[str, float]:
-    """What Trainer does per batch; seconds of (forward + loss + backward), observe, Adam."""
-    sync = model.backend.synchronize
-    sync()
-    t0 = time.perf_counter()
-    _, grad = LOSSES[loss](model.forward(x), y, check=False)
-    model.backward(grad, need_input_grad=False)
-    sync()
-    t1 = time.perf_counter()
-    if redistributor is not None:
-        redistributor.observe(model)
-    sync()
-    t2 = time.perf_counter()
-    optimizer.step()
-    sync()
-    t3 = time.perf_counter()
-    return {"train": t1 - t0 + t3 - t2, "observe": t2 - t1, "step": t3 - t0}
+    """The trainer's step (``TrainStep``); seconds of its phases but observe, of observe,
+    and of the whole step."""
+    phases = TrainStep(model, optimizer, loss, redistributor=redistributor).timed(
+        x, y, check=False)
+    observe = phases.get("observe", 0.0)
+    return {"train": phases["step"] - observe, "observe": observe, "step": phases["step"]}
 
 
 def redistribution_round(setting: Setting, model: Any, optimizer: Any, redistributor: Any,

@@ -94,9 +94,9 @@ sys.path.insert(1, HERE)
 
 import cupynn  # noqa: E402
 from cupynn.backend import to_numpy  # noqa: E402
-from cupynn.losses import cross_entropy  # noqa: E402
 from cupynn.memory import MemoryTracker  # noqa: E402
 from cupynn.redistribution.schedule import fraction_at  # noqa: E402
+from cupynn.step import TrainStep  # noqa: E402
 from machine import (finish_info, fmt, header_lines, load_and_env_lines, load_average,  # noqa: E402
                      numba_threads, publish)
 from machine import machine_info as base_machine_info  # noqa: E402
@@ -357,22 +357,13 @@ def make_host_batch(sizes: tuple[int, ...], args: argparse.Namespace) -> tuple[A
     return x, y
 
 
-def train_step(model: Any, optimizer: Any, x: Any, y: Any) -> dict[str, float]:
-    """One training step; seconds per phase, each phase ended by a device sync."""
-    sync = model.backend.synchronize
-    sync()
-    t0 = time.perf_counter()
-    logits = model.forward(x)
-    _, grad = cross_entropy(logits, y, check=False)
-    sync()
-    t1 = time.perf_counter()
-    model.backward(grad)
-    sync()
-    t2 = time.perf_counter()
-    optimizer.step()
-    sync()
-    t3 = time.perf_counter()
-    return {"forward": t1 - t0, "backward": t2 - t1, "adam": t3 - t2, "step": t3 - t0}
+def train_step(step: TrainStep, x: Any, y: Any) -> dict[str, float]:
+    """One training step, the trainer's own (``TrainStep``); seconds per phase, each
+    phase ended by a device sync: ``forward`` (the batch to the device, forward, loss),
+    ``backward``, ``adam`` and the whole ``step``."""
+    phases = step.timed(x, y, check=False)
+    return {"forward": phases["batch to device"] + phases["forward"] + phases["loss"],
+            "backward": phases["backward"], "adam": phases["adam"], "step": phases["step"]}
 
 
 def make_runner(config: Config, sizes: tuple[int, ...], args: argparse.Namespace, backend: Any,
@@ -388,7 +379,8 @@ def make_runner(config: Config, sizes: tuple[int, ...], args: argparse.Namespace
         return Runner(config, step, model.n_weights, model)
     model, opt = build(sizes, config.cupynn_density, args, backend)
     x, y = (backend.asarray(a) for a in host_batch)
-    return Runner(config, partial(train_step, model, opt, x, y), model.n_weights, model)
+    return Runner(config, partial(train_step, TrainStep(model, opt), x, y), model.n_weights,
+                  model)
 
 
 # ----------------------------------------------------------------- measurements
@@ -449,7 +441,7 @@ def peak_memory(density: float | None, sizes: tuple[int, ...], args: argparse.Na
     gc.collect()
     with MemoryTracker(backend) as tracker:
         model, opt = build(sizes, density, args, backend)
-        train_step(model, opt, x, y)
+        train_step(TrainStep(model, opt), x, y)
         peak = tracker.peak()
         del model, opt
     gc.collect()

@@ -96,6 +96,23 @@ class TrainStep:
             steps.append(("observe", self.observe))
         return steps + [("adam", self.adam)]
 
+    def timed(self, x: Any, y: Any, shard: tuple[int, int, int] | None = None,
+              weight: Any = None, *, check: bool = True) -> dict[str, float]:
+        """One step run phase by phase, the device synchronized before and after each:
+        seconds per phase name (:meth:`phases`) and ``"step"``, their sum."""
+        import time
+
+        sync = self.model.backend.synchronize
+        times: dict[str, float] = {}
+        sync()
+        for name, phase in self.phases(x, y, shard, weight, check=check):
+            start = time.perf_counter()
+            phase()
+            sync()
+            times[name] = time.perf_counter() - start
+        times["step"] = sum(times.values())
+        return times
+
     # ---------------------------------------------------------------- phases
     def take(self, x: Any, y: Any, shard: tuple[int, int, int] | None = None,
              weight: Any = None, *, check: bool = True) -> None:
