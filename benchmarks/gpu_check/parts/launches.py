@@ -130,28 +130,10 @@ def step_trainer(ctx: Context, spec: dict[str, Any]) -> tuple[Any, numpy.ndarray
 
 def step_phases(trainer: Any, x: numpy.ndarray, y: numpy.ndarray
                 ) -> list[tuple[str, Callable[[], Any]]]:
-    """The pieces of Trainer.train_batch, in order, for finding the one that waits."""
-    from cupynn.losses import LOSSES
-
-    model, backend, state = trainer.model, trainer.model.backend, {}
-
-    def to_device():
-        state["x"] = backend.asarray(x, dtype=model.dtype)
-        state["y"] = backend.asarray(y)
-
-    def forward():  # the batch was checked on the host, as train_batch checks it
-        state["logits"] = model.forward(state["x"], check=False)
-
-    def loss():
-        state["value"], state["grad"] = LOSSES[trainer.loss](state["logits"], state["y"],
-                                                             check=False)
-
-    phases = [("batch to device", to_device), ("forward", forward), ("loss", loss),
-              ("backward", lambda: model.backward(state["grad"], need_input_grad=False))]
-    if trainer.redistributor is not None:
-        phases.append(("observe", lambda: trainer.redistributor.observe(model)))
-    phases.append(("adam", trainer.optimizer.step))
-    return phases + kernel_phases(trainer, len(x))
+    """The phases of the trainer's step (its ``TrainStep``), in order, then its kernels one
+    by one, for finding the one that waits. The batch was checked on the host, as the
+    epochs' batches are."""
+    return trainer.step.phases(x, y, check=False) + kernel_phases(trainer, len(x))
 
 
 def kernel_phases(trainer: Any, batch: int) -> list[tuple[str, Callable[[], Any]]]:
