@@ -1,5 +1,10 @@
 """scikit-learn estimators: sparse MLPs trained with dynamic sparse training.
 
+Why this file is long: it is one base class, whose ``fit`` (validation split, warm
+start, stopping, sample weights) calls four hooks, and the two estimators that fill
+them in (under 90 lines each); this doc, the only description of their parameters,
+covers all three. Apart, each part would be read only with the other.
+
 :class:`SparseMLPClassifier` and :class:`SparseMLPRegressor` follow
 ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``: the same names
 for the settings that mean the same (``hidden_layer_sizes``, ``max_iter`` in
