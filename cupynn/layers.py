@@ -12,6 +12,8 @@ fills the parameter gradients and returns the input gradient.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy
@@ -49,11 +51,30 @@ class Layer:
     ``param_names`` lists the attributes the optimizer updates; the gradient of
     parameter ``name`` is the attribute ``grad_<name>``, an array of the same
     shape, filled by ``backward``.
+
+    What other modules may use besides ``forward``/``backward`` and the
+    parameters (the rest of the layer's state is its own):
+
+    * :meth:`set_grad` / :meth:`clear_grads`: hand the layer its gradients (a
+      gradient averaged over ranks, say) or drop them;
+    * :attr:`last_input`: the input of the last ``forward``, which the layer
+      keeps for its ``backward``;
+    * :meth:`keeping_output_grad` and :attr:`last_output_grad`: inside the
+      ``with`` block, ``backward`` also keeps the gradient of the layer's output
+      (what redistribution's gradient probe reads to form dense weight
+      gradients);
+    * :meth:`clear_cache`: drop every array the passes keep.
     """
 
     param_names: tuple[str, ...] = ()
     in_features: int
     out_features: int
+    # What forward keeps for backward: the input, and the output after a ReLU
+    # applied by forward(relu=True); what backward keeps when asked: dy.
+    _x: Any = None
+    _y: Any = None
+    _dy: Any = None
+    _keep_dy = False
 
     def forward(self, x: Any) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -64,6 +85,56 @@ class Layer:
     def parameters(self) -> list[tuple[str, Any, Any]]:
         """``(name, value, gradient)`` for each parameter (gradient may be None)."""
         return [(n, getattr(self, n), getattr(self, "grad_" + n)) for n in self.param_names]
+
+    def set_grad(self, name: str, value: Any) -> None:
+        """Set the gradient of parameter ``name`` (one of ``param_names``) to
+        ``value``: an array of the parameter's shape, or None to drop it. The
+        value is taken as it is, not copied or checked (the optimizer checks
+        what it reads)."""
+        if name not in self.param_names:
+            raise ValueError(f"{type(self).__name__}.set_grad: 'name' must be one of "
+                             f"{list(self.param_names)}. Got {name!r} instead.")
+        setattr(self, "grad_" + name, value)
+
+    def clear_grads(self) -> None:
+        """Drop every parameter's gradient (set them to None)."""
+        for name in self.param_names:
+            setattr(self, "grad_" + name, None)
+
+    @property
+    def last_input(self) -> Any:
+        """The input (in_features, batch) of the last ``forward``, kept for
+        ``backward``; None before the first one or after :meth:`clear_cache`.
+        Read it, do not write into it."""
+        return self._x
+
+    @property
+    def last_output_grad(self) -> Any:
+        """The gradient (out_features, batch) of the layer's output (after its
+        ReLU, when forward applied one) that the last ``backward`` inside
+        :meth:`keeping_output_grad` kept; None otherwise."""
+        return self._dy
+
+    @contextlib.contextmanager
+    def keeping_output_grad(self) -> Iterator[Layer]:
+        """``with layer.keeping_output_grad():`` -- backward passes inside the
+        block keep their output gradient as :attr:`last_output_grad`, which the
+        layer lets go of when the block ends (hold on to it there to keep it).
+        Off by default: it is an (out_features, batch) array more while it lives.
+        """
+        keep = self._keep_dy
+        self._keep_dy = True
+        try:
+            yield self
+        finally:
+            self._keep_dy = keep
+            if not keep:
+                self._dy = None
+
+    def clear_cache(self) -> None:
+        """Drop what the passes keep (the input, the ReLU's output, a kept output
+        gradient), so that it holds no memory until the next forward pass."""
+        self._x = self._y = self._dy = None
 
     @property
     def n_parameters(self) -> int:
@@ -97,10 +168,6 @@ class SparseLinear(Layer):
     """
 
     param_names = ("data", "bias")
-    # Redistribution's gradient probe asks backward to keep dy (out, batch).
-    keep_output_grad = False
-    _dy: Any = None
-    _y: Any = None  # the output after a ReLU applied by forward(relu=True)
     # (indptr, indices, transposed pattern) for spmm_t on the GPU, rebuilt when
     # either array is replaced (set_topology, a checkpoint, a state dict).
     _transpose: Any = None
@@ -141,7 +208,7 @@ class SparseLinear(Layer):
         layer.dtype = resolve_dtype(data_np.dtype, owner)
         layer.backend = get_backend(device)
         layer.init = "paper"
-        layer.grad_data = layer.grad_bias = layer._x = None
+        layer.grad_data = layer.grad_bias = None
         layer.topology_version = -1
         xp = layer.backend.xp
         bias = xp.asarray(bias, dtype=layer.dtype)
@@ -206,7 +273,7 @@ class SparseLinear(Layer):
         contiguous = self.backend.xp.ascontiguousarray(dy)
         dy, self.grad_bias = kernels.relu_grad_rowsum(
             contiguous, self._y, in_place=overwrite_dy or contiguous is not dy)
-        if self.keep_output_grad:
+        if self._keep_dy:
             self._dy = dy
         self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
         if not need_input_grad:
@@ -292,8 +359,6 @@ class Linear(Layer):
     def nnz(self) -> int:
         return int(self.weight.size)
 
-    _y: Any = None  # the output after a ReLU applied by forward(relu=True)
-
     def forward(self, x: Any, relu: bool = False) -> Any:
         """x (in_features, batch) -> W x + b (with ``relu``: max(W x + b, 0)),
         (out_features, batch)."""
@@ -319,6 +384,8 @@ class Linear(Layer):
                 dy *= self._y > 0
             else:
                 dy = dy * (self._y > 0)
+        if self._keep_dy:
+            self._dy = dy
         self.grad_weight = dy @ self._x.T
         self.grad_bias = dy.sum(axis=1)
         return self.weight.T @ dy if need_input_grad else None
@@ -344,6 +411,10 @@ class ReLU:
     def backward(self, dy: Any) -> Any:
         return dy * (self._y > 0)
 
+    def clear_cache(self) -> None:
+        """Drop the output kept for ``backward``."""
+        self._y = None
+
 
 class Sigmoid:
     """1 / (1 + exp(-x)), overflow-free; derivative y (1 - y) from the output."""
@@ -358,6 +429,10 @@ class Sigmoid:
 
     def backward(self, dy: Any) -> Any:
         return dy * self._y * (1 - self._y)
+
+    def clear_cache(self) -> None:
+        """Drop the output kept for ``backward``."""
+        self._y = None
 
 
 def get_backend_of(x: Any) -> Any:

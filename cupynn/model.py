@@ -265,11 +265,9 @@ class MLP:
         """Drop the activations kept for ``backward`` (after evaluation, say),
         so they do not hold memory until the next forward pass."""
         for layer in self.layers:
-            layer._x = layer._y = None
-            if isinstance(layer, SparseLinear):
-                layer._dy = None
+            layer.clear_cache()
         for activation in self.activations:
-            activation._y = None
+            activation.clear_cache()
 
     def predict(self, x: Any, batch_size: int = 4096) -> Any:
         """Logits for many rows, computed in batches; a NumPy array."""

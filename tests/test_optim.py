@@ -15,7 +15,7 @@ from cupynn.csr import match_entries
 def _set_grads(model, rng, backend):
     for layer in model.layers:
         for name, value, _ in layer.parameters():
-            setattr(layer, "grad_" + name, backend.asarray(rng.standard_normal(value.shape)))
+            layer.set_grad(name, backend.asarray(rng.standard_normal(value.shape)))
 
 
 def test_adam_matches_hand_computed_steps(backend, rng):
@@ -50,8 +50,9 @@ def test_adam_first_step_size_is_lr(backend, rng):
     before = to_numpy(model.layers[0].data).copy()
     opt = cupynn.Adam(model, lr=0.001, eps=1e-8)
     _set_grads(model, rng, backend)
-    model.layers[0].grad_data = model.layers[0].grad_data.astype(numpy.float32)
-    model.layers[0].grad_bias = model.layers[0].grad_bias.astype(numpy.float32)
+    for name in ("data", "bias"):
+        layer = model.layers[0]
+        layer.set_grad(name, getattr(layer, "grad_" + name).astype(numpy.float32))
     opt.step()
     numpy.testing.assert_allclose(numpy.abs(to_numpy(model.layers[0].data) - before), 0.001,
                                   rtol=1e-3)
@@ -113,8 +114,8 @@ def test_step_after_topology_change_without_remap_raises(backend):
     layer.set_topology(backend.asarray(numpy.array([0, 1, 1, 1], numpy.int32)),
                        backend.asarray(numpy.array([2], numpy.int32)),
                        backend.asarray(numpy.zeros(1, numpy.float32)))
-    layer.grad_data = backend.asarray(numpy.zeros(1, numpy.float32))
-    layer.grad_bias = backend.asarray(numpy.zeros(3, numpy.float32))
+    layer.set_grad("data", backend.asarray(numpy.zeros(1, numpy.float32)))
+    layer.set_grad("bias", backend.asarray(numpy.zeros(3, numpy.float32)))
     with pytest.raises(RuntimeError, match="without Adam.remap"):
         opt.step()
 

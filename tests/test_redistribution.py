@@ -373,7 +373,7 @@ def _second_order_setup(backend, rng, name, joint=False, m=4, B=6, damp=0.5):
     for g in grads:
         start = 0
         for layer in model.sparse_layers:
-            layer.grad_data = backend.asarray(g[start:start + layer.nnz])
+            layer.set_grad("data", backend.asarray(g[start:start + layer.nnz]))
             start += layer.nnz
         redistributor.observe(model)
     w0 = numpy.concatenate([to_numpy(l.data) for l in model.sparse_layers])

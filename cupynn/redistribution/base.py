@@ -91,7 +91,9 @@ class Drop:
 
 class GradientProbe:
     """One forward/backward pass on a batch, keeping each sparse layer's
-    input ``X`` (in, batch) and output gradient ``dY`` (out, batch).
+    input ``X`` (in, batch) and output gradient ``dY`` (out, batch): the
+    layers' :attr:`~cupynn.layers.Layer.last_input` and, asked for with
+    :meth:`~cupynn.layers.Layer.keeping_output_grad`, ``last_output_grad``.
 
     From these a layer's dense weight gradient is ``dY @ X.T``, which growth
     criteria compute a block of rows at a time and discard. The pass also
@@ -112,16 +114,16 @@ class GradientProbe:
         xp = model.backend.xp
         self.comm = comm if comm is not None and comm.size > 1 else None
         layers = model.sparse_layers
-        for layer in layers:
-            layer.keep_output_grad = True
-        try:
+        with contextlib.ExitStack() as keeping:
+            for layer in layers:
+                keeping.enter_context(layer.keeping_output_grad())
             logits = model.forward(x)
             value, grad = LOSSES[loss](logits, xp.asarray(y), check=False, total=total,
                                        weight=None if weight is None else xp.asarray(weight))
             model.backward(grad, need_input_grad=False)
-        finally:
-            for layer in layers:
-                layer.keep_output_grad = False
+            self.inputs = [layer.last_input for layer in layers]
+            # Held here only: the layers let go of them as the block ends.
+            self.output_grads = [layer.last_output_grad for layer in layers]
         self.loss = float(value) if self.comm is None else float(
             self.comm.allreduce(numpy.array([float(value)]))[0])
         # dL/dw at the active entries (MEST's removal reads them), summed over the ranks;
@@ -131,10 +133,6 @@ class GradientProbe:
         if self.comm is not None and keep_active_gradients:
             for grad in self.active_gradients:
                 self.comm.allreduce(grad)
-        self.inputs = [layer._x for layer in layers]
-        self.output_grads = [layer._dy for layer in layers]
-        for layer in layers:
-            layer._dy = None
 
     def dense_gradient_rows(self, index: int, rows: Any, out: Any = None) -> Any:
         """Rows of sparse layer ``index``'s dense weight gradient: dY[rows] @ X.T.
@@ -320,7 +318,7 @@ class Redistributor:
                                    weight=weight)
                      if self.uses_batch else None)
             for layer in layers:  # the weight gradients belong to the old topology
-                layer.grad_data = None
+                layer.set_grad("data", None)
             drops = self.drop(model, fraction, probe)
             kept = [kept_keys(layer, d.keep) for layer, d in zip(layers, drops)]
             new_keys = self.grow(model, drops, kept, probe)
