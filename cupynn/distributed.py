@@ -29,6 +29,12 @@ the program (as ``python -m mpi4py`` does); a Ctrl-C stops every rank alike. Eve
 first waits, polling, until every rank has arrived at it, at most ``timeout``
 seconds (``init(timeout=...)``, ``$CUPYNN_MPI_TIMEOUT``, default
 :data:`DEFAULT_TIMEOUT`), then names the ranks that did not arrive and aborts.
+
+Why this file is long (~700 lines): the communicators' collectives and their
+failure handling (the arrival check's side channel, the collective count, the
+guard, the excepthook, interrupts) are one state machine around one MPI
+communicator; split, each part would reach into the others' private state.
+The training step's gradient all-reduce is :class:`cupynn.step.GradientReducer`.
 """
 
 from __future__ import annotations

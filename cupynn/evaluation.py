@@ -8,6 +8,8 @@ from typing import Any
 import numpy
 
 from .backend import to_numpy
+from .distributed import UnsupportedAcrossRanks
+from .step import NO_WEIGHTS_ACROSS_RANKS
 from .losses import LOSSES
 from .validation import check_choice, check_finite
 
@@ -153,3 +155,30 @@ def _evaluate_regression(model: Any, x: numpy.ndarray, y: numpy.ndarray, batch_s
                      numpy.where(residual == 0, 1.0, 0.0))
     mse = float(residual.sum()) / (n * outputs)
     return {"loss": mse, "mse": mse, "r2": float(r2.mean())}
+
+
+def check_sample_weight(sample_weight: Any, train: Any, comm: Any) -> numpy.ndarray | None:
+    """``fit``'s sample weights as a float64 (n,) host array, checked once (None: none)."""
+    owner = "fit"
+    if sample_weight is None:
+        return None
+    if comm.size > 1:  # before any collective, on every rank alike: the guard lets it through
+        raise UnsupportedAcrossRanks(NO_WEIGHTS_ACROSS_RANKS.format(size=comm.size))
+    if train is None:
+        raise ValueError(f"The 'sample_weight' argument of {owner} needs train given as a pair "
+                         f"(x, y); a sampler draws its own rows.")
+    weight = numpy.asarray(to_numpy(sample_weight))
+    n = train[0].shape[0]
+    if weight.shape != (n,):
+        raise ValueError(f"The 'sample_weight' argument of {owner} must have shape ({n},), one "
+                         f"weight per training row. Got {weight.shape} instead.")
+    if weight.dtype.kind not in "fiub":
+        raise TypeError(f"The 'sample_weight' argument of {owner} must be numbers. Got "
+                        f"{weight.dtype} instead.")
+    weight = weight.astype(numpy.float64)
+    if not numpy.isfinite(weight).all() or weight.min() < 0:
+        raise ValueError(f"The 'sample_weight' argument of {owner} must be finite and >= 0.")
+    if not weight.any():
+        raise ValueError(f"The 'sample_weight' argument of {owner} is zero for every row; at "
+                         f"least one weight must be non-zero.")
+    return weight

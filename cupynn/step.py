@@ -18,7 +18,7 @@ import numpy
 
 from .losses import LOSSES
 
-_NO_WEIGHTS_ACROSS_RANKS = ("sample_weight is not supported by data-parallel training ({size} "
+NO_WEIGHTS_ACROSS_RANKS = ("sample_weight is not supported by data-parallel training ({size} "
                             "ranks) yet: train in one process, or repeat rows instead of "
                             "weighting them.")
 
@@ -139,7 +139,7 @@ class TrainStep:
         if weight is not None:
             from .distributed import UnsupportedAcrossRanks
 
-            raise UnsupportedAcrossRanks(_NO_WEIGHTS_ACROSS_RANKS.format(size=self.comm.size))
+            raise UnsupportedAcrossRanks(NO_WEIGHTS_ACROSS_RANKS.format(size=self.comm.size))
         if shard is None:
             start, stop = self.comm.shard(len(x))
             shard, x, y = (start, stop, len(x)), x[start:stop], y[start:stop]
@@ -173,7 +173,7 @@ class TrainStep:
         zeros = self.model.backend.xp.zeros_like
         for layer in self.model.layers:
             for name, param, _ in layer.parameters():
-                setattr(layer, "grad_" + name, zeros(param))
+                layer.set_grad(name, zeros(param))
 
     def all_reduce(self) -> None:
         """Sum the gradients and the loss over the ranks (nothing with one process)."""
@@ -222,6 +222,6 @@ class GradientReducer:
         self.comm.allreduce(buffer)
         offset = 0
         for layer, name, grad in grads:
-            setattr(layer, "grad_" + name, buffer[offset:offset + grad.size].reshape(grad.shape))
+            layer.set_grad(name, buffer[offset:offset + grad.size].reshape(grad.shape))
             offset += grad.size
         return buffer[offset].astype(numpy.float64)

@@ -14,13 +14,13 @@ from typing import Any
 import numpy
 
 from .backend import to_numpy
-from .distributed import UnsupportedAcrossRanks, guarded
-from .evaluation import check_dataset, evaluate
+from .distributed import guarded
+from .evaluation import check_dataset, check_sample_weight, evaluate
 from .health import network_health
 from .losses import LOSSES
 from .redistribution.schedule import Schedule
 from .settings import check_settings, takes_settings
-from .step import _NO_WEIGHTS_ACROSS_RANKS, TrainStep
+from .step import TrainStep
 
 
 class Trainer:
@@ -91,7 +91,7 @@ class Trainer:
                             f"sample_epoch(rng) method. Got {type(train).__name__} instead.")
         self.train = None if self.sampler is not None else check_dataset(model, train, loss, "train")
         self.test = None if test is None else check_dataset(model, test, loss, "test")
-        self.sample_weight = _check_sample_weight(s["sample_weight"], self.train, self.comm)
+        self.sample_weight = check_sample_weight(s["sample_weight"], self.train, self.comm)
         self.rng = numpy.random.default_rng(self.seed)
         self.augment_rng = numpy.random.default_rng((self.seed, 2))
         # Every mini-batch's step; with several ranks its reducer sums the gradients.
@@ -451,33 +451,6 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         When a batch loss is NaN or infinite; names the epoch and batch.
     """
     return Trainer(model, optimizer, train, test, **settings).run()
-
-
-def _check_sample_weight(sample_weight: Any, train: Any, comm: Any) -> numpy.ndarray | None:
-    """``fit``'s sample weights as a float64 (n,) host array, checked once (None: none)."""
-    owner = "fit"
-    if sample_weight is None:
-        return None
-    if comm.size > 1:  # before any collective, on every rank alike: the guard lets it through
-        raise UnsupportedAcrossRanks(_NO_WEIGHTS_ACROSS_RANKS.format(size=comm.size))
-    if train is None:
-        raise ValueError(f"The 'sample_weight' argument of {owner} needs train given as a pair "
-                         f"(x, y); a sampler draws its own rows.")
-    weight = numpy.asarray(to_numpy(sample_weight))
-    n = train[0].shape[0]
-    if weight.shape != (n,):
-        raise ValueError(f"The 'sample_weight' argument of {owner} must have shape ({n},), one "
-                         f"weight per training row. Got {weight.shape} instead.")
-    if weight.dtype.kind not in "fiub":
-        raise TypeError(f"The 'sample_weight' argument of {owner} must be numbers. Got "
-                        f"{weight.dtype} instead.")
-    weight = weight.astype(numpy.float64)
-    if not numpy.isfinite(weight).all() or weight.min() < 0:
-        raise ValueError(f"The 'sample_weight' argument of {owner} must be finite and >= 0.")
-    if not weight.any():
-        raise ValueError(f"The 'sample_weight' argument of {owner} is zero for every row; at "
-                         f"least one weight must be non-zero.")
-    return weight
 
 
 def _show_loss(bar: Any, shown: Any, backend: Any, value: Any) -> Any:

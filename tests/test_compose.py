@@ -229,7 +229,7 @@ def test_fisher_batches_use_exactly_the_last_m_gradients(backend, rng, m):
     for g in grads:
         start = 0
         for layer in model.sparse_layers:
-            layer.grad_data = backend.asarray(g[start:start + layer.nnz])
+            layer.set_grad("data", backend.asarray(g[start:start + layer.nnz]))
             start += layer.nnz
         redistributor.observe(model)
     fisher = redistributor.fisher
