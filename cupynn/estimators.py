@@ -325,7 +325,7 @@ class _SparseMLP(BaseEstimator):
         epochs = 1 if incremental else self.max_iter
         converged = False
         for epoch in range(self.n_iter_ + 1, self.n_iter_ + epochs + 1):
-            metrics = trainer._epoch(epoch)
+            metrics = trainer.train_epoch(epoch)
             self.n_iter_ = epoch
             loss = float(metrics["train_loss"])
             self.loss_curve_.append(loss)

@@ -175,7 +175,7 @@ class Trainer:
             # a collective); a NaN loss is seen by every rank alike and raised as usual.
             with self.comm.guard(alike=(FloatingPointError,)):
                 for epoch in bar:
-                    metrics = self._epoch(epoch)
+                    metrics = self.train_epoch(epoch)
                     self.epoch = epoch
                     self.history.append(metrics)
                     shown = {k: f"{metrics[k]:.4f}"
@@ -273,7 +273,10 @@ class Trainer:
                       **{k: record[k] for k in ("induced_loss_before", "induced_loss_after",
                                                 "redistribution")}})
 
-    def _epoch(self, epoch: int) -> dict[str, Any]:
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train (1-based) ``epoch``: its batches, its redistribution, its health and
+        evaluation; returns its metrics. :meth:`run` calls it for each remaining epoch and
+        keeps the history; a caller that steps epochs itself (the estimators) does too."""
         from tqdm.auto import tqdm
 
         model, backend, batch_size = self.model, self.model.backend, self.batch_size

@@ -169,14 +169,14 @@ def faulty_script(mode: str, args: list[str]) -> list[str]:
 
     comm = distributed.init()
     last = comm.rank == comm.size - 1
-    epoch_of, step_of = Trainer._epoch, Trainer.train_batch
+    epoch_of, step_of = Trainer.train_epoch, Trainer.train_batch
     if mode in ("script-interrupt", "script-interrupt-last"):
         def interrupted(self, epoch):
             if epoch == 3 and (last if mode.endswith("last") else self.comm.is_root):
                 raise KeyboardInterrupt
             return epoch_of(self, epoch)
 
-        Trainer._epoch = interrupted
+        Trainer.train_epoch = interrupted
     elif mode == "script-kill":
         def killed(self, *args, **kwargs):
             self._steps = getattr(self, "_steps", 0) + (self.epoch == 2)
@@ -191,7 +191,7 @@ def faulty_script(mode: str, args: list[str]) -> list[str]:
             time.sleep(0.3)
             return epoch_of(self, epoch)
 
-        Trainer._epoch = slow
+        Trainer.train_epoch = slow
     elif mode == "script-differ" and last:
         args = args + ["--density", "0.2"]
     return args

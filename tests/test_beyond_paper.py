@@ -167,7 +167,7 @@ def test_step_wise_runs_resume_exactly(tmp_path):
     straight.run()
     first = trainer()  # two of the four epochs, as a run stopped after epoch 2
     for epoch in (1, 2):
-        first.history.append(first._epoch(epoch))
+        first.history.append(first.train_epoch(epoch))
         first.epoch = epoch
     save_checkpoint(tmp_path, first)
     resumed = trainer()

@@ -111,19 +111,19 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     common = ("--algorithm", "woodfisher", "--epochs", "5")  # redistributes after epochs 1-3
     assert run(HIGGS, _higgs_args(full, *common)) == 0
     # The same run, interrupted (Ctrl-C) during epoch 3.
-    real_epoch = Trainer._epoch
+    real_epoch = Trainer.train_epoch
 
     def interrupted(self, epoch):
         if epoch == 3:
             raise KeyboardInterrupt
         return real_epoch(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_epoch", interrupted)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
     assert run(HIGGS, _higgs_args(part, *common)) == 130
     _, metrics, summary = _results(part)
     assert summary["status"] == "interrupted" and len(metrics) == 2
     assert "the last good checkpoint (after epoch 2) is kept" in summary["message"]
-    monkeypatch.setattr(Trainer, "_epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
     assert run(HIGGS, ["--resume", str(part), "--quiet"]) == 0
     _, full_metrics, _ = _results(full)
     _, part_metrics, summary = _results(part)
