@@ -17,6 +17,12 @@ whose gradient is row i's unweighted one times ``w_i / sum_i w_i``. A weight
 of 2 counts a row twice; a batch whose weights are all 0 gives loss 0 and
 gradient 0. With ``weight``, ``total`` is the weight sum of the whole batch
 (a positive real) instead of its row count.
+
+On the GPU, with ``$CUPYNN_LOSS=fused`` (:func:`cupynn.kernels.loss.set_loss`),
+the unweighted losses of float32 and float64 logits run the kernels of
+``kernels/loss.cu`` (two launches, :mod:`cupynn.kernels.loss`) instead of the
+array expressions below (about ten); the default, ``arrays``, keeps the array
+expressions. The CPU always computes the array expressions.
 """
 
 from __future__ import annotations
@@ -78,6 +84,17 @@ def _weighted_mean(per_row: Any, weight: Any, total: Any, xp: Any) -> tuple[Any,
     return (factors * per_row).sum(), factors
 
 
+def _fused(backend: Any, dtype: Any, weight: Any) -> Any:
+    """:mod:`cupynn.kernels.loss` when this call takes the fused kernels: on the GPU,
+    without ``weight``, for float32/float64 and with ``$CUPYNN_LOSS=fused``; else None
+    (the CPU never reads the setting)."""
+    if not backend.is_gpu or weight is not None or dtype not in (numpy.float32, numpy.float64):
+        return None
+    from .kernels import loss as fused  # imported on the GPU path only
+
+    return fused if fused.loss_setting() == "fused" else None
+
+
 def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
                   total: Any = None, weight: Any = None) -> tuple[Any, Any]:
     """Softmax cross-entropy.
@@ -106,7 +123,8 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
         raise ValueError(f"The 'logits' argument of {owner} must have shape (batch, classes). "
                          f"Got {getattr(logits, 'shape', type(logits).__name__)} instead.")
     _check_batch(logits, labels, owner)
-    xp = backend_of(logits).xp
+    backend = backend_of(logits)
+    xp = backend.xp
     labels = xp.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"The 'labels' argument of {owner} must be integers. Got {labels.dtype}.")
@@ -121,6 +139,11 @@ def cross_entropy(logits: Any, labels: Any, *, check: bool = True,
         if lo < 0 or hi >= classes:
             raise ValueError(f"The 'labels' argument of {owner} must be in [0, {classes}). "
                              f"Got values in [{lo}, {hi}] instead.")
+    fused = _fused(backend, logits.dtype, weight)
+    if fused is not None:
+        return fused.softmax_cross_entropy(xp.ascontiguousarray(logits),
+                                           labels.astype(numpy.int64, copy=False),
+                                           total=total, check=False)
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = xp.exp(shifted)
     norm = exp.sum(axis=1, keepdims=True)
@@ -165,7 +188,8 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
         raise ValueError(f"The 'logits' argument of {owner} must have shape (batch,) or (batch, 1). "
                          f"Got {getattr(logits, 'shape', type(logits).__name__)} instead.")
     _check_batch(logits, labels, owner)
-    xp = backend_of(logits).xp
+    backend = backend_of(logits)
+    xp = backend.xp
     z = logits.reshape(-1)
     total = _check_total(total, z.shape[0], owner, weighted=weight is not None)
     if weight is not None:
@@ -178,6 +202,10 @@ def binary_cross_entropy(logits: Any, labels: Any, *, check: bool = True,
         if not (0 <= lo and hi <= 1):
             raise ValueError(f"The 'labels' argument of {owner} must be in [0, 1]. "
                              f"Got values in [{lo}, {hi}] instead.")
+    fused = _fused(backend, z.dtype, weight)
+    if fused is not None:
+        return fused.binary_cross_entropy(xp.ascontiguousarray(logits), xp.ascontiguousarray(y),
+                                          total=total, check=False)
     e = xp.exp(-xp.abs(z))  # in (0, 1]
     per_row = xp.maximum(z, 0) - y * z + xp.log1p(e)
     sigmoid = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
@@ -221,7 +249,8 @@ def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
     if pred.dtype.kind != "f":
         raise TypeError(f"The 'pred' argument of {owner} must be a float array. "
                         f"Got {pred.dtype} instead.")
-    xp = backend_of(pred).xp
+    backend = backend_of(pred)
+    xp = backend.xp
     target = xp.asarray(target)
     if target.shape != pred.shape:
         if pred.ndim == 2 and pred.shape[1] == 1 and target.shape == (pred.shape[0],):
@@ -239,6 +268,10 @@ def mean_squared_error(pred: Any, target: Any, *, check: bool = True,
     target = target.astype(pred.dtype, copy=False)
     if check and n and not bool(to_numpy(xp.isfinite(target).all())):
         raise ValueError(f"The 'target' argument of {owner} must be finite.")
+    fused = _fused(backend, pred.dtype, weight)
+    if fused is not None:
+        return fused.mean_squared_error(xp.ascontiguousarray(pred), xp.ascontiguousarray(target),
+                                        total=total, check=False)
     diff = pred - target
     squares = diff * diff
     if weight is not None:

@@ -477,3 +477,102 @@ GPU_SDDMM_CHOICES = [("thread", None), ("warp", None), ("warp", 1), ("warp", 4),
 SPMM_GPU = [("rows", None), ("rows", 2), ("cusparse", None)]
 spmm_gpu_params = pytest.mark.parametrize("method,max_blocks", SPMM_GPU,
                                           ids=["rows", "rows_max_blocks_2", "cusparse"])
+
+
+# loss.cu (issue 19): batches of logits and targets, and its kernels emulated.
+@dataclass(frozen=True)
+class LossCase:
+    """``batch`` rows of ``classes`` logits (standard normal times ``scale``) with their
+    int64 labels; a column of them as binary logits with 0/1 and soft (0.25) targets;
+    regression targets near the logits. ``total``: the global batch (None: the batch)."""
+
+    name: str
+    batch: int
+    classes: int
+    scale: float = 3.0
+    total: int | None = None
+    seed: int = 0
+
+    @property
+    def den(self) -> int:
+        return self.batch if self.total is None else self.total
+
+    def arrays(self, dtype: type) -> dict[str, numpy.ndarray]:
+        rng = numpy.random.default_rng(self.seed)
+        logits = (self.scale * rng.standard_normal((self.batch, self.classes))).astype(dtype)
+        y = (rng.random(self.batch) < 0.5).astype(dtype)
+        y[::3] = 0.25
+        return {"logits": logits,
+                "labels": rng.integers(0, self.classes, self.batch).astype(numpy.int64),
+                "z": numpy.ascontiguousarray(logits[:, 0]), "y": y,
+                "target": (logits + rng.standard_normal(logits.shape)).astype(dtype)}
+
+
+LOSS_CASES = [
+    LossCase("batch_1", 1, 5),
+    LossCase("one_class", 6, 1),
+    LossCase("two_classes", 5, 2, seed=1),
+    # A batch that is not a multiple of a warp, more classes than a warp's lanes.
+    LossCase("batch_37_classes_33", 37, 33, seed=2),
+    # Logits of +-1e4: exp overflows without the shift by the row's max.
+    LossCase("huge_logits", 9, 4, scale=1e4, seed=3),
+    LossCase("total", 10, 7, total=25, seed=4),
+    # More rows than the dispatcher's block and than grid2_block32's 64 threads.
+    LossCase("grid_stride", 300, 10, total=512, seed=5),
+]
+loss_case_params = pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.name)
+
+
+def emulated_loss_rows(family: str, reads: list[numpy.ndarray], sizes: list[int], scalar: float,
+                       grad_shape: tuple[int, ...], dtype: type, config: str,
+                       reverse: bool = False) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """loss.cu's per-row kernel ``family`` emulated one thread at a time: (grad, per_row).
+
+    ``reads`` are its input arrays, ``sizes`` its int arguments (n first), ``scalar``
+    its last (den or scale). Guard cells after both outputs must stay NaN."""
+    lib = host_library("loss.cu")
+    n = sizes[0]
+    real = pointer(dtype)
+    size = int(numpy.prod(grad_shape))
+    grad = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    per_row = numpy.full(n + GUARD, numpy.nan, dtype=dtype)
+    argtypes = ([pointer(r.dtype) for r in reads] + [real, real] + [ctypes.c_int] * len(sizes)
+                + [numpy.ctypeslib.as_ctypes_type(numpy.dtype(dtype))])
+    launch(lib, f"{family}_{suffix_of(dtype)}", *grid_and_block(config, n), argtypes,
+           [*reads, grad, per_row, *sizes, scalar], reverse=reverse, warps=False)
+    assert numpy.isnan(grad[size:]).all() and numpy.isnan(per_row[n:]).all(), \
+        "the kernel wrote past its outputs"
+    return grad[:size].reshape(grad_shape), per_row[:n]
+
+
+def emulated_mean_of_rows(per_row: numpy.ndarray, den: float, grid=(1,), block=(kernels.WARP_SIZE,),
+                          reverse: bool = False) -> numpy.ndarray:
+    """loss.cu's mean_of_rows emulated (lanes in step): a 0-d array."""
+    dtype = per_row.dtype
+    out = numpy.full(1 + GUARD, numpy.nan, dtype=dtype)
+    launch(host_library("loss.cu"), f"mean_of_rows_{suffix_of(dtype)}", grid, block,
+           [pointer(dtype), pointer(dtype), ctypes.c_int,
+            numpy.ctypeslib.as_ctypes_type(dtype)],
+           [numpy.ascontiguousarray(per_row), out, per_row.shape[0], den], reverse=reverse)
+    assert numpy.isnan(out[1:]).all(), "mean_of_rows wrote past its output"
+    return out[:1].reshape(())
+
+
+def emulated_loss(loss: str, a: dict, case: LossCase, dtype: type, config: str,
+                  reverse: bool = False) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(value, grad) of one of cupynn.kernels.loss's losses from loss.cu emulated: the
+    per-row kernel under launch ``config``, then mean_of_rows on one warp."""
+    n, den = case.batch, case.den
+    if loss == "softmax_cross_entropy":
+        grad, per_row = emulated_loss_rows(
+            "softmax_cross_entropy_rows", [a["logits"], a["labels"]], [n, case.classes], den,
+            a["logits"].shape, dtype, config, reverse)
+    elif loss == "binary_cross_entropy":
+        grad, per_row = emulated_loss_rows("binary_cross_entropy_rows", [a["z"], a["y"]], [n],
+                                           den, a["z"].shape, dtype, config, reverse)
+    else:
+        grad, per_row = emulated_loss_rows(
+            "squared_error_rows", [a["logits"], a["target"]], [n, case.classes],
+            2.0 / (den * case.classes), a["logits"].shape, dtype, config, reverse)
+        den = den * case.classes
+    return emulated_mean_of_rows(per_row, den, reverse=reverse), grad

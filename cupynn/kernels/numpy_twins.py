@@ -196,3 +196,84 @@ def packed_matvec(finv: numpy.ndarray, v: numpy.ndarray, block_size: int) -> num
     vb = v.reshape(-1, block_size)
     dense = unpack(finv, block_size, vb.shape[0])
     return numpy.einsum("bij,bj->bi", dense, vb).reshape(-1)
+
+
+# Losses (loss.cu, issue 19). Each row kernel's twin returns (grad, per_row) in its
+# order of operations, the row sums running over the columns in turn as one thread
+# adds them; mean_of_rows sums the rows in the one warp's order.
+
+
+def softmax_cross_entropy_rows(logits: numpy.ndarray, labels: numpy.ndarray,
+                               den: float) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Twin of ``softmax_cross_entropy_rows_*`` in ``loss.cu``: (grad, per_row).
+
+    logits (n, classes >= 1) float, labels (n,) int, ``den`` the batch size or
+    ``total``. per_row = log(sum_j exp(z_j - max z)) - (z_label - max z);
+    grad = (softmax(z) - onehot(label)) / den. A label outside [0, classes)
+    gives a row of NaN.
+    """
+    t = logits.dtype.type
+    n, classes = logits.shape
+    top = logits.max(axis=1) if n else numpy.zeros(0, logits.dtype)
+    e = numpy.exp(logits - top[:, None])
+    norm = numpy.zeros(n, dtype=logits.dtype)
+    for j in range(classes):
+        norm = norm + e[:, j]
+    rows = numpy.arange(n)
+    valid = (labels >= 0) & (labels < classes)
+    label = numpy.where(valid, labels, 0)
+    per_row = numpy.log(norm) - (logits[rows, label] - top)
+    grad = e / norm[:, None]
+    grad[rows[valid], label[valid]] -= 1
+    grad = grad / t(den)
+    per_row[~valid] = numpy.nan
+    grad[~valid] = numpy.nan
+    return grad, per_row
+
+
+def binary_cross_entropy_rows(z: numpy.ndarray, y: numpy.ndarray,
+                              den: float) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Twin of ``binary_cross_entropy_rows_*`` in ``loss.cu``: (grad, per_row), (n,) each.
+
+    e = exp(-|z|); per_row = (max(z, 0) - y z) + log1p(e);
+    grad = (sigmoid(z) - y) / den, sigmoid from e on the side of z's sign.
+    """
+    t = z.dtype.type
+    e = numpy.exp(-numpy.abs(z))
+    per_row = (numpy.where(z > 0, z, t(0)) - y * z) + numpy.log1p(e)
+    sigmoid = numpy.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    return (sigmoid - y) / t(den), per_row
+
+
+def squared_error_rows(pred: numpy.ndarray, target: numpy.ndarray,
+                       scale: float) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Twin of ``squared_error_rows_*`` in ``loss.cu``: (grad of pred's shape, per_row).
+
+    pred and target (n, outputs) or (n,); d = pred - target; grad = d * scale
+    (``scale`` rounded to pred's dtype); per_row = sum over the outputs of d d.
+    """
+    n = pred.shape[0]
+    d = (pred - target).reshape(n, -1)
+    per_row = numpy.zeros(n, dtype=pred.dtype)
+    for j in range(d.shape[1]):
+        per_row = per_row + d[:, j] * d[:, j]
+    return (d * pred.dtype.type(scale)).reshape(pred.shape), per_row
+
+
+def mean_of_rows(per_row: numpy.ndarray, den: float) -> numpy.ndarray:
+    """Twin of ``mean_of_rows_*`` in ``loss.cu``: sum(per_row) / den as a 0-d array.
+
+    Lane l of one warp adds rows l, l + 32, ... in turn; then partial sums are
+    added across lanes by a butterfly with offsets 16, 8, 4, 2, 1 (each lane
+    adds the other's sum to its own). No rows: 0 / den (NaN for den 0).
+    """
+    t = per_row.dtype.type
+    lanes = numpy.zeros(32, dtype=per_row.dtype)
+    for start in range(0, per_row.shape[0], 32):
+        chunk = per_row[start:start + 32]
+        lanes[:chunk.shape[0]] = lanes[:chunk.shape[0]] + chunk
+    other = numpy.arange(32)
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[other ^ offset]
+    with numpy.errstate(invalid="ignore", divide="ignore"):
+        return numpy.asarray(lanes[0] / t(den), dtype=per_row.dtype)
