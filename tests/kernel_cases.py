@@ -479,6 +479,27 @@ spmm_gpu_params = pytest.mark.parametrize("method,max_blocks", SPMM_GPU,
                                           ids=["rows", "rows_max_blocks_2", "cusparse"])
 
 
+# adam_multi (issue 19): lists of arrays of these lengths (0 and 1 among them; more
+# elements than the 64 threads of grid2_block32 and than one block), stepped with
+# the rows of a table of several steps, row 0 last.
+ADAM_MULTI_SIZES = {"one_1000": (1000,), "one_empty": (0,), "one_single": (1,),
+                    "seven": (5, 0, 1, 700, 0, 1, 300), "all_empty": (0, 0, 0)}
+ADAM_TABLE_STEPS = (5, 1, 2, 10)
+ADAM_TABLE_ORDER = (1, 2, 3, 0)
+
+
+def adam_table(dtype: type, steps=ADAM_TABLE_STEPS) -> numpy.ndarray:
+    """(len(steps), 8) rows of kernels.adam_scalars for the steps, as Adam makes them."""
+    from cupynn.kernels.adam import adam_scalars
+
+    return numpy.array([adam_scalars(dtype, **adam_hyper(s)) for s in steps], dtype=dtype)
+
+
+def adam_multi_argtypes(dtype: type) -> list:
+    table = [pointer(numpy.uint64)] * 4
+    return table + [pointer(numpy.int64), ctypes.c_int, pointer(dtype), pointer(numpy.int64)]
+
+
 # loss.cu (issue 19): batches of logits and targets, and its kernels emulated.
 @dataclass(frozen=True)
 class LossCase:

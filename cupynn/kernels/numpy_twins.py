@@ -198,6 +198,21 @@ def packed_matvec(finv: numpy.ndarray, v: numpy.ndarray, block_size: int) -> num
     return numpy.einsum("bij,bj->bi", dense, vb).reshape(-1)
 
 
+def adam_multi(ps: list[numpy.ndarray], gs: list[numpy.ndarray], ms: list[numpy.ndarray],
+               vs: list[numpy.ndarray], table: numpy.ndarray, row: numpy.ndarray) -> None:
+    """Twin of ``adam.cu``'s ``adam_multi``: :func:`adam` of every array of the lists, in
+    place, with the scalars of ``table[row[0]]`` (lr, b1, b2, 1 - b1, 1 - b2, eps, bc1,
+    bc2, already in the arrays' dtype: the row of ``adam_scalars``, so the same bits as
+    :func:`adam` given the hyper-parameters that made it)."""
+    lr, b1, b2, c1, c2, eps, bc1, bc2 = table[int(row[0])]
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        m *= b1
+        m += c1 * g
+        v *= b2
+        v += c2 * g * g
+        p -= lr * (m / bc1) / (numpy.sqrt(v / bc2) + eps)
+
+
 # Losses (loss.cu, issue 19). Each row kernel's twin returns (grad, per_row) in its
 # order of operations, the row sums running over the columns in turn as one thread
 # adds them; mean_of_rows sums the rows in the one warp's order.
