@@ -86,8 +86,10 @@ class Adam:
                 if m.shape != (value.size,) or v.shape != (value.size,):
                     raise ValueError(f"Adam.load_state_dict: moments of layer {index} {name!r} "
                                      f"must have shape ({value.size},). Got {m.shape} instead.")
-                self.state[index][name] = (xp.asarray(m, dtype=value.dtype),
-                                           xp.asarray(v, dtype=value.dtype))
+                # Copies: on the CPU asarray would keep the caller's arrays, and the
+                # steps would then change their state dict (or another optimizer's).
+                self.state[index][name] = (xp.array(m, dtype=value.dtype),
+                                           xp.array(v, dtype=value.dtype))
 
     def __getstate__(self) -> dict[str, Any]:
         """The model (pickled by its own rules) and :meth:`state_dict` (host copies)."""
