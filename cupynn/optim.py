@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy
+
 from . import kernels
+from .backend import backend_of
 from .csr import match_entries
+from .kernels.adam import AdamPointers, adam_multi, adam_setting
 from .layers import Layer, SparseLinear
 from .validation import check_real
+
+STEPS_PER_TABLE = 256  # rows of the multi-tensor update's table of coming steps
 
 
 class Adam:
@@ -21,10 +27,22 @@ class Adam:
         p <- p - lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)
 
     One fused kernel per parameter array (``kernels/adam.cu`` on the GPU, its
-    Numba twin on the CPU). The moments of a sparse layer are flat arrays
-    aligned with its CSR ``data``; when redistribution changes a layer's
-    topology, :meth:`remap` carries the moments of kept entries over and starts
-    new entries at zero.
+    Numba twin on the CPU), or with ``multi_tensor`` one launch for every
+    array of a dtype (:func:`cupynn.kernels.adam.adam_multi`, issue 19; the
+    same bits). The multi-tensor launch reads its scalars from the device: a
+    table of the next :data:`STEPS_PER_TABLE` steps' :class:`AdamScalars`, made
+    on the host with the expressions of the per-array path and copied once per
+    that many steps (or when ``lr``, ``betas`` or ``eps`` change), and a
+    ``row`` argument that is a one-element view of a device ``arange``, so an
+    eager step copies nothing for its scalars. A captured CUDA graph would
+    instead hold a table of the epoch's steps and point ``row`` at a device
+    counter that a kernel captured after the update advances; the arrays'
+    address tables (:class:`~cupynn.kernels.adam.AdamPointers`) are made again
+    only when arrays move (a redistribution, :meth:`remap`, new gradients).
+
+    The moments of a sparse layer are flat arrays aligned with its CSR
+    ``data``; when redistribution changes a layer's topology, :meth:`remap`
+    carries the moments of kept entries over and starts new entries at zero.
 
     Parameters
     ----------
@@ -32,11 +50,24 @@ class Adam:
     lr : float > 0
     betas : (float, float), each in [0, 1)
     eps : float > 0, representable in the model's dtype
+    multi_tensor : bool, optional
+        One launch for all arrays instead of one per array; ``None`` (the
+        default) follows :func:`cupynn.kernels.adam.adam_setting`
+        (``$CUPYNN_ADAM=multi|per-array``, default ``per-array``).
     """
 
     def __init__(self, model: Any, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, multi_tensor: bool | None = None) -> None:
         owner = "Adam"
+        if multi_tensor is not None and not isinstance(multi_tensor, (bool, numpy.bool_)):
+            raise ValueError(f"The 'multi_tensor' parameter of {owner} must be True, False or "
+                             f"None. Got {multi_tensor!r} instead.")
+        self._multi_tensor_given = multi_tensor
+        self.multi_tensor = (adam_setting() == "multi" if multi_tensor is None
+                             else bool(multi_tensor))
+        # Per dtype: the address tables and the table of coming steps of adam_multi.
+        self._pointers: dict[Any, AdamPointers] = {}
+        self._steps: dict[Any, _StepTable] = {}
         self.lr = check_real(lr, "lr", owner, 0.0, None, closed="neither")
         if not isinstance(betas, Sequence) or len(betas) != 2:
             raise ValueError(f"The 'betas' parameter of {owner} must be a pair of floats. "
@@ -92,22 +123,49 @@ class Adam:
                                            xp.array(v, dtype=value.dtype))
 
     def __getstate__(self) -> dict[str, Any]:
-        """The model (pickled by its own rules) and :meth:`state_dict` (host copies)."""
-        return {"model": self.model, "state": self.state_dict()}
+        """The model (pickled by its own rules), :meth:`state_dict` (host copies) and
+        ``multi_tensor`` as it was given (None: the loading process's setting)."""
+        return {"model": self.model, "state": self.state_dict(),
+                "multi_tensor": self._multi_tensor_given}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         saved = state["state"]
         self.__init__(state["model"], lr=saved["lr"], betas=tuple(saved["betas"]),
-                      eps=saved["eps"])
+                      eps=saved["eps"], multi_tensor=state.get("multi_tensor"))
         self.load_state_dict(saved)
+
+    def _hyper(self, t: int) -> dict[str, float]:
+        """The hyper-parameters of step ``t`` as :func:`kernels.adam_scalars` takes them:
+        one expression for both updates, so that they give the same bits."""
+        b1, b2 = self.betas
+        return dict(lr=self.lr, b1=b1, b2=b2, eps=self.eps, bc1=1.0 - b1 ** t,
+                    bc2=1.0 - b2 ** t)
 
     def step(self) -> None:
         """Apply one update from the gradients of the last backward pass."""
         self.t += 1
-        b1, b2 = self.betas
-        hyper = dict(lr=self.lr, b1=b1, b2=b2, eps=self.eps, bc1=1.0 - b1 ** self.t,
-                     bc2=1.0 - b2 ** self.t)
+        hyper = self._hyper(self.t)
         scalars: dict[Any, kernels.AdamScalars] = {}  # per dtype, made once a step
+        groups: dict[Any, list[list[Any]]] = {}  # per dtype: ps, gs, ms, vs for adam_multi
+        for p, g, m, v, odd in self._arrays():
+            if self.multi_tensor and not odd:
+                group = groups.setdefault(p.dtype, [[], [], [], []])
+                for arrays, a in zip(group, (p, g, m, v)):
+                    arrays.append(a)
+                continue
+            if p.dtype not in scalars:
+                scalars[p.dtype] = kernels.adam_scalars(p.dtype, **hyper)
+            kernels.adam(p, g, m, v, scalars[p.dtype], check=odd)
+        for dtype, (ps, gs, ms, vs) in groups.items():
+            if dtype not in self._steps:
+                self._steps[dtype] = _StepTable(backend_of(ps[0]).xp, dtype)
+                self._pointers[dtype] = AdamPointers()
+            table, row = self._steps[dtype].at(self)
+            adam_multi(ps, gs, ms, vs, table, row, pointers=self._pointers[dtype], check=False)
+
+    def _arrays(self) -> Any:
+        """(p, g, m, v, odd) for every parameter array, flat; ``odd`` when an array
+        the user can swap needs the kernel's own checks."""
         for index, layer in enumerate(self.layers):
             for name, value, grad in layer.parameters():
                 if grad is None:
@@ -119,15 +177,13 @@ class Adam:
                                        f"{m.shape[0]} entries for {value.size} values; the "
                                        f"topology changed without Adam.remap.")
                 p, g = value.reshape(-1), grad.reshape(-1)
-                if p.dtype not in scalars:
-                    scalars[p.dtype] = kernels.adam_scalars(p.dtype, **hyper)
                 # The moments are this optimizer's own (flat, contiguous, the value's
                 # dtype) and so are the scalars; what a user can swap is checked here,
                 # and anything odd is left to the kernel's checks for their error.
                 odd = (g.dtype != p.dtype or g.shape != p.shape or not p.flags.c_contiguous
                        or not g.flags.c_contiguous or type(g) is not type(p)
                        or m.dtype != p.dtype)
-                kernels.adam(p, g, m, v, scalars[p.dtype], check=odd)
+                yield p, g, m, v, odd
 
     def remap(self, layer: SparseLinear | int, mapping: Any) -> None:
         """Re-align a sparse layer's ``data`` moments with a new topology.
@@ -179,3 +235,35 @@ class Adam:
         """The (m, v) arrays of a parameter, flat."""
         index = layer if isinstance(layer, int) else self._index(layer)
         return self.state[index][name]
+
+
+class _StepTable:
+    """The scalars of the coming steps in one dtype, for :func:`adam_multi`.
+
+    ``table`` (STEPS_PER_TABLE, 8) holds, on the device, the :class:`AdamScalars`
+    of steps ``first``, ``first + 1``, ... made by ``Adam._hyper`` and
+    :func:`kernels.adam_scalars` (the per-array path's bits); ``rows`` is
+    ``arange(STEPS_PER_TABLE)`` on the device, and step t's ``row`` argument is
+    the view ``rows[t - first:t - first + 1]``: no copy a step. The table is
+    made again when a step falls outside it or the hyper-parameters it was
+    made with change (a loaded state, a user's new ``lr``).
+    """
+
+    def __init__(self, xp: Any, dtype: Any) -> None:
+        self.xp, self.dtype = xp, dtype
+        self.made_with: tuple | None = None
+        self.first = 0
+        self.table: Any = None
+        self.rows = xp.arange(STEPS_PER_TABLE, dtype=xp.int64)
+
+    def at(self, optimizer: Adam) -> tuple[Any, Any]:
+        """``(table, row)`` for the optimizer's step ``t``."""
+        t = optimizer.t
+        made_with = (optimizer.lr, optimizer.betas, optimizer.eps)
+        if made_with != self.made_with or not 0 <= t - self.first < STEPS_PER_TABLE:
+            host = numpy.array([kernels.adam_scalars(self.dtype, **optimizer._hyper(step))
+                                for step in range(t, t + STEPS_PER_TABLE)], dtype=self.dtype)
+            self.table = self.xp.asarray(host)  # one host-to-device copy per table
+            self.made_with, self.first = made_with, t
+        k = t - self.first
+        return self.table, self.rows[k:k + 1]

@@ -9,6 +9,7 @@ import pytest
 
 import cupynn
 from cupynn import to_numpy
+from cupynn import optim
 from cupynn.csr import match_entries
 
 
@@ -137,3 +138,85 @@ def test_match_entries_against_brute_force(backend, rng):
     expected = [where.get(key, -1) for key in keys_b]
     numpy.testing.assert_array_equal(got, expected)
     assert (got >= 0).any() and (got < 0).any()
+
+
+# Adam(multi_tensor=True): one adam_multi launch a step (issue 19), the same bits.
+
+
+def _twins(backend, dtype="float64", **kwargs):
+    """(model, per-array Adam), (model, multi-tensor Adam): the same start."""
+    pairs = []
+    for multi_tensor in (False, True):
+        model = cupynn.MLP([5, 7, 3], density=0.5, dense_layers=(1,), dtype=dtype, seed=2,
+                           device=backend)
+        pairs.append((model, cupynn.Adam(model, multi_tensor=multi_tensor, **kwargs)))
+    return pairs
+
+
+def _steps(pairs, backend, count, seed=0):
+    for model, opt in pairs:
+        rng = numpy.random.default_rng(seed)
+        for _ in range(count):
+            for layer in model.layers:
+                for name, value, _ in layer.parameters():
+                    layer.set_grad(name, backend.asarray(rng.standard_normal(value.shape),
+                                                         dtype=value.dtype))
+            opt.step()
+
+
+def _assert_same(pairs):
+    (model_a, opt_a), (model_b, opt_b) = pairs
+    for key, value in model_a.state_dict().items():
+        numpy.testing.assert_array_equal(model_b.state_dict()[key], value, err_msg=key)
+    state_a, state_b = opt_a.state_dict(), opt_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key, value in state_a.items():
+        numpy.testing.assert_array_equal(state_b[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_multi_tensor_adam_takes_new_hyper_parameters_and_loaded_states(backend, dtype,
+                                                                        monkeypatch):
+    """Its table of coming steps is made again past its end (here every 3 steps),
+    after a new lr, and after load_state_dict (another t, lr, betas, eps)."""
+    monkeypatch.setattr(optim, "STEPS_PER_TABLE", 3)
+    pairs = _twins(backend, dtype, lr=0.01, betas=(0.8, 0.95))
+    _steps(pairs, backend, 7)
+    _assert_same(pairs)
+    for _, opt in pairs:
+        opt.lr = 0.002
+    _steps(pairs, backend, 2, seed=1)
+    _assert_same(pairs)
+    saved = dict(pairs[0][1].state_dict(), t=40, lr=0.03, betas=[0.7, 0.9], eps=1e-6)
+    for _, opt in pairs:
+        opt.load_state_dict(saved)
+    _steps(pairs, backend, 4, seed=2)
+    _assert_same(pairs)
+    assert pairs[1][1].t == 44
+
+
+def test_multi_tensor_adam_pickles_its_choice():
+    import pickle
+
+    model = cupynn.MLP([4, 2], device="cpu")
+    for given in (True, False, None):
+        opt = pickle.loads(pickle.dumps(cupynn.Adam(model, multi_tensor=given)))
+        assert opt.multi_tensor is (given if given is not None else
+                                    cupynn.Adam(model).multi_tensor)
+    assert "multi_tensor" not in cupynn.Adam(model, multi_tensor=True).state_dict()
+
+
+def test_multi_tensor_adam_leaves_odd_gradients_to_the_kernels_checks(backend):
+    """A gradient of another dtype goes through adam's own checks, with their error."""
+    (_, _), (model, opt) = _twins(backend)
+    _set_grads(model, numpy.random.default_rng(0), backend)
+    layer = model.layers[0]
+    layer.set_grad("bias", layer.grad_bias.astype(numpy.float32))
+    with pytest.raises(TypeError, match="adam: all float arrays must have one dtype"):
+        opt.step()
+
+
+def test_adam_rejects_a_bad_multi_tensor():
+    with pytest.raises(ValueError, match="The 'multi_tensor' parameter of Adam must be True, "
+                                         "False or None. Got 'yes' instead."):
+        cupynn.Adam(cupynn.MLP([4, 2], device="cpu"), multi_tensor="yes")
