@@ -134,7 +134,7 @@ class Adam:
                       eps=saved["eps"], multi_tensor=state.get("multi_tensor"))
         self.load_state_dict(saved)
 
-    def _hyper(self, t: int) -> dict[str, float]:
+    def hyper(self, t: int) -> dict[str, float]:
         """The hyper-parameters of step ``t`` as :func:`kernels.adam_scalars` takes them:
         one expression for both updates, so that they give the same bits."""
         b1, b2 = self.betas
@@ -144,7 +144,7 @@ class Adam:
     def step(self) -> None:
         """Apply one update from the gradients of the last backward pass."""
         self.t += 1
-        hyper = self._hyper(self.t)
+        hyper = self.hyper(self.t)
         scalars: dict[Any, kernels.AdamScalars] = {}  # per dtype, made once a step
         groups: dict[Any, list[list[Any]]] = {}  # per dtype: ps, gs, ms, vs for adam_multi
         for p, g, m, v, odd in self._arrays():
@@ -241,7 +241,7 @@ class _StepTable:
     """The scalars of the coming steps in one dtype, for :func:`adam_multi`.
 
     ``table`` (STEPS_PER_TABLE, 8) holds, on the device, the :class:`AdamScalars`
-    of steps ``first``, ``first + 1``, ... made by ``Adam._hyper`` and
+    of steps ``first``, ``first + 1``, ... made by ``Adam.hyper`` and
     :func:`kernels.adam_scalars` (the per-array path's bits); ``rows`` is
     ``arange(STEPS_PER_TABLE)`` on the device, and step t's ``row`` argument is
     the view ``rows[t - first:t - first + 1]``: no copy a step. The table is
@@ -261,7 +261,7 @@ class _StepTable:
         t = optimizer.t
         made_with = (optimizer.lr, optimizer.betas, optimizer.eps)
         if made_with != self.made_with or not 0 <= t - self.first < STEPS_PER_TABLE:
-            host = numpy.array([kernels.adam_scalars(self.dtype, **optimizer._hyper(step))
+            host = numpy.array([kernels.adam_scalars(self.dtype, **optimizer.hyper(step))
                                 for step in range(t, t + STEPS_PER_TABLE)], dtype=self.dtype)
             self.table = self.xp.asarray(host)  # one host-to-device copy per table
             self.made_with, self.first = made_with, t
