@@ -597,3 +597,116 @@ def emulated_loss(loss: str, a: dict, case: LossCase, dtype: type, config: str,
             2.0 / (den * case.classes), a["logits"].shape, dtype, config, reverse)
         den = den * case.classes
     return emulated_mean_of_rows(per_row, den, reverse=reverse), grad
+
+
+# Issue 19: the dispatchers' GPU paths with their kernels emulated on the CPU, the
+# given buffers of a captured step (out=, sums=), and what the CPU paths allocate.
+SCALAR_CTYPES = {numpy.int32: ctypes.c_int, numpy.int64: ctypes.c_longlong,
+                 numpy.float32: ctypes.c_float, numpy.float64: ctypes.c_double}
+
+
+def argtypes_of(name: str, args) -> list:
+    """ctypes types of a RawKernel call's arguments: arrays as pointers to their dtype,
+    NumPy scalars as their C type (the wrappers must not pass Python numbers)."""
+    types = []
+    for i, a in enumerate(args):
+        if isinstance(a, numpy.ndarray):
+            types.append(pointer(a.dtype))
+        elif type(a) in SCALAR_CTYPES:
+            types.append(SCALAR_CTYPES[type(a)])
+        else:
+            raise TypeError(f"{name}: argument {i} is a {type(a).__name__}; pass scalars as "
+                            "numpy.int32/int64/float32/float64 (STYLE.md).")
+    return types
+
+
+def emulated_gpu(monkeypatch, module, source: str) -> list[tuple[str, tuple, tuple]]:
+    """Make ``module``'s wrappers take NumPy arrays for GPU arrays and run ``source``'s
+    kernels emulated on the CPU: their GPU path (given buffers, grids, empty shapes)
+    without a GPU. Returns the list each launch appends (kernel, grid, block) to."""
+    from cupynn.backend import Backend
+
+    fake = Backend("gpu", numpy, None)  # NumPy arrays, taken for device arrays
+    launches: list[tuple[str, tuple, tuple]] = []
+
+    def cuda_function(filename: str, name: str):
+        assert filename == source, f"{name} asked of {filename}"
+
+        def kernel(grid: tuple, block: tuple, args: tuple) -> None:
+            launches.append((name, tuple(grid), tuple(block)))
+            launch(host_library(source), name, grid, block, argtypes_of(name, args),
+                   [a if isinstance(a, numpy.ndarray) else a.item() for a in args])
+        return kernel
+
+    monkeypatch.setattr(module, "_check_same_backend", lambda what, *arrays: fake)
+    if hasattr(module, "backend_of"):
+        monkeypatch.setattr(module, "backend_of", lambda array: fake)
+    monkeypatch.setattr(module, "cuda_function", cuda_function)
+    return launches
+
+
+def numpy_allocations(call) -> tuple[list[int], int]:
+    """``call()`` under tracemalloc: (the sizes of NumPy data blocks it left allocated,
+    by NumPy's tracemalloc domain; how far traced memory peaked above where it started,
+    temporaries included)."""
+    import tracemalloc
+
+    if tracemalloc.is_tracing():
+        pytest.skip("tracemalloc is already tracing in this process")
+    numpy_data = tracemalloc.DomainFilter(True, numpy.lib.tracemalloc_domain)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot().filter_traces([numpy_data])
+        tracemalloc.reset_peak()
+        start, _ = tracemalloc.get_traced_memory()
+        kept = call()  # what it returns stays alive until the snapshot
+        _, peak = tracemalloc.get_traced_memory()
+        after = tracemalloc.take_snapshot().filter_traces([numpy_data])
+        del kept
+    finally:
+        tracemalloc.stop()
+    new = [s.size_diff for s in after.compare_to(before, "lineno") if s.size_diff > 0]
+    return new, peak - start
+
+
+def assert_allocates_no(nbytes: int, call) -> None:
+    """``call()``, after a warm-up call (compilation, caches), allocates no NumPy block
+    of ``nbytes`` (an output's size) and its traced memory never grows by that much."""
+    call()
+    new, peak = numpy_allocations(call)
+    assert max(new, default=0) < nbytes, f"NumPy blocks left allocated: {new}"
+    assert peak < nbytes, f"traced memory peaked {peak} bytes above its start"
+
+
+def assert_same_bits(got, expected) -> None:
+    """Equal arrays, NaN where NaN and the sign of every zero as well."""
+    got, expected = to_numpy(got), to_numpy(expected)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    numpy.testing.assert_array_equal(got, expected)
+    if got.dtype.kind == "f":
+        numpy.testing.assert_array_equal(numpy.signbit(got), numpy.signbit(expected))
+
+
+def relu_grad_rowsum_argtypes(dtype: type) -> list:
+    real = pointer(dtype)
+    return [real] * 4 + [ctypes.c_int] * 3
+
+
+def emulated_relu_grad_rowsum(dy: numpy.ndarray, y: numpy.ndarray | None, grid, block,
+                              in_place: bool = False, reverse: bool = False
+                              ) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """sddmm.cu's relu_grad_rowsum emulated (lanes in step): (out, sums). Guard cells
+    after both must stay NaN; in place, ``out`` is a copy of dy written over."""
+    dtype = dy.dtype.type
+    n_rows, batch = dy.shape
+    size = n_rows * batch
+    source = guarded(dy.reshape(-1))
+    out = source if in_place else numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    sums = numpy.full(n_rows + GUARD, numpy.nan, dtype=dtype)
+    launch(host_library("sddmm.cu"), f"relu_grad_rowsum_{suffix_of(dtype)}", grid, block,
+           relu_grad_rowsum_argtypes(dtype),
+           [source, source if y is None else numpy.ascontiguousarray(y), out, sums, n_rows,
+            batch, int(y is not None)], reverse=reverse)
+    assert numpy.isnan(out[size:]).all() and numpy.isnan(sums[n_rows:]).all(), \
+        "relu_grad_rowsum wrote past its outputs"
+    return out[:size].reshape(n_rows, batch), sums[:n_rows]

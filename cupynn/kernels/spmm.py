@@ -13,8 +13,8 @@ from typing import Any
 import numpy
 
 from ..backend import backend_of
-from ._checks import (_check_contiguous, _check_pattern, _check_same_backend,
-                      _float_suffix, _rows_of)
+from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
+                      _check_same_backend, _float_suffix, _rows_of)
 from ._launch import MAX_BLOCKS, WARP_SIZE, _cpu, cuda_function, numba_threads
 
 SPMM_METHODS = ("rows", "cusparse")
@@ -100,6 +100,15 @@ def _check_transpose(what: str, transpose: Any, backend: Any, nnz: int, n_cols: 
                              f"Got {a.dtype} {a.shape} instead.")
 
 
+def _check_out(what: str, out: Any, shape: tuple[int, ...]) -> None:
+    """A given output: of the result's shape and C-contiguous (its dtype and
+    device are checked with the operands'). Host-side only: no device work."""
+    if tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
+        raise ValueError(f"{what}: out must be a C-contiguous array of shape {tuple(shape)}. "
+                         f"Got shape {tuple(out.shape)}"
+                         f"{'' if out.flags.c_contiguous else ', not C-contiguous,'} instead.")
+
+
 def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> Any:
     sparse = backend_of(data).sparse
     w = sparse.csr_matrix((data, indices, indptr), shape=shape, copy=False)
@@ -111,7 +120,7 @@ def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> An
 
 def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
          bias: Any = None, relu: bool = False, method: str | None = None,
-         max_blocks: int | None = None) -> Any:
+         max_blocks: int | None = None, out: Any = None) -> Any:
     """``W @ x`` for CSR ``W`` (n_rows, n_cols) and dense x (n_cols, batch).
 
     With ``bias`` (n_rows,) the bias is added to every column, and with
@@ -121,10 +130,18 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
     CPU one row-parallel Numba kernel. ``max_blocks`` caps the CUDA grid (tests
     use it to exercise the grid-stride loop). Returns a C-contiguous
     (n_rows, batch) array.
+
+    ``out`` (n_rows, batch), C-contiguous, of x's dtype and device, receives
+    the product and is returned: then the ``"rows"`` GPU method and the CPU
+    allocate nothing and the GPU is not synchronised (what a captured CUDA
+    graph needs, issue 19); cuSPARSE computes into a new array and copies it
+    over. Its shape is always checked, and with ``check`` that it does not
+    overlap the operands (host-side checks only).
     """
     what = "spmm"
-    backend = _check_same_backend(what, indptr, indices, data, x)
-    suffix = _float_suffix(data, x, *(() if bias is None else (bias,)), what=what)
+    given = () if out is None else (out,)
+    backend = _check_same_backend(what, indptr, indices, data, x, *given)
+    suffix = _float_suffix(data, x, *(() if bias is None else (bias,)), *given, what=what)
     if x.ndim != 2:
         raise ValueError(f"{what}: x must be (n_cols, batch). Got shape {x.shape} instead.")
     _check_contiguous(what, x=x)
@@ -135,12 +152,19 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
                          f"Got {bias.shape} instead.")
     if relu and bias is None:
         raise ValueError(f"{what}: relu=True goes with a bias (the layer's).")
+    batch = int(x.shape[1])
+    if out is not None:
+        _check_out(what, out, (n_rows, batch))
+        if check:
+            read = {"indptr": indptr, "indices": indices, "data": data, "x": x}
+            _check_no_overlap(what, backend.xp, "out", {"out": out, **read,
+                                                        **({} if bias is None else {"bias": bias})})
     if backend.is_gpu:
         method = _check_spmm_choice(spmm_setting() if method is None else method, what)
         xp = backend.xp
-        batch = int(x.shape[1])
         if method == "rows":
-            out = xp.empty((n_rows, batch), dtype=x.dtype)
+            if out is None:
+                out = xp.empty((n_rows, batch), dtype=x.dtype)
             if batch and n_rows:
                 grid, block = _spmm_launch(n_rows, batch, max_blocks)
                 cuda_function("spmm.cu", f"spmm_{suffix}")(
@@ -149,23 +173,27 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
                                   numpy.int32(bias is not None), numpy.int32(bool(relu))))
             return out
         if batch == 0 or n_rows == 0:  # cuSPARSE is not asked about empty products
-            out = xp.zeros((n_rows, batch), dtype=x.dtype)
+            result = xp.zeros((n_rows, batch), dtype=x.dtype)
         else:
             w = _gpu_csr(indptr, indices, data, (n_rows, x.shape[0]))
-            out = xp.ascontiguousarray(w @ x)
+            result = xp.ascontiguousarray(w @ x)
         if bias is not None:
-            out += bias[:, None]
+            result += bias[:, None]
             if relu:
-                xp.maximum(out, 0, out=out)
+                xp.maximum(result, 0, out=result)
+        if out is None:
+            return result
+        xp.copyto(out, result)
         return out
-    out = numpy.empty((n_rows, x.shape[1]), dtype=x.dtype)
+    if out is None:
+        out = numpy.empty((n_rows, batch), dtype=x.dtype)
     _cpu().spmm(indptr, indices, data, x, out, data[:0] if bias is None else bias, bool(relu))
     return out
 
 
 def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
            check: bool = True, transpose: Any = None, method: str | None = None,
-           max_blocks: int | None = None, sorted_rows: bool = False) -> Any:
+           max_blocks: int | None = None, sorted_rows: bool = False, out: Any = None) -> Any:
     """``W.T @ dy`` for CSR ``W`` (n_rows, n_cols) and dense dy (n_rows, batch).
 
     On the GPU the ``spmm_t`` kernel of ``spmm.cu`` reads W column by column
@@ -179,10 +207,15 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     unless ``sorted_rows=True`` says the columns of every row increase (layers
     say so: their pattern is checked canonical when set). Returns a
     C-contiguous (n_cols, batch) array.
+
+    ``out`` (n_cols, batch), as for :func:`spmm`, receives the product: the
+    ``"rows"`` GPU method then allocates nothing when ``transpose`` is given
+    (without it the transposed pattern is built here), nor does the CPU.
     """
     what = "spmm_t"
-    backend = _check_same_backend(what, indptr, indices, data, dy)
-    suffix = _float_suffix(data, dy, what=what)
+    given = () if out is None else (out,)
+    backend = _check_same_backend(what, indptr, indices, data, dy, *given)
+    suffix = _float_suffix(data, dy, *given, what=what)
     if dy.ndim != 2 or _rows_of(what, indptr) != dy.shape[0]:
         raise ValueError(f"{what}: dy must be (n_rows, batch) with n_rows = len(indptr) - 1. "
                          f"Got dy {dy.shape} and indptr {indptr.shape} instead.")
@@ -190,16 +223,27 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     _check_pattern(what, indptr, indices, dy.shape[0], n_cols, check, data)
     if transpose is not None:
         _check_transpose(what, transpose, backend, int(indices.shape[0]), n_cols)
+    batch = int(dy.shape[1])
+    if out is not None:
+        _check_out(what, out, (n_cols, batch))
+        if check:
+            _check_no_overlap(what, backend.xp, "out", {
+                "out": out, "indptr": indptr, "indices": indices, "data": data, "dy": dy,
+                **({} if transpose is None else dict(zip(("t_indptr", "t_rows", "t_perm"),
+                                                         transpose)))})
     if backend.is_gpu:
         method = _check_spmm_choice(spmm_setting() if method is None else method, what)
         xp = backend.xp
-        batch = int(dy.shape[1])
         if batch == 0 or dy.shape[0] == 0:
-            return xp.zeros((n_cols, batch), dtype=dy.dtype)
+            if out is None:
+                return xp.zeros((n_cols, batch), dtype=dy.dtype)
+            out.fill(0)  # a kernel launch, no allocation
+            return out
         if method == "rows":
             if transpose is None:
                 transpose = transpose_pattern(indptr, indices, n_cols)
-            out = xp.empty((n_cols, batch), dtype=dy.dtype)
+            if out is None:
+                out = xp.empty((n_cols, batch), dtype=dy.dtype)
             if n_cols:
                 grid, block = _spmm_launch(n_cols, batch, max_blocks)
                 cuda_function("spmm.cu", f"spmm_t_{suffix}")(
@@ -207,9 +251,14 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
                                   numpy.int32(batch)))
             return out
         w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
-        return xp.ascontiguousarray(w.T @ dy)
+        result = xp.ascontiguousarray(w.T @ dy)
+        if out is None:
+            return result
+        xp.copyto(out, result)
+        return out
     cpu = _cpu()
-    out = numpy.empty((n_cols, dy.shape[1]), dtype=dy.dtype)
+    if out is None:
+        out = numpy.empty((n_cols, batch), dtype=dy.dtype)
     # The number of workers to plan for (bands, or batch slices when unsorted).
     if check or sorted_rows:  # canonical: checked above, or vouched for by the caller
         cpu._spmm_t_bands(indptr, indices, data, dy, out, numba_threads())

@@ -2,7 +2,9 @@
 ``cpu.spmm_t``) and ``transpose_pattern``: one body checks every implementation
 against the twin (the twin, the Numba kernels, ``spmm.cu`` emulated on the CPU,
 ``spmm.cu`` and cuSPARSE on a GPU), another the fused bias and ReLU; then thread
-order, the transposed pattern and the choice of GPU method.
+order, the transposed pattern and the choice of GPU method; last, the products
+written into a given ``out`` (issue 19: a captured CUDA graph's buffers) on the
+CPU, on the GPU path with ``spmm.cu`` emulated, and on a GPU.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import pytest
 
 from conftest import needs_gpu
 from cupynn import kernels
-from cupynn.backend import to_numpy
+from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import numpy_twins as twins
-from kernel_cases import (CASES, LAUNCHES, SPMM_GPU, Case, assert_close, assert_fused_spmm,
-                          call_fused_spmm, case_params, dtype_params, emulated_spmm,
-                          emulated_spmm_t, fused_inputs, gpu, to_gpu)
+from kernel_cases import (CASES, LAUNCHES, SPMM_GPU, Case, assert_allocates_no, assert_close,
+                          assert_fused_spmm, assert_same_bits, call_fused_spmm, case_params,
+                          dtype_params, emulated_gpu, emulated_spmm, emulated_spmm_t,
+                          fused_inputs, gpu, suffix_of, to_gpu)
 
 # The module that keeps the setting (kernels.spmm is the function).
 SPMM_MODULE = importlib.import_module("cupynn.kernels.spmm")
@@ -215,3 +218,120 @@ def test_gpu_transpose_pattern_matches_the_cpu(case):
                              kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)):
         assert got.dtype == numpy.int32
         numpy.testing.assert_array_equal(to_numpy(got), expected)
+
+
+# --- out=: the product written into a given buffer (issue 19) ------------------------
+
+
+def _product(kernel: str, a: dict, case: Case, **options: Any) -> Any:
+    if kernel == "spmm":
+        bias = options.pop("bias", False)
+        return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"],
+                            bias=a["bias"] if bias else None, **options)
+    return kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols, **options)
+
+
+# (kernel, options): the plain products, the layer's forward pass (bias, ReLU), and
+# spmm_t as layers call it (their transposed pattern, check=False, sorted rows).
+OUT_CALLS = [("spmm", {}), ("spmm", {"bias": True, "relu": True}), ("spmm_t", {}),
+             ("spmm_t", {"transpose": True, "check": False, "sorted_rows": True})]
+out_call_params = pytest.mark.parametrize(
+    "kernel, options", OUT_CALLS,
+    ids=["spmm", "spmm_bias_relu", "spmm_t", "spmm_t_as_layers_call"])
+
+
+def _with_out(kernel: str, options: dict, a: dict, case: Case, xp: Any,
+              **extra: Any) -> tuple[Any, Any]:
+    """(the allocating call's result, the result written into a NaN-filled out)."""
+    options = dict(options, **extra)
+    if options.get("transpose") is True:
+        options["transpose"] = kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)
+    expected = _product(kernel, a, case, **options)
+    out = xp.full(expected.shape, numpy.nan, dtype=expected.dtype)
+    got = _product(kernel, a, case, out=out, **options)
+    assert got is out
+    return expected, out
+
+
+@out_call_params
+@case_params
+@dtype_params
+def test_cpu_out_equals_the_allocating_call(kernel, options, case, dtype):
+    """The Numba kernels write into a given out, empty shapes included, bit for bit."""
+    a = fused_inputs(case, dtype)
+    expected, out = _with_out(kernel, options, a, case, numpy)
+    assert_same_bits(out, expected)
+
+
+@out_call_params
+@case_params
+@dtype_params
+def test_emulated_gpu_out_equals_the_allocating_call(kernel, options, case, dtype, monkeypatch):
+    """The "rows" GPU path, spmm.cu emulated: out is written by the kernel (or, with
+    no rows for spmm_t, filled with zeros), bit for bit as a fresh array."""
+    launches = emulated_gpu(monkeypatch, SPMM_MODULE, "spmm.cu")
+    a = fused_inputs(case, dtype)
+    expected, out = _with_out(kernel, options, a, case, numpy, method="rows")
+    assert_same_bits(out, expected)
+    n_in, n_out = (case.n_cols, case.n_rows) if kernel == "spmm" else (case.n_rows, case.n_cols)
+    if case.batch and n_in and n_out:
+        assert [name for name, _, _ in launches] == [f"{kernel}_{suffix_of(dtype)}"] * 2
+    elif kernel == "spmm" or not n_out:
+        assert not launches
+
+
+@gpu
+@pytest.mark.parametrize("method", ["rows", "cusparse"])
+@out_call_params
+@case_params
+@dtype_params
+def test_gpu_out_equals_the_allocating_call(method, kernel, options, case, dtype):
+    a = to_gpu(fused_inputs(case, dtype))
+    expected, out = _with_out(kernel, options, a, case, get_backend("gpu").xp, method=method)
+    if method == "rows":
+        assert_same_bits(out, expected)
+    else:  # cuSPARSE's transposed product adds with atomics: not the same bits twice
+        numpy.testing.assert_allclose(to_numpy(out), to_numpy(expected),
+                                      rtol=1e-5 if dtype == numpy.float32 else 1e-12,
+                                      atol=1e-5 if dtype == numpy.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
+@dtype_params
+def test_cpu_out_allocates_nothing(kernel, dtype):
+    """With out given, the CPU step's products allocate no NumPy array (tracemalloc),
+    as layers call them (checked pattern once, then check=False)."""
+    case = Case("layer", 64, 96, 512, 0.1)
+    a = fused_inputs(case, dtype)
+    if kernel == "spmm":
+        out = numpy.empty((case.n_rows, case.batch), dtype=dtype)
+        assert_allocates_no(out.nbytes, lambda: kernels.spmm(
+            a["indptr"], a["indices"], a["data"], a["x"], bias=a["bias"], relu=True,
+            check=False, out=out))
+    else:
+        out = numpy.empty((case.n_cols, case.batch), dtype=dtype)
+        assert_allocates_no(out.nbytes, lambda: kernels.spmm_t(
+            a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols, check=False,
+            sorted_rows=True, out=out))
+
+
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
+def test_out_is_checked(kernel):
+    case = CASES[0]
+    a = case.arrays(numpy.float64)
+    shape = (case.n_rows, case.batch) if kernel == "spmm" else (case.n_cols, case.batch)
+    with pytest.raises(ValueError, match=rf"out must be a C-contiguous array of shape "
+                                         rf"\({shape[0]}, {shape[1]}\). Got shape"):
+        _product(kernel, a, case, out=numpy.empty((shape[0] + 1, shape[1])))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _product(kernel, a, case, out=numpy.empty(shape[::-1]).T)
+    with pytest.raises(TypeError, match="all float arrays must have one dtype"):
+        _product(kernel, a, case, out=numpy.empty(shape, dtype=numpy.float32))
+    # The operand read and out over one buffer, out starting a row after it.
+    read = "x" if kernel == "spmm" else "dy"
+    operand = a[read]
+    memory = numpy.zeros(operand.size + shape[0] * shape[1])
+    overlapping = dict(a, **{read: memory[:operand.size].reshape(operand.shape)})
+    out = memory[case.batch:case.batch + shape[0] * shape[1]].reshape(shape)
+    with pytest.raises(ValueError, match=f"out must not overlap {read}"):
+        _product(kernel, overlapping, case, out=out)
