@@ -292,3 +292,76 @@ def mean_of_rows(per_row: numpy.ndarray, den: float) -> numpy.ndarray:
         lanes = lanes + lanes[other ^ offset]
     with numpy.errstate(invalid="ignore", divide="ignore"):
         return numpy.asarray(lanes[0] / t(den), dtype=per_row.dtype)
+
+
+# relu_grad_rowsum (sddmm.cu) and the step's data movement (batch.cu), issue 19.
+
+
+def relu_grad_rowsum(dy: numpy.ndarray, y: numpy.ndarray | None = None
+                     ) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Twin of ``relu_grad_rowsum_*`` in ``sddmm.cu``: (dy * (y > 0) or dy, row sums).
+
+    The kernel's order: lane l of a row's warp adds columns l, l + 32, ... in turn
+    from 0; the 32 partial sums are then added by a butterfly (lane l adds lane
+    ``l ^ offset``, offsets 16, 8, 4, 2, 1) and lane 0 holds the row's sum.
+    """
+    out = dy.copy() if y is None else dy * (y > 0)
+    n_rows, batch = out.shape
+    lanes = numpy.zeros((n_rows, 32), dtype=out.dtype)
+    for start in range(0, batch, 32):
+        chunk = out[:, start:start + 32]
+        lanes[:, :chunk.shape[1]] = lanes[:, :chunk.shape[1]] + chunk
+    other = numpy.arange(32)
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[:, other ^ offset]
+    return out, lanes[:, 0].copy()
+
+
+def _missing(dtype: numpy.dtype) -> float | int:
+    """What batch.cu writes for an out-of-bounds position: NaN, or -1 for int64."""
+    return -1 if dtype == numpy.int64 else numpy.nan
+
+
+def _batch_sources(order: numpy.ndarray, counter: numpy.ndarray, stride: int, rows: int,
+                   n: int) -> list[int | None]:
+    """The data set's row of each batch position, None where batch.cu writes missing."""
+    start = int(counter[0]) * int(stride)
+    sources = []
+    for j in range(rows):
+        p = start + j
+        s = int(order[p]) if 0 <= p < len(order) else -1
+        sources.append(s if 0 <= s < n else None)
+    return sources
+
+
+def gather_batch(x: numpy.ndarray, order: numpy.ndarray, counter: numpy.ndarray, stride: int,
+                 rows: int) -> numpy.ndarray:
+    """Twin of ``gather_batch_*`` in ``batch.cu``: (features, rows),
+    ``out[:, j] = x[order[counter[0] * stride + j]]``, NaN where out of bounds."""
+    out = numpy.empty((x.shape[1], rows), dtype=x.dtype)
+    for j, s in enumerate(_batch_sources(order, counter, stride, rows, x.shape[0])):
+        out[:, j] = _missing(x.dtype) if s is None else x[s]
+    return out
+
+
+def gather_labels(y: numpy.ndarray, order: numpy.ndarray, counter: numpy.ndarray, stride: int,
+                  rows: int) -> numpy.ndarray:
+    """Twin of ``gather_labels_*`` in ``batch.cu``: (rows,),
+    ``out[j] = y[order[counter[0] * stride + j]]``, NaN (-1 for int64) where out of bounds."""
+    sources = _batch_sources(order, counter, stride, rows, y.shape[0])
+    return numpy.array([_missing(y.dtype) if s is None else y[s] for s in sources],
+                       dtype=y.dtype).reshape(rows)
+
+
+def transpose(src: numpy.ndarray) -> numpy.ndarray:
+    """Twin of ``transpose_*`` in ``batch.cu``: src (a, b) as a C-contiguous (b, a)."""
+    return numpy.ascontiguousarray(src.T)
+
+
+def end_step(value: numpy.ndarray, losses: numpy.ndarray, counter: numpy.ndarray) -> None:
+    """Twin of ``end_step_*`` in ``batch.cu``, in place: ``losses[counter[0]] = value``
+    (as float64; skipped outside [0, len(losses))), then ``counter[0] += 1``."""
+    step = int(counter[0])
+    if 0 <= step < len(losses):
+        losses[step] = numpy.float64(numpy.asarray(value).reshape(()))
+    counter[0] = step + 1

@@ -32,6 +32,17 @@
 //   NumPy twin: cupynn.kernels.numpy_twins.sddmm_warp (the same summation order).
 //
 // NumPy twin of both: cupynn.kernels.numpy_twins.sddmm.
+//
+// relu_grad_rowsum_*: the step of a layer's backward pass before its SDDMM,
+//   out = dy * (y > 0) (relu = 1; dy alone when relu = 0) and
+//   sums[r] = sum_j out[r, j] (the bias gradient), with no temporary array,
+//   so a captured CUDA graph can run it (issue 19). out may be dy itself.
+//   One warp per row, grid-stride over rows in whole warps (blockDim.x a
+//   multiple of 32); lane l adds out[r, l], out[r, l + 32], ... in turn from
+//   0, then the 32 partial sums are added by a butterfly of warp shuffles
+//   (offsets 16, 8, 4, 2, 1) and lane 0 writes sums[r]. A fixed order for
+//   any launch: the same bits on every run.
+//   NumPy twin: cupynn.kernels.numpy_twins.relu_grad_rowsum (the same order).
 
 // The row of nonzero k: the largest r with indptr[r] <= k (n_rows >= 1).
 __device__ __forceinline__ int row_of(const int* __restrict__ indptr, int n_rows, long long k)
@@ -112,4 +123,45 @@ extern "C" __global__ void sddmm_warp_f64(
     double* out, int n_rows, int nnz, int batch, int group)
 {
     sddmm_warp_impl<double>(indptr, indices, dy, x, out, n_rows, nnz, batch, group);
+}
+
+// out = dy * (y > 0) as NumPy computes it: the mask is a factor of 1 or 0, so a
+// NaN or infinite dy at a dead unit gives NaN and a negative one -0.0, as
+// `dy * (y > 0)` does. dy, y and out are not __restrict__: out may be dy, and
+// without the ReLU the wrapper passes dy for y (not read).
+template <typename T>
+__device__ __forceinline__ void relu_grad_rowsum_impl(
+    const T* dy, const T* y, T* out, T* __restrict__ sums,
+    int n_rows, int batch, int relu)
+{
+    const int lane = threadIdx.x & 31;
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long n_warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    const bool write = relu || out != dy;  // in place without the ReLU: nothing to write
+    for (long long r = warp; r < n_rows; r += n_warps) {  // the same rows for every lane
+        const long long base = r * batch;
+        T acc = 0;
+        for (int j = lane; j < batch; j += 32) {
+            T v = dy[base + j];
+            if (relu) v = v * (y[base + j] > 0 ? (T)1 : (T)0);
+            if (write) out[base + j] = v;
+            acc += v;
+        }
+        for (int offset = 16; offset > 0; offset >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+        if (lane == 0) sums[r] = acc;
+    }
+}
+
+extern "C" __global__ void relu_grad_rowsum_f32(
+    const float* dy, const float* y, float* out, float* sums, int n_rows, int batch, int relu)
+{
+    relu_grad_rowsum_impl<float>(dy, y, out, sums, n_rows, batch, relu);
+}
+
+extern "C" __global__ void relu_grad_rowsum_f64(
+    const double* dy, const double* y, double* out, double* sums, int n_rows, int batch,
+    int relu)
+{
+    relu_grad_rowsum_impl<double>(dy, y, out, sums, n_rows, batch, relu);
 }

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy
 
-from ._checks import (_check_contiguous, _check_pattern, _check_same_backend,
-                      _float_suffix)
+from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
+                      _check_same_backend, _float_suffix)
 from ._launch import THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
+from .spmm import _check_out
 
 SDDMM_METHODS = ("thread", "warp")
 SDDMM_ENV = "CUPYNN_SDDMM"
@@ -158,34 +159,85 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
     return out
 
 
-def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False) -> tuple[Any, Any]:
+def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False, out: Any = None,
+                     sums: Any = None, max_blocks: int | None = None) -> tuple[Any, Any]:
     """``(dy * (y > 0), its row sums)``, or ``(dy, row sums)`` without ``y``.
 
     A sparse layer's backward pass before its SDDMM: the gradient through its
-    ReLU (``y`` is the layer's output after the ReLU) and its bias gradient. One
-    Numba pass on the CPU; element-wise operations and a reduction on the
-    GPU. ``dy`` and ``y`` are (n_rows, batch) C-contiguous of one float dtype;
-    ``dy`` is not modified, unless ``in_place`` lets the result overwrite it
-    (a caller that gives ``dy`` up saves an array of its size at the peak of
-    the backward pass).
+    ReLU (``y`` is the layer's output after the ReLU) and its bias gradient.
+    One Numba pass on the CPU. ``dy`` and ``y`` are (n_rows, batch)
+    C-contiguous of one float dtype; ``dy`` is not modified, unless
+    ``in_place`` lets the result overwrite it (a caller that gives ``dy`` up
+    saves an array of its size at the peak of the backward pass).
+
+    Parameters
+    ----------
+    dy, y : (n_rows, batch) float32 or float64, C-contiguous
+    in_place : bool
+        Write the result over ``dy`` (``out`` is then ``dy`` or not given).
+    out : (n_rows, batch), optional
+        Receives the result; may be ``dy`` itself, must not overlap it otherwise.
+        Without ``y`` the GPU returns ``dy`` itself when no ``out`` is given.
+    sums : (n_rows,), optional
+        Receives the row sums. On the GPU, given ``sums`` runs the
+        ``relu_grad_rowsum`` kernel of ``sddmm.cu`` (one warp per row, a fixed
+        summation order, no temporary array: what a captured CUDA graph needs,
+        issue 19); without it, CuPy's element-wise product and reduction as
+        before (they allocate a mask and the sums; their order differs from the
+        kernel's by rounding).
+    max_blocks : int, optional
+        Cap on the kernel's CUDA grid (tests use it to exercise its grid-stride loop).
+
+    Returns
+    -------
+    (out, sums): ``out`` and ``sums`` themselves when given.
     """
     what = "relu_grad_rowsum"
     arrays = (dy,) if y is None else (dy, y)
-    backend = _check_same_backend(what, *arrays)
-    _float_suffix(*arrays, what=what)
+    given = tuple(a for a in (out, sums) if a is not None)
+    backend = _check_same_backend(what, *arrays, *given)
+    suffix = _float_suffix(*arrays, *given, what=what)
     if dy.ndim != 2 or (y is not None and y.shape != dy.shape):
         raise ValueError(f"{what}: dy must be 2-D and y of its shape. Got {dy.shape} and "
                          f"{None if y is None else y.shape} instead.")
     _check_contiguous(what, **({"dy": dy} if y is None else {"dy": dy, "y": y}))
-    if backend.is_gpu:
+    xp = backend.xp
+    read = {} if y is None else {"y": y}
+    if out is not None:
+        if in_place and out is not dy:
+            raise ValueError(f"{what}: in_place=True writes over dy; out must be dy or not "
+                             f"given.")
+        _check_out(what, out, dy.shape)
+        _check_no_overlap(what, xp, "out", {"out": out, **read,
+                                            **({} if out is dy else {"dy": dy})})
+    if sums is not None:
+        _check_out(what, sums, dy.shape[:1])
+        _check_no_overlap(what, xp, "sums", {"sums": sums, "dy": dy, **read,
+                                             **({} if out is None else {"out": out})})
+    if backend.is_gpu and sums is None:  # CuPy's operations (the default, as before)
         if y is None:
-            out = dy
-        elif in_place:
-            out = backend.xp.multiply(dy, y > 0, out=dy)
+            if out is None:
+                out = dy
+            elif out is not dy:
+                xp.copyto(out, dy)
+        elif in_place or out is dy:
+            out = xp.multiply(dy, y > 0, out=dy)
+        elif out is not None:
+            xp.multiply(dy, y > 0, out=out)
         else:
             out = dy * (y > 0)
         return out, out.sum(axis=1)
-    out = dy if in_place else numpy.empty_like(dy)
-    sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
+    if out is None:
+        out = dy if in_place or (y is None and backend.is_gpu) else xp.empty_like(dy)
+    if sums is None:
+        sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
+    if backend.is_gpu:
+        n_rows, batch = dy.shape
+        if n_rows:
+            cuda_function("sddmm.cu", f"relu_grad_rowsum_{suffix}")(
+                _grid(n_rows * WARP_SIZE, max_blocks), (THREADS_PER_BLOCK,),
+                (dy, dy if y is None else y, out, sums, numpy.int32(n_rows),
+                 numpy.int32(batch), numpy.int32(y is not None)))
+        return out, sums
     _cpu().relu_grad_rowsum(dy, dy if y is None else y, y is not None, out, sums)
     return out, sums

@@ -1,7 +1,9 @@
 """``kernels.sddmm`` (``sddmm.cu`` thread and warp kernels, ``cpu.sddmm``) and
 ``kernels.relu_grad_rowsum``: one body checks every implementation against the
 twin (the twins, the Numba kernel, ``sddmm.cu`` emulated on the CPU, ``sddmm.cu`` on
-a GPU); then the warp kernel's order, the choice of GPU kernel and the ReLU step.
+a GPU); then the warp kernel's order, the choice of GPU kernel and the ReLU step,
+with its buffers given (issue 19: ``out=``, ``sums=``, the ``relu_grad_rowsum``
+kernel of ``sddmm.cu`` against its twin, emulated and through the GPU path).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import THREADS_PER_BLOCK, numpy_twins as twins
 from kernel_cases import (CASES, GPU_SDDMM_CHOICES, GUARD, LAUNCHES, WARP_CASES, WARP_GROUPS,
-                          WARP_LAUNCHES, Case, assert_close, assert_relu_grad_rowsum, case_params,
-                          dtype_params, fused_inputs, gpu, grid_and_block, host_library,
-                          launch_sddmm_warp, sddmm_argtypes, sddmm_reference, small, suffix_of,
-                          to_gpu)
+                          WARP_LAUNCHES, Case, assert_allocates_no, assert_close,
+                          assert_relu_grad_rowsum, assert_same_bits, case_params, dtype_params,
+                          emulated_gpu, emulated_relu_grad_rowsum, fused_inputs, gpu,
+                          grid_and_block, host_library, launch_sddmm_warp, sddmm_argtypes,
+                          sddmm_reference, small, suffix_of, to_gpu)
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
     from cuda_host import WarpError, launch
@@ -220,3 +223,158 @@ def test_gpu_sddmm_warp_runs_the_emulated_kernel(group):
     expected, bound = sddmm_reference(a)
     assert_close(got, expected, bound, numpy.float64)
     assert_close(got, emulated[:len(got)], bound, numpy.float64)
+
+
+# --- relu_grad_rowsum with given buffers, and its kernel (issue 19) ------------------
+
+
+RELU_CASES = [c for c in WARP_CASES if c.name != "mid"] + [
+    Case("batch_70", 5, 3, 70, 0.5)]  # a batch over two warps' widths, not a multiple
+relu_case_params = pytest.mark.parametrize("case", RELU_CASES, ids=lambda c: c.name)
+# (y given, in place): with and without the ReLU, into a new array and over dy.
+RELU_MODES = [(True, False), (False, False), (True, True), (False, True)]
+relu_mode_params = pytest.mark.parametrize("relu, in_place", RELU_MODES,
+                                           ids=["relu", "no_relu", "relu_in_place",
+                                                "no_relu_in_place"])
+
+
+@relu_mode_params
+@pytest.mark.parametrize("config", list(WARP_LAUNCHES))
+@relu_case_params
+@dtype_params
+def test_emulated_relu_grad_rowsum_is_its_twin(relu, in_place, config, case, dtype):
+    """sddmm.cu's relu_grad_rowsum on the CPU, under launches with more warps than
+    rows and fewer: the twin's bits (the same products, the same summation order),
+    NaN, -0.0 and dead units included."""
+    a = fused_inputs(case, dtype)
+    y = a["y"] if relu else None
+    out, sums = emulated_relu_grad_rowsum(a["dy"], y, *WARP_LAUNCHES[config], in_place=in_place)
+    expected_out, expected_sums = twins.relu_grad_rowsum(a["dy"], y)
+    assert_same_bits(out, expected_out)
+    assert_same_bits(sums, expected_sums)
+
+
+def test_emulated_relu_grad_rowsum_does_not_depend_on_thread_order():
+    case = next(c for c in RELU_CASES if c.name == "grid_stride")
+    a = fused_inputs(case, numpy.float32)
+    grid, block = WARP_LAUNCHES["grid2_block64"]
+    forward = emulated_relu_grad_rowsum(a["dy"], a["y"], grid, block)
+    backward = emulated_relu_grad_rowsum(a["dy"], a["y"], grid, block, reverse=True)
+    for f, b in zip(forward, backward):
+        assert_same_bits(f, b)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 31, 32, 33, 100])
+def test_twin_relu_grad_rowsum_sums_the_rows(batch):
+    """The order-faithful twin is within rounding of a plain sum (NaN-free input)."""
+    rng = numpy.random.default_rng(batch)
+    dy, y = rng.standard_normal((7, batch)), rng.standard_normal((7, batch))
+    out, sums = twins.relu_grad_rowsum(dy, y)
+    numpy.testing.assert_array_equal(out, dy * (y > 0))
+    assert_close(sums, out.sum(axis=1), numpy.abs(out).sum(axis=1), numpy.float64)
+
+
+def _given(dy: numpy.ndarray, in_place: bool) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+    """(dy to pass, out, sums): NaN-filled buffers, or out = a copy of dy written over."""
+    source = dy.copy()
+    out = source if in_place else numpy.full_like(dy, numpy.nan)
+    return source, out, numpy.full(dy.shape[0], numpy.nan, dtype=dy.dtype)
+
+
+@relu_mode_params
+@case_params
+@dtype_params
+def test_cpu_relu_grad_rowsum_fills_the_given_buffers(relu, in_place, case, dtype):
+    """out= and sums= on the CPU: the allocating call's bits, dy itself as out included.
+    (The Numba kernel's sums may round differently in place, where LLVM vectorises
+    another loop, so each is compared with the allocating call of its own kind.)"""
+    a = fused_inputs(case, dtype)
+    y = a["y"] if relu else None
+    expected = kernels.relu_grad_rowsum(a["dy"].copy(), y, in_place=in_place)
+    dy, out, sums = _given(a["dy"], in_place)
+    got = kernels.relu_grad_rowsum(dy, y, out=out, sums=sums, in_place=in_place)
+    assert got[0] is out and got[1] is sums
+    assert_same_bits(out, expected[0])
+    assert_same_bits(sums, expected[1])
+
+
+@relu_mode_params
+@pytest.mark.parametrize("max_blocks", [None, 1])
+@relu_case_params
+@dtype_params
+def test_emulated_gpu_relu_grad_rowsum_runs_the_kernel(relu, in_place, max_blocks, case, dtype,
+                                                       monkeypatch):
+    """The GPU path with sums given: one launch of the kernel (emulated), the twin's bits
+    in the given buffers; without sums, CuPy's operations as before (no kernel)."""
+    launches = emulated_gpu(monkeypatch, SDDMM_MODULE, "sddmm.cu")
+    a = fused_inputs(case, dtype)
+    y = a["y"] if relu else None
+    dy, out, sums = _given(a["dy"], in_place)
+    got = kernels.relu_grad_rowsum(dy, y, out=out, sums=sums, in_place=in_place,
+                                   max_blocks=max_blocks)
+    assert got[0] is out and got[1] is sums
+    expected_out, expected_sums = twins.relu_grad_rowsum(a["dy"], y)
+    assert_same_bits(out, expected_out)
+    assert_same_bits(sums, expected_sums)
+    assert [name for name, _, _ in launches] == (
+        [f"relu_grad_rowsum_{suffix_of(dtype)}"] if case.n_rows else [])
+    if max_blocks is not None and launches:
+        assert launches[0][1] == (1,)
+    # Without sums: no launch; the results of dy * (y > 0) and a reduction.
+    default_out, default_sums = kernels.relu_grad_rowsum(a["dy"].copy(), y)
+    assert len(launches) == (1 if case.n_rows else 0)
+    assert_same_bits(default_out, expected_out)
+    assert_close(default_sums, expected_sums, numpy.abs(expected_out).sum(axis=1), dtype)
+
+
+@gpu
+@relu_mode_params
+@relu_case_params
+@dtype_params
+def test_gpu_relu_grad_rowsum_kernel_is_its_twin(relu, in_place, case, dtype):
+    a = fused_inputs(case, dtype)
+    y = a["y"] if relu else None
+    d = to_gpu(a)
+    xp = get_backend("gpu").xp
+    dy = d["dy"].copy()
+    out = dy if in_place else xp.full_like(dy, numpy.nan)
+    sums = xp.full(dy.shape[0], numpy.nan, dtype=dtype)
+    got = kernels.relu_grad_rowsum(dy, d["y"] if relu else None, out=out, sums=sums,
+                                   in_place=in_place)
+    assert got[0] is out and got[1] is sums
+    expected_out, expected_sums = twins.relu_grad_rowsum(a["dy"], y)
+    assert_same_bits(out, expected_out)
+    assert_same_bits(sums, expected_sums)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@dtype_params
+def test_cpu_relu_grad_rowsum_allocates_nothing(relu, dtype):
+    """With out and sums given, the CPU step allocates no NumPy array (tracemalloc)."""
+    a = fused_inputs(Case("layer", 4096, 4, 64, 0.1), dtype)  # sums of 16 KiB or more
+    y = a["y"] if relu else None
+    out, sums = numpy.empty_like(a["dy"]), numpy.empty(4096, dtype=dtype)
+    assert_allocates_no(sums.nbytes, lambda: kernels.relu_grad_rowsum(a["dy"], y, out=out,
+                                                                      sums=sums))
+    assert_allocates_no(sums.nbytes, lambda: kernels.relu_grad_rowsum(
+        out, y, out=out, sums=sums, in_place=True))
+
+
+def test_relu_grad_rowsum_checks_its_buffers():
+    a = fused_inputs(CASES[0], numpy.float64)
+    dy, y = a["dy"], a["y"]
+    n_rows = dy.shape[0]
+    with pytest.raises(ValueError, match="in_place=True writes over dy; out must be dy"):
+        kernels.relu_grad_rowsum(dy, y, in_place=True, out=numpy.empty_like(dy))
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous array of shape"):
+        kernels.relu_grad_rowsum(dy, y, out=numpy.empty(dy.shape[::-1]).T)
+    with pytest.raises(ValueError, match=rf"out must be a C-contiguous array of shape "
+                                         rf"\({n_rows},\). Got shape \({n_rows + 1},\)"):
+        kernels.relu_grad_rowsum(dy, y, sums=numpy.empty(n_rows + 1))
+    with pytest.raises(TypeError, match="all float arrays must have one dtype"):
+        kernels.relu_grad_rowsum(dy, y, sums=numpy.empty(n_rows, dtype=numpy.float32))
+    with pytest.raises(ValueError, match="out must not overlap y"):
+        kernels.relu_grad_rowsum(dy, y, out=y)
+    with pytest.raises(ValueError, match="sums must not overlap dy"):
+        kernels.relu_grad_rowsum(dy, y, sums=dy[0, :n_rows] if dy.shape[1] >= n_rows
+                                 else dy.reshape(-1)[:n_rows])
