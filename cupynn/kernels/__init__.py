@@ -13,6 +13,8 @@ wrapper is the one place that chooses the device:
                 (:func:`adam_scalars`), made once a step per dtype
 ``fisher.py``   WoodFisher's packed inverse Fisher: update and product;
                 ``fisher.cu``
+``batch.py``    a captured step's batch gather, transpose and loss record,
+                driven by a device counter; ``batch.cu``
 ``_launch.py``  per-device compilation of the ``.cu`` files, grids, the lazy
                 import of the Numba kernels
 ``_checks.py``  dtype, contiguity, device and CSR checks shared by the wrappers
@@ -45,6 +47,7 @@ from ._launch import (_CPU_MODULE, _SUFFIX, CUDA_SOURCES, KERNEL_DIR, MAX_BLOCKS
                       THREADS_PER_BLOCK, WARP_SIZE, _cpu, _cuda_module, _grid, cuda_function,
                       numba_threads)
 from .adam import AdamScalars, adam, adam_scalars
+from .batch import end_step, gather_batch, gather_labels, transpose
 from .fisher import (FISHER_TILE, _check_fisher_blocks, fisher_shape, fisher_update,
                      packed_matvec)
 from .sddmm import (_SDDMM_DEFAULT, SDDMM_ENV, SDDMM_MAX_GROUP, SDDMM_METHODS,
