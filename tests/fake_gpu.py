@@ -31,9 +31,25 @@ replay of the graph does what the eager step does.
   load, and, at ``end_capture()``, an allocation larger than
   ``allocation_limit`` bytes.
 
-What is not faked raises :class:`NotImplementedError` naming it: cuSPARSE
-(``backend.sparse``, ``cupyx.scipy.sparse``), ``RawModule``, CuPy memory hooks
-and pools. Kernels must be 1-D launches (cupynn's are).
+What is not faked raises :class:`NotFaked` (a NotImplementedError) naming it:
+cuSPARSE (``backend.sparse``, ``cupyx.scipy.sparse``), ``RawModule``, CuPy
+memory hooks and pools. Kernels must be 1-D launches (cupynn's are). Unlike
+CuPy, ``numpy.asarray(device_array)`` gives a host view without complaint (a
+subclass cannot refuse it), and cupynn code that tests
+``isinstance(x, numpy.ndarray)`` sees a device array as a host one.
+
+Use::
+
+    from fake_gpu import FakeGpu, fake_gpu  # the fixture: def test_x(fake_gpu): ...
+
+    with FakeGpu() as fake:
+        model = cupynn.MLP([6, 8, 3], device=fake.backend, dtype="float64")
+        stream = fake.xp.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            ...  # kernels only, on buffers made before
+            graph = stream.end_capture()
+        graph.launch(stream)  # graph.launches, graph.allocations, graph.host_ops
 """
 
 from __future__ import annotations
@@ -71,9 +87,14 @@ class CaptureError(RuntimeError):
     """What CUDA refuses during stream capture (it would invalidate the capture)."""
 
 
-def _not_faked(what: str) -> NotImplementedError:
-    return NotImplementedError(f"The fake GPU (tests/fake_gpu.py) does not fake {what}; "
-                               "this GPU path needs a real GPU.")
+class NotFaked(NotImplementedError, AttributeError):
+    """CuPy API the fake does not provide. An AttributeError too, so that ``hasattr``
+    and ``getattr(..., default)`` probes answer as for a missing attribute."""
+
+
+def _not_faked(what: str) -> NotFaked:
+    return NotFaked(f"The fake GPU (tests/fake_gpu.py) does not fake {what}; "
+                    "this GPU path needs a real GPU.")
 
 
 # ------------------------------------------------------------------ the installed fake
