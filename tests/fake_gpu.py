@@ -72,8 +72,10 @@ from cupynn.backend import Backend
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
     from cuda_host import compile_cu, launch, pointer
+    from cuda_host.emulate import WARP_CALLS
 except ModuleNotFoundError:  # tests/ became a package
     from tests.cuda_host import compile_cu, launch, pointer
+    from tests.cuda_host.emulate import WARP_CALLS
 
 KERNEL_DIR = Path(cupynn.backend.__file__).resolve().parent / "kernels"
 NUMPY_DOMAIN = numpy.lib.tracemalloc_domain
@@ -542,6 +544,42 @@ def kernel_signatures(source: Path) -> dict[str, tuple[Parameter, ...]]:
             for name, params in _SIGNATURE.findall(text)}
 
 
+_DEFINITION = re.compile(r"\b(\w+)\s*\([^(){};]*\)\s*\{")
+_NOT_FUNCTIONS = frozenset({"if", "for", "while", "switch", "catch", "return", "sizeof"})
+
+
+def warp_kernels(source: Path) -> set[str]:
+    """The kernels of a ``.cu`` file that meet their lanes (a warp-level call in their
+    body or in a function they call): the emulation runs those warp by warp and
+    the others thread by thread (much faster). A kernel misjudged as
+    thread-by-thread fails loudly: ``cuda_host.h`` refuses a warp-level call
+    outside a warp launch."""
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", "", source.read_text(), flags=re.S)
+    bodies: dict[str, str] = collections.defaultdict(str)
+    for match in _DEFINITION.finditer(text):
+        if match.group(1) in _NOT_FUNCTIONS:
+            continue
+        depth, end = 0, match.end() - 1
+        for end in range(match.end() - 1, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        bodies[match.group(1)] += text[match.end():end]
+    calls = {name: {other for other in bodies if other != name
+                    and re.search(rf"\b{other}\s*[<(]", body)} for name, body in bodies.items()}
+    found = set()
+    for kernel in kernel_signatures(source):
+        seen, todo = set(), [kernel]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(calls.get(name, ()))
+        if any(WARP_CALLS.search(bodies.get(name, "")) for name in seen):
+            found.add(kernel)
+    return found
+
+
 def _dims(value: Any, what: str, name: str) -> tuple[int]:
     dims = (value,) if isinstance(value, (int, numpy.integer)) else tuple(value)
     if not dims or any(int(d) != 1 for d in dims[1:]):
@@ -577,6 +615,7 @@ class EmulatedKernel:
             raise AttributeError(f"{filename} has no extern \"C\" kernel {name!r} "
                                  f"(it has {sorted(signatures)}).")
         self.parameters = signatures[name]
+        self.warps = name in warp_kernels(KERNEL_DIR / filename)
 
     def __call__(self, grid: Any, block: Any, args: tuple, *, shared_mem: int = 0,
                  stream: Any = None) -> None:
@@ -612,7 +651,7 @@ class EmulatedKernel:
         lib = compile_cu(KERNEL_DIR / self.filename)
         launch(lib, self.name, grid, block, [p.ctype for p in self.parameters],
                [a.view(numpy.ndarray) if isinstance(a, DeviceArray) else a for a in args],
-               reverse=self.fake.reverse)
+               reverse=self.fake.reverse, warps=self.warps)
 
     def __repr__(self) -> str:
         return f"<EmulatedKernel {self.filename}:{self.name}>"

@@ -14,7 +14,8 @@ import cupynn
 import cupynn.backend
 from cupynn import kernels
 from cupynn.kernels import _launch
-from fake_gpu import CaptureError, DeviceArray, FakeGpu, fake_gpu  # noqa: F401 (fixture)
+from fake_gpu import (KERNEL_DIR, CaptureError, DeviceArray, FakeGpu,  # noqa: F401 (fixture)
+                      fake_gpu, warp_kernels)
 from kernel_cases import adam_hyper, adam_reference, adam_state, assert_adam_step
 
 try:
@@ -127,6 +128,37 @@ def test_adam_on_the_fake_gpu_equals_the_twin(fake_gpu, dtype):
     kernels.adam(p, g, m, v, **adam_hyper(3))
     assert fake_gpu.launches == [f"adam_{'f32' if dtype == numpy.float32 else 'f64'}"]
     assert_adam_step(p, m, v, ref, dtype)
+
+
+LOSSES = [("cross_entropy", "softmax_cross_entropy", "softmax_cross_entropy_rows"),
+          ("binary_cross_entropy", "binary_cross_entropy", "binary_cross_entropy_rows"),
+          ("mean_squared_error", "mean_squared_error", "squared_error_rows")]
+
+
+@pytest.mark.parametrize("loss, kernel, family", LOSSES, ids=[c[0] for c in LOSSES])
+def test_losses_on_the_fake_gpu_equal_the_cpu(fake_gpu, loss, kernel, family):
+    """cupynn.losses on the device (NumPy work) and loss.cu's two launches, against the CPU."""
+    from cupynn.kernels import loss as fused
+
+    rng = numpy.random.default_rng(6)
+    logits = 3 * rng.standard_normal((11, 1 if loss == "binary_cross_entropy" else 4))
+    labels = {"cross_entropy": rng.integers(0, 4, 11),
+              "binary_cross_entropy": (rng.random(11) < 0.5).astype(numpy.float64),
+              "mean_squared_error": logits + rng.standard_normal(logits.shape)}[loss]
+    value, grad = getattr(cupynn.losses, loss)(logits, labels)
+    device = (fake_gpu.asarray(logits), fake_gpu.asarray(labels))
+    for got in (getattr(cupynn.losses, loss)(*device), getattr(fused, kernel)(*device)):
+        assert type(got[0]) is type(got[1]) is DeviceArray
+        assert abs(float(got[0]) - float(value)) <= 1e-12
+        numpy.testing.assert_allclose(got[1].get().reshape(grad.shape), grad, rtol=0, atol=1e-12)
+    assert fake_gpu.launches[-2:] == [f"{family}_f64", "mean_of_rows_f64"]
+
+
+def test_only_kernels_that_meet_their_lanes_run_warp_by_warp():
+    sddmm, loss = warp_kernels(KERNEL_DIR / "sddmm.cu"), warp_kernels(KERNEL_DIR / "loss.cu")
+    assert {"sddmm_warp_f64", "relu_grad_rowsum_f32"} <= sddmm and "sddmm_f64" not in sddmm
+    assert loss == {"mean_of_rows_f32", "mean_of_rows_f64"}  # not the per-row kernels
+    assert warp_kernels(KERNEL_DIR / "spmm.cu") == warp_kernels(KERNEL_DIR / "adam.cu") == set()
 
 
 def test_kernel_arguments_are_checked_against_the_cu_signature(fake_gpu):
