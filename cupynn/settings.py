@@ -46,6 +46,13 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any, str, str], str]:
     return lambda value, name, owner: check_choice(value, name, owner, choices)
 
 
+def _graph(value: Any, name: str, owner: str) -> Any:
+    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"The {name!r} parameter of {owner} must be 'auto', True or False. "
+                         f"Got {value!r} instead.")
+    return value
+
+
 def _callable(value: Any, name: str, owner: str) -> Any:
     if value is not None and not callable(value):
         raise TypeError(f"The {name!r} parameter of {owner} must be callable. Got {value!r}.")
@@ -72,6 +79,7 @@ SETTINGS: dict[str, Setting] = {
     "schedule": Setting("cosine", _choice(SCHEDULES)),
     "redistribute_unit": Setting("epoch", _choice(UNITS)),
     "sample_weight": Setting(None),
+    "graph": Setting("auto", _graph),
 }
 
 

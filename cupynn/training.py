@@ -98,6 +98,9 @@ class Trainer:
         self.step = TrainStep(model, optimizer, loss, redistributor=self.redistributor,
                               comm=self.comm, augment=augment, augment_rng=self.augment_rng)
         self.reducer = self.step.reducer
+        self.graph = _graph_step(s["graph"], model, optimizer, loss, self.batch_size,
+                                 comm=self.comm, augment=augment,
+                                 sample_weight=s["sample_weight"])
         # A fixed batch of training rows for the induced loss, from its own stream: of a
         # sampler's epoch (only those rows are copied, where it can take rows).
         stream = numpy.random.default_rng((self.seed, 1))
@@ -225,6 +228,7 @@ class Trainer:
         order = self.rng.permutation(n)
         n_batches = -(-n // size)
         if self.reducer is None:
+            self._epoch_rows = (x_train, y_train, order)  # for the graph step
             w_train = self.sample_weight  # with weights: (x, y, no shard, w)
 
             def batch(b):
@@ -259,6 +263,45 @@ class Trainer:
             return x_train[idx], y_train[idx], n - b0 * size
         return batch, n, rows_from
 
+    def _batches(self, epoch: int, batch_bar: Any, batch: Callable[[int], tuple[Any, ...]],
+                 n_batches: int, moves: list[dict[str, Any]], n: int | None = None
+                 ) -> numpy.ndarray:
+        """The epoch's training steps (with ``n``, the number of rows: through the
+        trainer's :class:`cupynn.graph.GraphStep`); returns the batch losses."""
+        model, backend, schedule = self.model, self.model.backend, self.schedule
+        redistributor, graph = self.redistributor, self.graph
+        stepwise = redistributor is not None and schedule.stepwise
+        if graph is None:
+            batch_losses = backend.xp.empty(n_batches, dtype=numpy.float64)
+        else:
+            graph.begin_epoch(*self._epoch_rows, n_batches)
+        shown = None  # the loss on its way to the progress bar (never waited for)
+        for b in batch_bar:
+            step = schedule.step(epoch, b, n_batches)
+            if stepwise:  # an interval of t steps begins: the redistributor's Fisher, say
+                opening = schedule.interval_start(step, b == 0, n_batches)
+                if opening is not None:
+                    redistributor.start_epoch(model, *opening)
+            if graph is None:
+                rows = batch(b)
+                value = self.train_batch(*rows, check=False)
+                batch_losses[b] = value
+            else:
+                value = graph.step(min(self.batch_size, n - b * self.batch_size))
+                if redistributor is not None:
+                    redistributor.observe(model)
+            if stepwise:
+                step_fraction = schedule.interval_end(step, n_batches)
+                if step_fraction is not None and step_fraction > 0:
+                    self._redistribute_at_step(step, step_fraction,
+                                               rows if graph is None else batch(b), moves)
+            if self.progress and b % 50 == 0:
+                shown = _show_loss(batch_bar, shown, backend, value)
+        if graph is not None:
+            graph.stream_done()
+            return to_numpy(graph.losses)
+        return to_numpy(batch_losses)  # one sync per epoch
+
     def _redistribute_at_step(self, step: int, fraction: float, rows: tuple[Any, ...],
                               moves: list[dict[str, Any]]) -> None:
         """After step ``step``, as the schedule says: move ``fraction``, growing from this
@@ -290,29 +333,16 @@ class Trainer:
             redistributor.start_epoch(model, n_batches, fraction > 0)
         if self.memory is not None:
             self.memory.reset_peak()
-        batch_losses = backend.xp.empty(n_batches, dtype=numpy.float64)
         backend.synchronize()
         start = time.perf_counter()
         batch_bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False,
                          disable=not self.progress, unit="batch")
-        shown = None  # the loss on its way to the progress bar (never waited for)
         moves: list[dict[str, Any]] = []  # redistributions every t steps, within the epoch
-        for b in batch_bar:
-            step = schedule.step(epoch, b, n_batches)
-            if stepwise:  # an interval of t steps begins: the redistributor's Fisher, say
-                opening = schedule.interval_start(step, b == 0, n_batches)
-                if opening is not None:
-                    redistributor.start_epoch(model, *opening)
-            rows = batch(b)
-            value = self.train_batch(*rows, check=False)
-            batch_losses[b] = value
-            if stepwise:
-                step_fraction = schedule.interval_end(step, n_batches)
-                if step_fraction is not None and step_fraction > 0:
-                    self._redistribute_at_step(step, step_fraction, rows, moves)
-            if self.progress and b % 50 == 0:
-                shown = _show_loss(batch_bar, shown, backend, value)
-        host_losses = to_numpy(batch_losses)  # one sync per epoch
+        if self.graph is None:
+            host_losses = self._batches(epoch, batch_bar, batch, n_batches, moves)
+        else:
+            with self.graph.on_stream():  # the replays and the eager work between them
+                host_losses = self._batches(epoch, batch_bar, batch, n_batches, moves, n)
         model.clear_cache()
         backend.synchronize()
         train_seconds = time.perf_counter() - start - sum(m["seconds"] for m in moves)
@@ -427,6 +457,16 @@ def fit(model: Any, optimizer: Any, train: Any, test: tuple[Any, Any] | None = N
         slowest rank's), and the model equals a one-process run's with the same
         global batch up to the order of floating-point sums. Only the first
         rank shows progress.
+    graph : {"auto", True, False}
+        Train through a :class:`cupynn.graph.GraphStep`: each step one replay
+        of a CUDA graph captured once per topology (the GPU, one process, the
+        ReLU activation, cross_entropy or binary_cross_entropy, no
+        augmentation, no sample weights). True asks for it (an error says why
+        a run cannot have it); "auto" uses it where a GPU check has shown the
+        graph equal to the eager step and faster, which none has yet: for now
+        "auto" trains eagerly, as False does. A graph's results repeat bit for
+        bit, but differ from the eager step's in rounding (its loss, bias
+        gradient and dense layers run cupynn's own kernels).
     sample_weight : (n,) float >= 0, optional
         One weight per training row (``train`` a pair; one process): each
         batch's loss is the weighted mean ``sum w_i l_i / sum w_i``, as
@@ -479,6 +519,23 @@ def _redistributor(redistribution: Any, seed: int) -> Any:
         return create(redistribution, seed=seed)
     raise TypeError(f"The 'redistribution' parameter of fit must be a name, a Redistributor or "
                     f"None. Got {type(redistribution).__name__} instead.")
+
+
+def _graph_step(mode: Any, model: Any, optimizer: Any, loss: str, batch_size: int,
+                **run: Any) -> Any:
+    """The trainer's :class:`cupynn.graph.GraphStep` when ``graph`` asks for one (True,
+    or "auto" where graphs are known to pay: nowhere yet), else None."""
+    if mode is False:
+        return None
+    from .graph import AUTO_CAPTURES, GraphStep, graph_unsupported
+
+    why = graph_unsupported(model, loss, **run)
+    if mode is True and why is not None:
+        raise ValueError(f"fit(graph=True) cannot capture this run: {why}. Use graph='auto' "
+                         f"(captures where it can) or graph=False.")
+    if mode is True or (mode == "auto" and AUTO_CAPTURES and why is None):
+        return GraphStep(model, optimizer, loss, batch_size)
+    return None
 
 
 def _takes(sampler: Any) -> bool:
