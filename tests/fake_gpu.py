@@ -314,7 +314,7 @@ def _device_function(name: str, function: Callable) -> Callable:
             source = numpy.array(source, dtype=kwargs.get("dtype", args[1] if len(args) > 1
                                                           else None), copy=True)
             args = (source, *args[1:])
-        else:
+        elif source is None:
             _note(name)
         _STATE.depth = _depth() + 1
         try:
@@ -324,8 +324,10 @@ def _device_function(name: str, function: Callable) -> Callable:
         if source is not None:
             if result.ndim != source.ndim:  # NumPy's ascontiguousarray makes 0-d 1-d; CuPy's not
                 result = result.reshape(source.shape)
-            if isinstance(source, DeviceArray) and _same_view(result, source):
-                return source  # CuPy hands back the array itself when nothing changes
+            if isinstance(source, DeviceArray):
+                if _same_view(result, source):
+                    return source  # CuPy hands back the array itself when nothing changes
+                _note(name)  # a copy or a conversion on the device
         return _to_device(result)
 
     call.__name__ = call.__qualname__ = name
@@ -437,13 +439,12 @@ class FakeStream:
         return f"<fake CUDA Stream {'null' if self.is_null else hex(self.ptr)}>"
 
 
-class _Runtime(types.SimpleNamespace):
+class _Runtime:
     """``cupy.cuda.runtime``: what :class:`cupynn.backend.Backend` calls."""
 
     memcpyHostToHost, memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 0, 1, 2, 3
 
     def __init__(self, fake: "FakeGpu") -> None:
-        super().__init__()
         self._fake = fake
 
     @staticmethod
