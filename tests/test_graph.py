@@ -1,12 +1,13 @@
-"""The training step as a CUDA graph (cupynn/graph.py), proven on the CPU.
+"""The training step as a CUDA graph (cupynn/graph.py), proven on the CPU and on a GPU.
 
-The GPU path runs on the CuPy-shaped fake device of ``tests/fake_gpu.py``: its
-kernels are the ``.cu`` files under the C++ emulation, its stream capture
-records launches instead of running them and fails on an allocation, a host
-synchronisation or a host-to-device copy, as CUDA does. A replay that equals
-the eager launches bit for bit then shows that nothing of the step was frozen
-at capture but the buffers' addresses. Only the speed needs a GPU (the GPU
-check's ``graph`` part).
+The device fixture is the CuPy-shaped fake of ``tests/fake_gpu.py`` and, where
+one answers, a real GPU (``-m gpu``). On the fake the kernels are the ``.cu``
+files under the C++ emulation and a stream capture records launches instead of
+running them, failing on an allocation, a host synchronisation or a
+host-to-device copy as CUDA does: a replay that equals the eager launches bit
+for bit then shows that nothing of the step was frozen at capture but the
+buffers' addresses. On a GPU the same tests capture real graphs, for every
+algorithm. Only the speed is left to the GPU check's ``graph`` part.
 """
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ import cupynn
 from cupynn.graph import GraphStep, graph_unsupported
 from cupynn.redistribution import create
 from cupynn.step import TrainStep
+from conftest import needs_gpu
+from cupynn.redistribution import NAMES
 from fake_gpu import FakeGpu
 
 
-@pytest.fixture
-def fake():
+class RealGpu:
+    backend = property(lambda self: cupynn.get_backend("gpu"))
+
+
+@pytest.fixture(params=["fake", pytest.param("gpu", marks=needs_gpu)])
+def fake(request):
+    """The device: the fake (anywhere) or a real GPU (``.backend`` either way)."""
+    if request.param == "gpu":
+        yield RealGpu()
+        return
     with FakeGpu() as device:
         yield device
 
@@ -88,6 +99,8 @@ def test_a_replayed_graph_is_the_eager_launches_bit_for_bit(fake, sizes, dense, 
 
 
 def test_a_capture_launches_only_kernels_and_allocates_nothing(fake):
+    if isinstance(fake, RealGpu):
+        pytest.skip("the fake device records what a capture holds")
     x, y = data()
     model, optimizer = build(fake.backend)
     step = GraphStep(model, optimizer, "cross_entropy", batch_size=8)
@@ -164,3 +177,26 @@ def test_graph_true_says_why_a_run_cannot_be_captured(fake):
     assert "mean_squared_error" in graph_unsupported(model, "mean_squared_error")
     with pytest.raises(ValueError, match="'graph' parameter of fit must be 'auto', True or False"):
         cupynn.fit(model, optimizer, (x, y), epochs=1, batch_size=8, graph=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_with_a_graph_repeats_the_eager_launches_for_every_algorithm(fake, name):
+    """fit(graph=True) against the same run whose GraphStep launches eagerly: the same
+    bits, every algorithm (step-wise for the last two, so that graphs are captured again
+    inside an epoch)."""
+    x, y = data(rows=40)
+    step_wise = {"redistribute_unit": "step", "redistribute_every": 3} \
+        if name in ("woodfisher", "woodtaylor") else {}
+    runs = []
+    for capture in (True, False):
+        model, optimizer = build(fake.backend)
+        trainer = cupynn.Trainer(model, optimizer, (x, y), epochs=3, batch_size=8,
+                                 progress=False, redistribution=name, graph=True, **step_wise)
+        if not capture:
+            trainer.graph = GraphStep(model, optimizer, "cross_entropy", 8, capture=False)
+        history = trainer.run()
+        runs.append((state(model, optimizer), [h["train_loss"] for h in history]))
+    (graph_state, graph_losses), (eager_state, eager_losses) = runs
+    assert graph_losses == eager_losses
+    for a, b in zip(graph_state, eager_state):
+        assert numpy.array_equal(a, b)
