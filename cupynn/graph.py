@@ -32,7 +32,7 @@ from typing import Any
 import numpy
 
 from . import kernels
-from .kernels.adam import AdamPointers, adam_multi
+from .kernels import AdamPointers, adam_multi
 from .layers import Linear, SparseLinear
 
 GRAPH_MODES = ("auto", True, False)

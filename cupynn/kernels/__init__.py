@@ -10,7 +10,11 @@ wrapper is the one place that chooses the device:
 ``sddmm.py``    the weight gradient at the active entries; ``sddmm.cu``
                 (:func:`set_sddmm`); :func:`relu_grad_rowsum` before it
 ``adam.py``     the fused Adam update; ``adam.cu``; its scalars
-                (:func:`adam_scalars`), made once a step per dtype
+                (:func:`adam_scalars`), made once a step per dtype; every
+                array in one launch (:func:`adam_multi`, :func:`set_adam`)
+``loss.py``     the losses and their gradients in two launches; ``loss.cu``
+                (its setting ``CUPYNN_LOSS``; imported as a module:
+                ``from cupynn.kernels import loss``)
 ``fisher.py``   WoodFisher's packed inverse Fisher: update and product;
                 ``fisher.cu``
 ``batch.py``    a captured step's batch gather, transpose and loss record,
@@ -46,7 +50,8 @@ from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
 from ._launch import (_CPU_MODULE, _SUFFIX, CUDA_SOURCES, KERNEL_DIR, MAX_BLOCKS,
                       THREADS_PER_BLOCK, WARP_SIZE, _cpu, _cuda_module, _grid, cuda_function,
                       numba_threads)
-from .adam import AdamScalars, adam, adam_scalars
+from .adam import (ADAM_ENV, ADAM_METHODS, AdamPointers, AdamScalars, adam, adam_multi,
+                   adam_scalars, adam_setting, set_adam)
 from .batch import end_step, gather_batch, gather_labels, transpose
 from .fisher import (FISHER_TILE, _check_fisher_blocks, fisher_shape, fisher_update,
                      packed_matvec)
