@@ -113,10 +113,14 @@ def _depth() -> int:
 
 
 def _note(op: str) -> None:
-    """A NumPy operation on device arrays: listed when it runs during a capture."""
+    """A NumPy operation on device arrays: listed when it runs during a capture, and
+    counted in ``array_ops`` otherwise (on a GPU each is a CuPy launch or copy)."""
     fake = _active()
-    if fake is not None and fake._capture is not None and _depth() == 0:
-        fake._capture.host_ops.append(op)
+    if fake is not None and _depth() == 0:
+        if fake._capture is not None:
+            fake._capture.host_ops.append(op)
+        else:
+            fake.array_ops.append(op)
 
 
 def _sync(what: str) -> None:
@@ -787,6 +791,9 @@ class FakeGpu:
         ``"gpu"``, ``xp`` the fake's array module, ``sparse`` not faked.
     launches : list of str
         Kernels run eagerly (outside captures and replays), in order.
+    array_ops : list of str
+        NumPy operations on device arrays run eagerly, in order: on a GPU each
+        would be one of CuPy's element-wise, reduction or copy launches.
     replays : int
         Graph launches so far.
     graphs : list of FakeGraph
@@ -799,6 +806,7 @@ class FakeGpu:
         self.xp = ArrayModule(self)
         self.backend = Backend("gpu", self.xp, _NoSparse("fake_cupyx.scipy.sparse"))
         self.launches: list[str] = []
+        self.array_ops: list[str] = []
         self.replays = 0
         self.graphs: list[FakeGraph] = []
         self.loaded: set[str] = set()  # .cu files "loaded" (a capture cannot load one)

@@ -200,3 +200,45 @@ def test_fit_with_a_graph_repeats_the_eager_launches_for_every_algorithm(fake, n
     assert graph_losses == eager_losses
     for a, b in zip(graph_state, eager_state):
         assert numpy.array_equal(a, b)
+
+
+ALLOCATIONS = ("empty", "empty_like")  # array ops that launch nothing
+
+
+def eager_launches(fake, fused):
+    """Kernels (cupynn's and CuPy's) of one eager TrainStep of a 3-layer net."""
+    from cupynn import kernels
+    from cupynn.kernels import loss
+
+    settings = (kernels.adam_setting(), loss.loss_setting(), kernels.relu_grad_setting())
+    kernels.set_adam("multi" if fused else "per-array")
+    loss.set_loss("fused" if fused else "arrays")
+    kernels.set_relu_grad("kernel" if fused else "arrays")
+    try:
+        x, y = data(rows=16)
+        model, optimizer = build(fake.backend)
+        step = TrainStep(model, optimizer)
+        step(x[:8], y[:8], check=False)
+        fake.launches.clear()
+        fake.array_ops.clear()
+        step(x[8:], y[8:], check=False)
+        return fake.launches + [op for op in fake.array_ops if op not in ALLOCATIONS]
+    finally:
+        kernels.set_adam(settings[0])
+        loss.set_loss(settings[1])
+        kernels.set_relu_grad(settings[2])
+
+
+def test_the_fused_eager_step_launches_at_most_twenty_kernels(fake):
+    """CUPYNN_ADAM=multi, CUPYNN_LOSS=fused and CUPYNN_RELU_GRAD=kernel: one Adam launch
+    instead of one per array, two for the loss instead of a dozen, one per layer for the
+    ReLU gradient and bias sum instead of three (issue 19's target: <= 20 per KMNIST step,
+    45 with the defaults on an H200)."""
+    if isinstance(fake, RealGpu):
+        pytest.skip("the fake device counts launches; the GPU check's graph part profiles them")
+    default, fused = eager_launches(fake, False), eager_launches(fake, True)
+    assert len(fused) <= 20 < len(default)
+    assert fused.count("adam_multi_f64") == 1 and "adam_f64" not in fused
+    assert [k for k in fused if k.startswith(("softmax", "mean_of"))] == [
+        "softmax_cross_entropy_rows_f64", "mean_of_rows_f64"]
+    assert fused.count("relu_grad_rowsum_f64") == 3

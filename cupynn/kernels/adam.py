@@ -19,7 +19,6 @@ Which one :class:`cupynn.Adam` uses on the GPU is :func:`adam_setting`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ import numpy
 from ..backend import backend_of
 from ._checks import _check_contiguous, _check_same_backend, _float_suffix
 from ._launch import _SUFFIX, THREADS_PER_BLOCK, _cpu, _grid, cuda_function
+from ._settings import Choice
 
 ADAM_METHODS = ("per-array", "multi")
 ADAM_ENV = "CUPYNN_ADAM"
@@ -117,14 +117,7 @@ def _scalars_of(what: str, dtype: Any, scalars: Any, hyper: tuple) -> AdamScalar
     return adam_scalars(dtype, **dict(zip(_HYPER, hyper)))
 
 
-def _check_adam_choice(method: Any, source: str) -> str:
-    if method not in ADAM_METHODS:
-        raise ValueError(f"The Adam update ({source}) must be one of {list(ADAM_METHODS)}. "
-                         f"Got {method!r} instead.")
-    return method
-
-
-_ADAM_DEFAULT: list[str] = []  # [method], read from the environment on first use
+_ADAM = Choice("Adam update", ADAM_ENV, ADAM_METHODS)
 
 
 def set_adam(method: str = "per-array") -> None:
@@ -136,15 +129,12 @@ def set_adam(method: str = "per-array") -> None:
     of a dtype. Both give the same bits; on the CPU both call ``cpu.adam`` per
     array. Optimizers made before the call keep their choice.
     """
-    _ADAM_DEFAULT[:] = [_check_adam_choice(method, "set_adam")]
+    _ADAM.set(method, "set_adam")
 
 
 def adam_setting() -> str:
     """The update :class:`cupynn.Adam` uses when not told: ``"per-array"`` or ``"multi"``."""
-    if not _ADAM_DEFAULT:
-        text = os.environ.get(ADAM_ENV, "").strip() or "per-array"
-        _ADAM_DEFAULT[:] = [_check_adam_choice(text, f"${ADAM_ENV}")]
-    return _ADAM_DEFAULT[0]
+    return _ADAM.get()
 
 
 def _data_pointer(array: Any) -> int:

@@ -20,7 +20,6 @@ within rounding and faster (docs/gpu.md). The CPU never takes this path.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy
@@ -29,19 +28,13 @@ from ..backend import to_numpy
 from . import numpy_twins as twins
 from ._checks import _check_contiguous, _check_no_overlap, _check_same_backend, _float_suffix
 from ._launch import _SUFFIX, THREADS_PER_BLOCK, WARP_SIZE, _grid, cuda_function
+from ._settings import Choice
 
 LOSS_METHODS = ("arrays", "fused")
 LOSS_ENV = "CUPYNN_LOSS"
 
 
-def _check_loss_choice(method: Any, source: str) -> str:
-    if method not in LOSS_METHODS:
-        raise ValueError(f"The GPU loss ({source}) must be one of {list(LOSS_METHODS)}. "
-                         f"Got {method!r} instead.")
-    return method
-
-
-_LOSS_DEFAULT: list[str] = []  # [method], read from the environment on first use
+_LOSS = Choice("GPU loss", LOSS_ENV, LOSS_METHODS)
 
 
 def set_loss(method: str = "arrays") -> None:
@@ -52,15 +45,12 @@ def set_loss(method: str = "arrays") -> None:
     of ``loss.cu`` through this module, two launches. Weighted losses
     (``weight=``) and the CPU backend always take the array expressions.
     """
-    _LOSS_DEFAULT[:] = [_check_loss_choice(method, "set_loss")]
+    _LOSS.set(method, "set_loss")
 
 
 def loss_setting() -> str:
     """The GPU path :mod:`cupynn.losses` takes: ``"arrays"`` or ``"fused"``."""
-    if not _LOSS_DEFAULT:
-        text = os.environ.get(LOSS_ENV, "").strip() or "arrays"
-        _LOSS_DEFAULT[:] = [_check_loss_choice(text, f"${LOSS_ENV}")]
-    return _LOSS_DEFAULT[0]
+    return _LOSS.get()
 
 
 def _check_total(what: str, total: Any, n: int) -> int:

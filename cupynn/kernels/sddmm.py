@@ -15,6 +15,7 @@ import numpy
 from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
                       _check_same_backend, _float_suffix)
 from ._launch import THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
+from ._settings import Choice
 from .spmm import _check_out
 
 SDDMM_METHODS = ("thread", "warp")
@@ -159,6 +160,28 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
     return out
 
 
+RELU_GRAD_ENV = "CUPYNN_RELU_GRAD"
+RELU_GRAD_METHODS = ("arrays", "kernel")
+_RELU_GRAD = Choice("GPU ReLU gradient and bias sum", RELU_GRAD_ENV, RELU_GRAD_METHODS)
+
+
+def set_relu_grad(method: str = "arrays") -> None:
+    """Choose how :func:`relu_grad_rowsum` runs on the GPU when no ``sums`` is given.
+
+    ``"arrays"`` (the default, or ``$CUPYNN_RELU_GRAD``): CuPy's element-wise
+    product and row sum, three launches and two temporaries a layer.
+    ``"kernel"``: the ``relu_grad_rowsum`` kernel of ``sddmm.cu``, one launch
+    (what a call with ``sums`` always runs). Their sums differ by rounding.
+    The CPU backend ignores the choice.
+    """
+    _RELU_GRAD.set(method, "set_relu_grad")
+
+
+def relu_grad_setting() -> str:
+    """The GPU path :func:`relu_grad_rowsum` takes without ``sums``."""
+    return _RELU_GRAD.get()
+
+
 def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False, out: Any = None,
                      sums: Any = None, max_blocks: int | None = None) -> tuple[Any, Any]:
     """``(dy * (y > 0), its row sums)``, or ``(dy, row sums)`` without ``y``.
@@ -179,7 +202,8 @@ def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False, out: Any
         Receives the result; may be ``dy`` itself, must not overlap it otherwise.
         Without ``y`` the GPU returns ``dy`` itself when no ``out`` is given.
     sums : (n_rows,), optional
-        Receives the row sums. On the GPU, given ``sums`` runs the
+        Receives the row sums. On the GPU, given ``sums`` (or the setting
+        ``"kernel"``, :func:`set_relu_grad`) runs the
         ``relu_grad_rowsum`` kernel of ``sddmm.cu`` (one warp per row, a fixed
         summation order, no temporary array: what a captured CUDA graph needs,
         issue 19); without it, CuPy's element-wise product and reduction as
@@ -214,7 +238,8 @@ def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False, out: Any
         _check_out(what, sums, dy.shape[:1])
         _check_no_overlap(what, xp, "sums", {"sums": sums, "dy": dy, **read,
                                              **({} if out is None else {"out": out})})
-    if backend.is_gpu and sums is None:  # CuPy's operations (the default, as before)
+    if backend.is_gpu and sums is None and relu_grad_setting() == "arrays":
+        # CuPy's operations (the default, as before)
         if y is None:
             if out is None:
                 out = dy
@@ -230,7 +255,7 @@ def relu_grad_rowsum(dy: Any, y: Any = None, *, in_place: bool = False, out: Any
     if out is None:
         out = dy if in_place or (y is None and backend.is_gpu) else xp.empty_like(dy)
     if sums is None:
-        sums = numpy.empty(dy.shape[0], dtype=dy.dtype)
+        sums = xp.empty(dy.shape[0], dtype=dy.dtype)
     if backend.is_gpu:
         n_rows, batch = dy.shape
         if n_rows:

@@ -343,10 +343,10 @@ def test_adam_multi_rejects_bad_input(change, error, message):
 
 
 def test_adam_setting_reads_the_environment(monkeypatch):
-    monkeypatch.setattr(adam_module, "_ADAM_DEFAULT", [])
+    monkeypatch.setattr(adam_module._ADAM, "chosen", None)
     monkeypatch.delenv("CUPYNN_ADAM", raising=False)
     assert adam_setting() == "per-array"
-    monkeypatch.setattr(adam_module, "_ADAM_DEFAULT", [])
+    monkeypatch.setattr(adam_module._ADAM, "chosen", None)
     monkeypatch.setenv("CUPYNN_ADAM", "multi")
     assert adam_setting() == "multi"
     assert cupynn.Adam(cupynn.MLP([3, 2], device="cpu")).multi_tensor is True
@@ -356,7 +356,7 @@ def test_adam_setting_reads_the_environment(monkeypatch):
     with pytest.raises(ValueError, match=r"The Adam update \(set_adam\) must be one of "
                                          r"\['per-array', 'multi'\]. Got 'fused' instead"):
         set_adam("fused")
-    monkeypatch.setattr(adam_module, "_ADAM_DEFAULT", [])
+    monkeypatch.setattr(adam_module._ADAM, "chosen", None)
     monkeypatch.setenv("CUPYNN_ADAM", "multi-tensor")
     with pytest.raises(ValueError, match=r"\(\$CUPYNN_ADAM\) must be one of"):
         adam_setting()

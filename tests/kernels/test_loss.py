@@ -309,7 +309,7 @@ def test_bad_arguments(call, error, message):
 @pytest.fixture
 def fresh_setting(monkeypatch):
     """Forget the setting read so far: the next call reads $CUPYNN_LOSS again."""
-    monkeypatch.setattr(LOSS, "_LOSS_DEFAULT", [])
+    monkeypatch.setattr(LOSS._LOSS, "chosen", None)
     return monkeypatch
 
 

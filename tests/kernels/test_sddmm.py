@@ -378,3 +378,28 @@ def test_relu_grad_rowsum_checks_its_buffers():
     with pytest.raises(ValueError, match="sums must not overlap dy"):
         kernels.relu_grad_rowsum(dy, y, sums=dy[0, :n_rows] if dy.shape[1] >= n_rows
                                  else dy.reshape(-1)[:n_rows])
+
+
+def test_relu_grad_setting_runs_the_kernel_without_sums(monkeypatch):
+    """CUPYNN_RELU_GRAD=kernel: the eager layers' call (no ``sums``) takes the kernel on
+    the GPU (here the fake device), with the twin's bits; "arrays" stays CuPy's."""
+    from fake_gpu import FakeGpu
+
+    sddmm_module = importlib.import_module("cupynn.kernels.sddmm")
+    monkeypatch.setattr(sddmm_module._RELU_GRAD, "chosen", None)
+    monkeypatch.setenv("CUPYNN_RELU_GRAD", "kernel")
+    assert kernels.relu_grad_setting() == "kernel"
+    rng = numpy.random.default_rng(3)
+    dy, y = rng.standard_normal((5, 37)), numpy.maximum(rng.standard_normal((5, 37)), 0)
+    expected = twins.relu_grad_rowsum(dy, y)
+    with FakeGpu() as fake:
+        out, sums = kernels.relu_grad_rowsum(fake.asarray(dy), fake.asarray(y))
+        assert fake.launches == ["relu_grad_rowsum_f64"]
+        assert numpy.array_equal(out.get(), expected[0])
+        assert numpy.array_equal(sums.get(), expected[1])
+        kernels.set_relu_grad("arrays")
+        kernels.relu_grad_rowsum(fake.asarray(dy), fake.asarray(y))
+        assert fake.launches == ["relu_grad_rowsum_f64"]  # no kernel: CuPy's operations
+    with pytest.raises(ValueError, match=r"\(set_relu_grad\) must be one of \['arrays', "
+                                         r"'kernel'\]"):
+        kernels.set_relu_grad("fused")
