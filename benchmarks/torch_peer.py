@@ -89,7 +89,7 @@ class MaskedDensePeer:
         self.biases: list[torch.Tensor] = []
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
             if f"{i}.weight" in state:
-                w = torch.as_tensor(state[f"{i}.weight"], device=device).to(self.dtype)
+                w = torch.tensor(state[f"{i}.weight"], device=device, dtype=self.dtype)
                 mask = None
             else:
                 counts = numpy.diff(state[f"{i}.indptr"])
@@ -103,8 +103,8 @@ class MaskedDensePeer:
                 del rows, cols
             self.weights.append(w.requires_grad_())
             self.masks.append(mask)
-            self.biases.append(torch.as_tensor(state[f"{i}.bias"], device=device)
-                               .to(self.dtype).requires_grad_())
+            self.biases.append(torch.tensor(state[f"{i}.bias"], device=device, dtype=self.dtype)
+                               .requires_grad_())
         params = [p for pair in zip(self.weights, self.biases) for p in pair]
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
                                           **ADAM_IMPLEMENTATIONS[adam])
