@@ -20,6 +20,13 @@ dense 0/1 mask of the same shape:
 same per-row counts) and the same values, and one training step of each
 computes the same thing. This module imports PyTorch; cupynn never does, and
 the benchmarks import this module only when ``import torch`` works.
+
+With ``graph=True`` (CUDA only) the peer trains as PyTorch's documentation
+shows for whole-network capture: ``torch.optim.Adam(..., capturable=True)``,
+warm-up steps on a side stream, then forward, loss, backward, the optimizer's
+step and the masks re-applied captured once as a ``torch.cuda.CUDAGraph``,
+each batch copied into static input and target tensors before a replay: the
+peer of cupynn's own CUDA-graph step (``cupynn.graph``, issue 19).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ VERSION = torch.__version__
 # torch.optim.Adam's implementations: PyTorch's choice for the device (the per-tensor loop on
 # the CPU, "foreach" on CUDA), or one named.
 ADAM_IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+GRAPH_WARMUP = 3  # eager steps on a side stream before a capture
 
 
 def set_threads(n: int) -> None:
@@ -76,13 +84,20 @@ class MaskedDensePeer:
     lr, betas, eps : torch.optim.Adam's settings (its defaults otherwise)
     adam : {"default", "foreach", "fused"}
         Which implementation of torch.optim.Adam (see ``ADAM_IMPLEMENTATIONS``).
+    graph : bool
+        :meth:`train_epoch` replays one CUDA graph of the whole step for every
+        full batch (:meth:`capture`); Adam is then made ``capturable``. CUDA only.
     """
 
     def __init__(self, state: dict[str, numpy.ndarray], sizes: Sequence[int], device: torch.device,
                  dtype: str = "float32", loss: str = "cross_entropy", lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 adam: str = "default") -> None:
+                 adam: str = "default", graph: bool = False) -> None:
+        if graph and device.type != "cuda":
+            raise ValueError(f"MaskedDensePeer(graph=True) needs a CUDA device. Got {device}.")
         self.sizes, self.device, self.loss = tuple(sizes), device, loss
+        self.graphed = bool(graph)
+        self.graph: Any = None  # a torch.cuda.CUDAGraph, captured by the first full batch
         self.dtype = getattr(torch, dtype)
         self.weights: list[torch.Tensor] = []
         self.masks: list[torch.Tensor | None] = []
@@ -106,8 +121,10 @@ class MaskedDensePeer:
             self.biases.append(torch.tensor(state[f"{i}.bias"], device=device, dtype=self.dtype)
                                .requires_grad_())
         params = [p for pair in zip(self.weights, self.biases) for p in pair]
+        # capturable: Adam keeps its step count on the device, so that a replay advances it.
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
-                                          **ADAM_IMPLEMENTATIONS[adam])
+                                          **ADAM_IMPLEMENTATIONS[adam],
+                                          **({"capturable": True} if graph else {}))
 
     # ---------------------------------------------------------------- structure
     @property
@@ -178,11 +195,63 @@ class MaskedDensePeer:
         self.last_loss = loss.detach()
         return {"forward": t1 - t0, "backward": t2 - t1, "adam": t3 - t2, "step": t3 - t0}
 
+    # ---------------------------------------------------------------- CUDA graph
+    def _train(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, loss, backward, Adam, masks: the step as captured (``.grad`` kept)."""
+        loss = self.loss_of(self.forward(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.apply_masks()
+        return loss
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Capture one training step on batches shaped as ``(x, y)`` (device tensors).
+
+        As PyTorch's documentation does for whole-network capture: a few eager
+        steps on a side stream first (they create Adam's state and the libraries'
+        handles for that stream), the gradients set to None so that the captured
+        backward allocates them from the graph's private pool, then the capture,
+        on the same stream. The warm-up's changes are undone in place (values,
+        moments, step counts), so that training starts from the state the peer
+        was built with."""
+        self.static_x, self.static_y = x.clone(), y.clone()
+        params = [p for pair in zip(self.weights, self.biases) for p in pair]
+        saved = [p.detach().clone() for p in params]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._train(self.static_x, self.static_y)
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+                for slots in self.optimizer.state.values():
+                    for slot in slots.values():
+                        if torch.is_tensor(slot):
+                            slot.zero_()  # in place: the graph reads these addresses
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph, stream=side):
+            self.static_loss = self._train(self.static_x, self.static_y)
+
+    def replay(self, x: numpy.ndarray, y: numpy.ndarray) -> torch.Tensor:
+        """One captured step on a host batch of the captured shape, copied into the
+        static tensors first. Returns the loss (the graph's own tensor)."""
+        self.static_x.copy_(torch.from_numpy(numpy.ascontiguousarray(x)))
+        self.static_y.copy_(torch.from_numpy(numpy.ascontiguousarray(y)))
+        self.graph.replay()
+        return self.static_loss
+
+    # ---------------------------------------------------------------- epoch
     def train_epoch(self, x: numpy.ndarray, y: numpy.ndarray, batch_size: int,
                     rng: numpy.random.Generator) -> tuple[float, numpy.ndarray]:
         """One pass over host data in a fresh permutation, as :func:`cupynn.fit` does:
         each mini-batch is copied to the device, losses stay there until the end.
-        Returns (seconds, the permutation)."""
+        With ``graph=True`` the full batches replay the captured step (captured by the
+        first one, inside the timed epoch, as cupynn's is) and a short last batch runs
+        eagerly. Returns (seconds, the permutation)."""
         n = x.shape[0]
         n_batches = -(-n // batch_size)
         order = rng.permutation(n)
@@ -191,12 +260,16 @@ class MaskedDensePeer:
         start = time.perf_counter()
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            xb, yb = self.batch(x[idx], y[idx])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_of(self.forward(xb), yb)
-            loss.backward()
-            self.optimizer.step()
-            self.apply_masks()
+            if self.graphed and len(idx) == batch_size:
+                if self.graph is None:
+                    self.capture(*self.batch(x[idx], y[idx]))
+                loss = self.replay(x[idx], y[idx])
+            else:
+                xb, yb = self.batch(x[idx], y[idx])
+                # After a capture the gradients are the graph's tensors: zeroed in place
+                # (set to None, the eager backward would leave them behind).
+                self.optimizer.zero_grad(set_to_none=self.graph is None)
+                loss = self._train(xb, yb)
             losses[b] = loss.detach()
         host = losses.cpu().numpy()  # one sync per epoch
         seconds = time.perf_counter() - start
