@@ -135,6 +135,8 @@ EPOCH_SETTINGS = {
     "kmnist": EpochSetting("kmnist", "784-256-256-10", (), DEFAULT_BATCH, KMNIST_SAMPLES,
                            "cross_entropy", None),
 }
+# --graph on/off: cupynn.fit's ``graph``; auto passes nothing, so fit's default holds.
+GRAPH_MODES = {"on": True, "off": False}
 WARMUP_WIDTH = 16  # hidden width of the model that warms up a memory-measuring process
 
 
@@ -217,6 +219,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true",
                    help="--epoch: run cupynn.fit without its progress bar (shown by default, "
                         "as a user sees it; the peer's loop has none)")
+    p.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
+                   help="--epoch: cupynn.fit's graph setting (on: each step one replay of a "
+                        "CUDA graph, the GPU only; off: eager launches; auto: fit's default)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: sizes 784-256-256-10, densities 0.1,0.03, batch 64, "
                         "2 timed steps after 1 warm-up step (overrides those options)")
@@ -661,10 +666,11 @@ def cupynn_epoch(sizes: tuple[int, ...], density: float, data: tuple[Any, Any],
     fit's progress bar unless --no-progress."""
     setting = args.setting
     model, opt = build(sizes, density, args, backend, dense_layers=setting.dense_layers)
+    graph = {"graph": GRAPH_MODES[args.graph]} if args.graph in GRAPH_MODES else {}
     history = cupynn.fit(model, opt, train=data, epochs=HIGGS_SCHEDULE_EPOCHS,
                          batch_size=args.batch, loss=setting.loss, seed=args.seed,
                          progress=not args.no_progress, redistribution="gradient-global",
-                         on_epoch_end=lambda metrics: False)
+                         on_epoch_end=lambda metrics: False, **graph)
     h = history[0]
     return {"train_s": h["train_seconds"], "redistribution_s": h["redistribution_seconds"],
             "epoch_s": h["train_seconds"] + h["redistribution_seconds"],
@@ -739,7 +745,7 @@ def epochs(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"setting": setting.name, "sizes_default": setting.sizes,
                      "loss": setting.loss, "dense_layers": list(setting.dense_layers),
                      "batch": args.batch, "samples": args.samples, "repeats": args.repeats,
-                     "progress_bar": not args.no_progress,
+                     "progress_bar": not args.no_progress, "graph": args.graph,
                      "dtype": args.dtype, "lr": args.lr, "seed": args.seed,
                      "redistribution": "gradient-global", "schedule_epochs": HIGGS_SCHEDULE_EPOCHS,
                      "paper_epoch_s": setting.paper_epoch_s,
