@@ -43,7 +43,7 @@ def test_dry_run_runs_every_part_and_never_passes(dry_run):
     statuses = {p["name"]: p["status"] for p in report["parts"]}
     assert list(statuses) == list(runner.PART_NAMES)
     assert "passed" not in statuses.values(), statuses
-    assert statuses["tests"] == statuses["launches"] == "skipped: no GPU"
+    assert statuses["tests"] == statuses["launches"] == statuses["graph"] == "skipped: no GPU"
     for name in ("parity", "steps", "sddmm", "higgs", "redistribution", "mpi", "env"):
         assert statuses[name] == "dry run", (name, report["parts"])
     for part in report["parts"]:
@@ -61,6 +61,29 @@ def test_dry_run_runs_every_part_and_never_passes(dry_run):
     assert len(parts["redistribution"]["data"]["rows"]) == 7
     assert [r["config"] for r in parts["mpi"]["data"]["rows"]] == list(mpi.MPI_CONFIGS)
     assert all(r["ok"] for r in parts["mpi"]["data"]["rows"])
+
+
+def test_dry_run_graph_part(dry_run):
+    """On the CPU both GraphSteps launch eagerly: the same bits, the eager TrainStep
+    within rounding, and nothing a GPU must show is claimed."""
+    done, out = dry_run
+    report = json.loads((out / reports.REPORT_JSON).read_text())
+    part = next(p for p in report["parts"] if p["name"] == "graph")
+    assert part["status"] == "skipped: no GPU", part
+    assert not part["targets"]
+    data = part["data"]
+    assert [r["shape"] for r in data["equality"]] == ["kmnist", "higgs"]
+    for row in data["equality"]:
+        assert row["equal"] is True and row["max_abs_diff"] == 0.0, row
+        assert row["steps"] == 12 and not row["captured"] and row["captures"] == 0
+        assert row["eager_topology_equal"] and row["eager_ok"] and row["finite"], row
+    assert [r["shape"] for r in data["steps"]] == ["kmnist", "higgs"]
+    assert all(r["eager_ms"] > 0 and r["graph_ms"] > 0 and r["finite"] for r in data["steps"])
+    epochs = data["epochs"]
+    assert epochs["graph_off"]["steps"] == 32 and epochs["graph_on"] is None
+    assert any("fit(graph=True) on the CPU refused" in note for note in part["notes"])
+    markdown = (out / reports.REPORT_MD).read_text()
+    assert "| kmnist | 784-32-32-10 | 64 | 12 | none (CPU) | True | 0 | True |" in markdown
 
 
 def test_dry_run_prints_the_verdict_table_last_and_writes_markdown(dry_run):
@@ -146,6 +169,26 @@ def gpu_shaped_report() -> dict:
                                          "phases_that_waited": [], "phases": phases,
                                          "per_step": {"kernels": 70.0, "memcpy": 2.0,
                                                       "memset": 1.0, "waits": 0.0}}]}),
+        part("passed", "s", {"equality": [
+            {"shape": "kmnist", "sizes": "784-256-256-10", "batch": 512, "steps": 12,
+             "captures": 3, "captured": True, "equal": True, "max_abs_diff": 0.0,
+             "eager_topology_equal": True, "eager_max_rel_diff": 2e-6,
+             "eager_loss_rel_diff": 1e-7, "eager_ok": True, "finite": True}],
+            "steps": [{"shape": "kmnist", "batch": 512, "steps_timed": 200, "eager_ms": 1.5,
+                       "graph_ms": 0.08, "graph_vs_eager": 0.08 / 1.5, "captures": 1,
+                       "eager_counts": {"kernels": 45.0, "api_calls": 60.0},
+                       "graph_counts": {"kernels": 19.0, "api_calls": 2.0},
+                       "eager_waited": False, "graph_waited": False, "finite": True}],
+            "epochs": {"sizes": "21-256-256-256-1", "density": 0.1, "samples": 500000,
+                       "batch": 128,
+                       "graph_off": {"train_s": 6.0, "redistribution_s": 0.01, "epoch_s": 6.01,
+                                     "steps": 3907},
+                       "graph_on": {"train_s": 0.5, "redistribution_s": 0.01, "epoch_s": 0.51,
+                                    "steps": 3907},
+                       "peer_graph": {"train_s": 1.5, "redistribution_s": 0.02,
+                                      "epoch_s": 1.52, "steps": 3907}},
+            "eager_rtol": 1e-3},
+             targets=[context.target("HIGGS epoch with graphs (s)", 0.51, 0.6, "s")]),
         part("passed", "s", {"higgs": {"sizes": "21-256-256-256-1", "density": 0.1,
                                        "samples": 500000,
                                        "cupynn": {"train_s": 1.0, "redistribution_s": 0.01,
@@ -182,6 +225,13 @@ def test_reports_of_a_gpu_run():
     assert "| higgs | HIGGS epoch (s) | 1.01 | 0.6 | missed |" in markdown
     assert "| higgs | HIGGS epoch / peer epoch | - | 1 | not measured |" in markdown
     assert "| woodfisher | True | 1e-15 | 0 | True | True |" in markdown
+    assert "| kmnist | 784-256-256-10 | 512 | 12 | 3 | True | 0 | True | 2e-06 | 1e-07 | True |" \
+        in markdown
+    assert "| kmnist | 512 | 200 | 1.5 | 0.08 | 0.0533 | 45 | 19 | 60 | 2 | False | False |" \
+        in markdown
+    assert "| cupynn, fit(graph=True) | 0.5 | 0.01 | 0.51 | 3907 |" in markdown
+    assert "| torch masked-dense, CUDA graph | 1.5 | 0.02 | 1.52 | 3907 |" in markdown
+    assert "| graph | HIGGS epoch with graphs (s) | 0.51 | 0.6 | met |" in markdown
     table = reports.format_table(report)
     assert table.splitlines()[0].startswith("cupynn GPU check: FAILED on NVIDIA H100")
     assert "target HIGGS epoch (s) <= 0.6: 1.01 missed" in table

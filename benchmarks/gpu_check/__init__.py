@@ -3,7 +3,7 @@
 ``scripts/gpu_check.py`` is the entry point (``--help`` lists the options), and
 ``python -m benchmarks.gpu_check`` from the checkout the same. A lent GPU comes
 rarely and for minutes, with nothing to install: this runs, in one call of at
-most about six minutes on one H100, everything that can only be checked there,
+most about seven minutes on one H100, everything that can only be checked there,
 and writes one JSON and one Markdown report into the folder it is given. The
 parts run in this order, each in a process of its own under a time limit, and
 each records its status and seconds even when an earlier one failed or hung:
@@ -21,7 +21,11 @@ speed and memory
     at 784-256-256-10 and 784-4096-4096-10, batch 512, densities 0.1 and 0.03,
     and the peak device memory of each; ``sddmm``: the thread and warp SDDMM
     kernels timed at the layers' shapes; ``launches``: kernel launches and
-    host waits per training step; ``higgs``: one HIGGS-sized epoch (500 000
+    host waits per training step; ``graph``: the step captured as a CUDA
+    graph (``cupynn.graph``, issue 19) against its eager launches (bit for
+    bit) and the eager step, its time, kernels and host waits per step, and
+    HIGGS epochs through ``fit(graph=True)``, ``graph=False`` and the torch
+    peer captured as a CUDA graph; ``higgs``: one HIGGS-sized epoch (500 000
     rows, batch 128, gradient-global at density 0.1), against the peer and the
     paper; ``redistribution``: seconds per redistribution of every algorithm at
     the paper's sizes.
@@ -36,7 +40,7 @@ A dry run never says "passed".
 The package: :mod:`.runner` runs the parts (each in a process of its own, under
 its limit and the budget) and gives the verdict; :mod:`.parts` holds the parts,
 a module for one or a few (``tests``, ``parity``, ``speed``: steps, higgs and
-redistribution, ``sddmm``, ``launches``, ``mpi``, ``env``), all on what
+redistribution, ``sddmm``, ``launches``, ``graph``, ``mpi``, ``env``), all on what
 :mod:`.context` gives them; :mod:`.report` writes the reports; :mod:`.failures`
 is the pytest plugin of the tests part.
 """

@@ -132,6 +132,8 @@ def _details(p: dict[str, Any]) -> list[str]:
               (r.get("per_step") or {}).get("memcpy"), (r.get("per_step") or {}).get("memset"),
               (r.get("per_step") or {}).get("waits"), r["step_waited"],
               ", ".join(r["phases_that_waited"]) or "none"] for r in d["models"]])
+    elif p["name"] == "graph" and (d.get("equality") or d.get("steps") or d.get("epochs")):
+        out += _graph_details(d)
     elif p["name"] == "higgs" and d.get("higgs"):
         h = d["higgs"]
         rows = [["cupynn", h["cupynn"]["train_s"], h["cupynn"]["redistribution_s"],
@@ -160,4 +162,51 @@ def _details(p: dict[str, Any]) -> list[str]:
         out += [""] + [f"- {k}: {v}" for k, v in d.items()]
     elif p["name"] == "tests" and d.get("failures"):
         out += ["", "```"] + d["failures"] + ["```"]
+    return out
+
+
+def _graph_details(d: dict[str, Any]) -> list[str]:
+    """The graph part's tables: equality, step time and launches, the epochs."""
+    out: list[str] = []
+    if d.get("equality"):
+        out += ["", "Equality: an epoch of 8 batches (the last short), a gradient redistribution "
+                    "of 0.3, 4 batches of the next epoch; the captured GraphStep against its "
+                    "launches run eagerly (every parameter, Adam moment and batch loss, bit for "
+                    f"bit) and against the eager TrainStep (within {d.get('eager_rtol', 0):g} "
+                    "of each parameter's largest value):", ""]
+        out += _md_table(["shape", "sizes", "batch", "steps", "graphs captured", "bit-equal",
+                          "max abs diff", "vs TrainStep: topology equal", "max rel diff",
+                          "loss rel diff", "ok"],
+                         [[r["shape"], r["sizes"], r["batch"], r["steps"],
+                           r["captures"] if r["captured"] else "none (CPU)", r["equal"],
+                           r["max_abs_diff"], r["eager_topology_equal"], r["eager_max_rel_diff"],
+                           r["eager_loss_rel_diff"], r["eager_ok"]] for r in d["equality"]])
+    if d.get("steps"):
+        def counts(r: dict[str, Any], side: str, key: str) -> Any:
+            return (r.get(f"{side}_counts") or {}).get(key)
+
+        out += ["", "Step time: median ms per step over blocks of steps, the device "
+                    "synchronised around each block (eager: the host rows by the order, then "
+                    "TrainStep; graph: GraphStep.step, one replay); kernels and CUDA calls per "
+                    "step by the profiler; whether the step made the host wait (queue probe):",
+                ""]
+        out += _md_table(["shape", "batch", "steps timed", "eager ms", "graph ms",
+                          "graph / eager", "eager kernels", "graph kernels", "eager CUDA calls",
+                          "graph CUDA calls", "eager waited", "graph waited"],
+                         [[r["shape"], r["batch"], r["steps_timed"], r["eager_ms"], r["graph_ms"],
+                           r["graph_vs_eager"], counts(r, "eager", "kernels"),
+                           counts(r, "graph", "kernels"), counts(r, "eager", "api_calls"),
+                           counts(r, "graph", "api_calls"), r.get("eager_waited"),
+                           r.get("graph_waited")] for r in d["steps"]])
+    e = d.get("epochs") or {}
+    rows = [[label, e[key]["train_s"], e[key]["redistribution_s"], e[key]["epoch_s"],
+             e[key]["steps"]]
+            for key, label in (("graph_off", "cupynn, fit(graph=False)"),
+                               ("graph_on", "cupynn, fit(graph=True)"),
+                               ("peer_graph", "torch masked-dense, CUDA graph"))
+            if e.get(key)]
+    if rows:
+        out += ["", f"HIGGS epoch: {e['sizes']}, density {e['density']}, {e['samples']:,} rows, "
+                    f"batch {e['batch']}, then a gradient-global redistribution", ""]
+        out += _md_table(["library", "train s", "redistribution s", "epoch s", "steps"], rows)
     return out

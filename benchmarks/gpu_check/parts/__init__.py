@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from ..context import Context
 from .env import part_env
+from .graph import part_graph
 from .launches import part_launches
 from .mpi import part_mpi
 from .parity import part_parity
@@ -16,5 +17,5 @@ from .tests import part_tests
 
 PART_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "tests": part_tests, "parity": part_parity, "steps": part_steps, "sddmm": part_sddmm,
-    "launches": part_launches, "higgs": part_higgs, "redistribution": part_redistribution,
-    "mpi": part_mpi, "env": part_env}
+    "launches": part_launches, "graph": part_graph, "higgs": part_higgs,
+    "redistribution": part_redistribution, "mpi": part_mpi, "env": part_env}
