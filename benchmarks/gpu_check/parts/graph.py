@@ -413,6 +413,7 @@ def part_graph(ctx: Context) -> dict[str, Any]:
     notes += errors
     bad = [e["shape"] for e in equal if not (e["equal"] and e["eager_ok"] and e["finite"])]
     bad += [s["shape"] + " steps" for s in steps if not s["finite"]]
+    bad += [s["shape"] + " replay waited" for s in steps if s.get("graph_waited")]
     parts = [f"{e['shape']}: graph {'==' if e['equal'] else '!='} eager launches"
              + (f", {e['eager_max_rel_diff']:.1e} from TrainStep"
                 if e["eager_max_rel_diff"] is not None else ", TrainStep topology differs")
