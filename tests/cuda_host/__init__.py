@@ -1,7 +1,7 @@
 """CPU emulation of CUDA kernels for the tests: see :mod:`.emulate` and ``cuda_host.h``."""
 
-from .emulate import (HEADER, HostCompileError, HostCompilerMissing, WarpError, compile_cu,
-                      host_compiler, launch, pointer)
+from .emulate import (HEADER, BlockError, HostCompileError, HostCompilerMissing, WarpError,
+                      compile_cu, host_compiler, launch, pointer)
 
-__all__ = ["HEADER", "HostCompileError", "HostCompilerMissing", "WarpError", "compile_cu",
-           "host_compiler", "launch", "pointer"]
+__all__ = ["HEADER", "BlockError", "HostCompileError", "HostCompilerMissing", "WarpError",
+           "compile_cu", "host_compiler", "launch", "pointer"]

@@ -1,4 +1,4 @@
-"""Run CUDA kernels on the CPU: one (block, thread) at a time, or warp by warp.
+"""Run CUDA kernels on the CPU: one (block, thread) at a time, warp by warp, or block by block.
 
 A ``.cu`` file is compiled as plain C++ with ``cuda_host.h`` force-included
 (g++, ``-x c++ -std=c++14``), loaded with :mod:`ctypes`, and :func:`launch`
@@ -14,10 +14,36 @@ on machines without a GPU:
   warp-level call is a meeting of the lanes of its mask (``cuda_host.h``).
   Meetings that CUDA leaves undefined (a lane of the mask that has returned,
   lanes of one mask at different calls) raise :class:`WarpError`. Warps run
-  one after another, so only what the lanes of one warp share is exercised.
+  one after another, so only what the lanes of one warp share is exercised;
+* kernels that cooperate within a block (``__shared__`` memory,
+  ``__syncthreads``) run block by block: the threads of a block (at most
+  1024) are OS threads running the kernel together, sharing its
+  ``__shared__`` variables and its ``extern __shared__`` array of
+  ``shared_mem`` bytes, and each ``__syncthreads()`` is a barrier of all of
+  them. Warp-level calls work there as in a warp launch. Barriers that CUDA
+  leaves undefined raise :class:`BlockError`: a thread that reaches a
+  ``__syncthreads`` after another thread of the block returned, or returns
+  while others wait at one; threads at different ``__syncthreads`` calls
+  (divergent barriers); a thread at a barrier while lanes of its warp wait for
+  it at a warp-level call. Blocks run one after another, so they cannot see
+  each other's shared memory, and each starts with its shared memory filled
+  with 0xff bytes (NaN in floats, -1 in signed integers), so a kernel that
+  reads shared memory before writing it gets numbers that show.
 
-Kernels that cooperate within a block (``__shared__``, ``__syncthreads``)
-do not compile under ``cuda_host.h``.
+In warp and block launches the threads run one at a time: each runs until it
+waits at a meeting or barrier, or returns, and then the first thread in launch
+order that can go on runs (last to first with ``reverse=True``). A run is thus
+deterministic; a kernel that lacks a ``__syncthreads`` between a write and
+another thread's read gives a different result reversed; and a deadlock
+(every thread that has not returned waiting) is reported at once, never a
+hang. A thread that spins on memory another thread writes would never end:
+such a launch raises :class:`BlockError` after ``LAUNCH_TIMEOUT_S``.
+
+Limitations: 1-D launches; ``extern __shared__`` declared as
+``extern __shared__ T name[];`` in the ``.cu`` file itself (compile_cu
+rewrites each into a pointer to the dynamic arena; not in included files); a
+``__shared__`` variable inside a function template is not refilled between
+blocks (g++ ignores its section, GCC bug 70435); no atomics.
 
 Typical use::
 
@@ -34,6 +60,7 @@ kernel launched through CuPy's ``RawKernel`` does.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -50,10 +77,23 @@ import numpy
 
 HEADER = Path(__file__).resolve().parent / "cuda_host.h"
 CXX_FLAGS = ("-x", "c++", "-std=c++14", "-O1", "-shared", "-fPIC", "-pthread")
+# Added for files that declare __shared__ variables (see cuda_host.h).
+SHARED_FLAGS = ("-fno-weak",)
 SET_THREAD = "cupynn_host_set_thread"
 WARP_SIZE = 32
-# A source that calls any of these runs warp by warp by default.
+MAX_BLOCK_THREADS = 1024  # CUDA's limit; in a block launch each thread is an OS thread
+# How long the threads of one warp or block launch may run before launch gives up.
+LAUNCH_TIMEOUT_S = 60.0
+# A source that calls any of these (outside comments) runs warp by warp by default...
 WARP_CALLS = re.compile(r"__(shfl|shfl_up|shfl_down|shfl_xor|ballot|any|all)_sync\b|__syncwarp\b")
+# ... and one that uses any of these block by block.
+BLOCK_CALLS = re.compile(r"\b__syncthreads(_count|_and|_or)?\b|\b__shared__\b")
+COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+# `extern __shared__ T name[];`, which compile_cu rewrites as a pointer into the arena.
+EXTERN_SHARED = re.compile(r"\bextern\s+__shared__\s+([^;\[\]{}]*?)\s*\b([A-Za-z_]\w*)\s*"
+                           r"\[\s*\]\s*;")
+ALIGN = re.compile(r"__align__\s*\(\s*\w+\s*\)|__attribute__\s*\(\(.*?\)\)")
+_WARP_MODE, _BLOCK_MODE = 1, 2
 
 
 class HostCompilerMissing(RuntimeError):
@@ -66,6 +106,11 @@ class HostCompileError(RuntimeError):
 
 class WarpError(RuntimeError):
     """Lanes of a warp met in a way CUDA leaves undefined (see ``cuda_host.h``)."""
+
+
+class BlockError(RuntimeError):
+    """Threads of a block met at ``__syncthreads`` in a way CUDA leaves undefined, deadlocked,
+    or never ended (see ``cuda_host.h``)."""
 
 
 def host_compiler() -> str:
@@ -97,7 +142,14 @@ def compile_cu(path: str | os.PathLike) -> ctypes.CDLL:
     """Compile the ``.cu`` file at ``path`` for the CPU and load it.
 
     Cached per process on the file's content (and the header's), so each
-    source is built once per test session and rebuilt when it changes.
+    source is built once per test session and rebuilt when it changes. A file
+    with ``extern __shared__`` declarations is compiled from a copy in which
+    each is a pointer into the dynamic shared memory (same line numbers, and
+    ``#line`` keeps the file's name in messages).
+
+    The library's ``cupynn_uses_warps`` and ``cupynn_uses_blocks`` say whether
+    its code (outside comments) calls warp-level intrinsics, and uses
+    ``__shared__`` or ``__syncthreads``: :func:`launch`'s default mode.
 
     Raises
     ------
@@ -108,18 +160,56 @@ def compile_cu(path: str | os.PathLike) -> ctypes.CDLL:
     """
     path = Path(path).resolve()
     cxx = host_compiler()
+    text = path.read_text()
+    code = _code(text)
+    flags = CXX_FLAGS + (SHARED_FLAGS if "__shared__" in code else ())
     digest = hashlib.sha256()
-    for part in (cxx.encode(), " ".join(CXX_FLAGS).encode(), HEADER.read_bytes(),
-                 path.read_bytes()):
+    for part in (cxx.encode(), " ".join(flags).encode(), HEADER.read_bytes(), text.encode()):
         digest.update(part)
         digest.update(b"\0")
-    return _compile(str(path), cxx, digest.hexdigest()[:16])
+    lib = _compile(str(path), cxx, flags, digest.hexdigest()[:16])
+    lib.cupynn_uses_warps = bool(WARP_CALLS.search(code))
+    lib.cupynn_uses_blocks = bool(BLOCK_CALLS.search(code))
+    return lib
+
+
+def _code(text: str) -> str:
+    """``text`` without its comments (their lines kept, so line numbers stay)."""
+    return COMMENTS.sub(lambda m: "\n" * m.group(0).count("\n") or " ", text)
+
+
+def _dynamic_shared(match: re.Match) -> str:
+    """``extern __shared__ T name[];`` as a pointer into the dynamic shared memory."""
+    element = " ".join(ALIGN.sub(" ", match.group(1)).split())
+    newlines = "\n" * match.group(0).count("\n")  # keep the line numbers
+    return (f"{element}* const {match.group(2)} = "
+            f"static_cast<{element}*>(cupynn_host::dynamic_shared());{newlines}")
+
+
+def _rewrite(path: Path, target: Path) -> Path:
+    """The source to compile: ``path`` itself, or a copy with ``extern __shared__`` rewritten."""
+    text = path.read_text()
+    if not re.search(r"\bextern\s+__shared__\b", _code(text)):
+        return path
+    rewritten = EXTERN_SHARED.sub(_dynamic_shared, text)
+    code = _code(rewritten)
+    left = re.search(r"\bextern\s+__shared__\b[^;]*;?", code)
+    if left:
+        line = code.count("\n", 0, left.start()) + 1
+        raise HostCompileError(
+            f"{path.name}:{line}: cuda_host.h emulates dynamic shared memory declared as "
+            f"`extern __shared__ T name[];` (one array per declaration); got {left.group(0)!r}.")
+    source = target.with_suffix(".cu")
+    source.write_text(f'#line 1 "{path}"\n{rewritten}')
+    return source
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(path: str, cxx: str, digest: str) -> ctypes.CDLL:
+def _compile(path: str, cxx: str, flags: tuple[str, ...], digest: str) -> ctypes.CDLL:
     target = _build_dir() / f"{Path(path).stem}-{digest}.so"
-    cmd = [cxx, *CXX_FLAGS, "-include", str(HEADER), path, "-o", str(target)]
+    source = _rewrite(Path(path), target)
+    cmd = [cxx, *flags, "-include", str(HEADER), "-iquote", str(Path(path).parent),
+           str(source), "-o", str(target)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise HostCompileError(
@@ -127,16 +217,20 @@ def _compile(path: str, cxx: str, digest: str) -> ctypes.CDLL:
             f"(exit status {result.returncode}).\ncommand: {' '.join(cmd)}\n"
             f"{result.stdout}{result.stderr}")
     lib = ctypes.CDLL(str(target))
-    for name in (SET_THREAD, "cupynn_host_set_lane"):
+    for name in (SET_THREAD, "cupynn_host_enter"):
         getattr(lib, name).argtypes = [ctypes.c_uint] * 4
         getattr(lib, name).restype = None
-    lib.cupynn_host_begin_warp.argtypes = [ctypes.c_uint]
-    lib.cupynn_host_begin_warp.restype = None
-    lib.cupynn_host_lane_exit.argtypes = []
-    lib.cupynn_host_lane_exit.restype = None
+    lib.cupynn_host_begin_block.argtypes = [ctypes.c_ulonglong]
+    lib.cupynn_host_begin_block.restype = None
+    lib.cupynn_host_dynamic_shared_capacity.argtypes = []
+    lib.cupynn_host_dynamic_shared_capacity.restype = ctypes.c_ulonglong
+    lib.cupynn_host_begin_group.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_int,
+                                            ctypes.c_int]
+    lib.cupynn_host_begin_group.restype = None
+    lib.cupynn_host_exit.argtypes = []
+    lib.cupynn_host_exit.restype = None
     lib.cupynn_host_take_error.argtypes = []
     lib.cupynn_host_take_error.restype = ctypes.c_char_p
-    lib.cupynn_uses_warps = bool(WARP_CALLS.search(Path(path).read_text()))
     return lib
 
 
@@ -173,20 +267,25 @@ def _argument(index: int, argtype: type, value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _lanes() -> ThreadPoolExecutor:
-    """The OS threads that play the lanes of a warp (one per lane, reused)."""
-    return ThreadPoolExecutor(max_workers=WARP_SIZE, thread_name_prefix="cuda-host-lane")
+def _threads() -> ThreadPoolExecutor:
+    """The OS threads that play the threads of a warp or block (one each, reused)."""
+    return ThreadPoolExecutor(max_workers=MAX_BLOCK_THREADS, thread_name_prefix="cuda-host")
 
 
-def _take_error(lib: ctypes.CDLL) -> str | None:
+def _raise_error(lib: ctypes.CDLL, where: str) -> None:
+    """Raise the error the last launch recorded, as WarpError or BlockError by its kind."""
     message = lib.cupynn_host_take_error()
-    return None if message is None else message.decode(errors="replace")
+    if message is None:
+        return
+    kind, text = message[:1], message[1:].decode(errors="replace")
+    raise (BlockError if kind == b"B" else WarpError)(f"{where}: {text}")
 
 
 def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
            block: int | Sequence[int], argtypes: Sequence[type], args: Sequence[Any],
-           reverse: bool = False, warps: bool | None = None) -> None:
-    """Run ``kernel_name<<<grid, block>>>(*args)`` on the CPU.
+           reverse: bool = False, warps: bool | None = None, blocks: bool | None = None,
+           shared_mem: int = 0) -> None:
+    """Run ``kernel_name<<<grid, block, shared_mem>>>(*args)`` on the CPU.
 
     A GPU runs the threads in no set order; running them last to first
     (``reverse=True``) as well as first to last shows a kernel whose result
@@ -196,28 +295,55 @@ def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
     ----------
     lib : library from :func:`compile_cu`
     kernel_name : an ``extern "C"`` kernel of that library
-    grid, block : int or 1-D tuple (y and z extents must be 1)
+    grid, block : int or 1-D tuple (y and z extents must be 1); at most 1024
+        threads in a block
     argtypes : ctypes types of the kernel's parameters, in order
     args : NumPy arrays for pointer parameters, numbers for the others
     reverse : bool
-        Run the blocks, and the threads (or warps, and the lanes handed to
-        the lane threads) of each block, last to first.
+        Run the blocks, and the threads (or warps, and the lanes) of each
+        block, last to first.
     warps : bool, optional
         Run warp by warp, the lanes of each warp together (see the module
         doc); by default when the source calls warp-level intrinsics. A last
         warp of fewer than 32 threads (``block`` not a multiple of 32) has
         only those lanes.
+    blocks : bool, optional
+        Run block by block, all the threads of each block together, with
+        ``__syncthreads`` barriers and warp-level calls; by default when the
+        source uses ``__shared__`` or ``__syncthreads``. Takes precedence over
+        ``warps``; ``blocks=False`` with ``warps=False`` runs one thread at a
+        time (then ``__syncthreads`` raises).
+    shared_mem : int
+        Bytes of dynamic shared memory (``extern __shared__ T name[];``) per
+        block, as the third launch parameter of CUDA; at most 227 KiB.
 
     Raises
     ------
+    ValueError
+        For a block of more than 1024 threads or a bad ``shared_mem``.
     WarpError
         When the lanes of a warp meet in a way CUDA leaves undefined, or a
-        warp-level call is made outside a warp launch.
+        warp-level call is made outside a warp or block launch.
+    BlockError
+        When the threads of a block meet at barriers in a way CUDA leaves
+        undefined, deadlock, or have not ended after ``LAUNCH_TIMEOUT_S``.
     """
     n_blocks = _dim(grid, "grid")
     n_threads = _dim(block, "block")
+    if n_threads > MAX_BLOCK_THREADS:
+        raise ValueError(f"{kernel_name}: a block has at most {MAX_BLOCK_THREADS} threads in "
+                         f"CUDA (and here each may be an OS thread). Got {n_threads} instead.")
+    capacity = lib.cupynn_host_dynamic_shared_capacity()
+    if (not isinstance(shared_mem, (int, numpy.integer)) or isinstance(shared_mem, bool)
+            or not 0 <= shared_mem <= capacity):
+        raise ValueError(f"{kernel_name}: shared_mem must be a number of bytes in [0, "
+                         f"{capacity}] (227 KiB, the most a GPU gives a block). "
+                         f"Got {shared_mem!r} instead.")
     if len(argtypes) != len(args):
         raise ValueError(f"{kernel_name}: {len(argtypes)} argtypes for {len(args)} arguments.")
+    broken = getattr(lib, "cupynn_stuck", None)
+    if broken is not None:
+        raise BlockError(f"{kernel_name}: {lib._name} cannot launch again: {broken}")
     try:
         kernel = getattr(lib, kernel_name)
     except AttributeError:
@@ -225,45 +351,59 @@ def launch(lib: ctypes.CDLL, kernel_name: str, grid: int | Sequence[int],
     kernel.argtypes = list(argtypes)
     kernel.restype = None
     c_args = [_argument(i, t, a) for i, (t, a) in enumerate(zip(argtypes, args, strict=True))]
-    blocks = range(n_blocks)[::-1] if reverse else range(n_blocks)
+    order = (lambda r: r[::-1]) if reverse else (lambda r: r)
+    if blocks is None:
+        blocks = getattr(lib, "cupynn_uses_blocks", False)
     if warps is None:
         warps = getattr(lib, "cupynn_uses_warps", False)
-    if not warps:
+    if blocks:
+        for b in order(range(n_blocks)):
+            lib.cupynn_host_begin_block(shared_mem)
+            _run_group(lib, kernel, kernel_name, c_args, b, range(n_threads), n_blocks, reverse,
+                       _BLOCK_MODE)
+            _raise_error(lib, f"{kernel_name}, block {b}")
+    elif warps:
+        starts = range(0, n_threads, WARP_SIZE)
+        for b in order(range(n_blocks)):
+            lib.cupynn_host_begin_block(shared_mem)
+            for start in order(starts):
+                lanes = range(start, min(start + WARP_SIZE, n_threads))
+                _run_group(lib, kernel, kernel_name, c_args, b, lanes, n_blocks, reverse,
+                           _WARP_MODE, n_threads)
+                _raise_error(lib, f"{kernel_name}, block {b}, warp {start // WARP_SIZE}")
+    else:
         set_thread = getattr(lib, SET_THREAD)
-        threads = range(n_threads)[::-1] if reverse else range(n_threads)
-        for b in blocks:
-            for t in threads:
+        for b in order(range(n_blocks)):
+            lib.cupynn_host_begin_block(shared_mem)
+            for t in order(range(n_threads)):
                 set_thread(b, t, n_threads, n_blocks)
                 kernel(*c_args)
-        error = _take_error(lib)
-        if error is not None:
-            raise WarpError(f"{kernel_name}: {error}")
-        return
-    starts = range(0, n_threads, WARP_SIZE)
-    for b in blocks:
-        for start in (starts[::-1] if reverse else starts):
-            lanes = range(start, min(start + WARP_SIZE, n_threads))
-            _run_warp(lib, kernel, c_args, b, lanes, n_threads, n_blocks, reverse)
-            error = _take_error(lib)
-            if error is not None:
-                raise WarpError(f"{kernel_name}, block {b}, warp {start // WARP_SIZE}: {error}")
+        _raise_error(lib, kernel_name)
 
 
-def _run_warp(lib: ctypes.CDLL, kernel: Any, c_args: list[Any], block: int, lanes: range,
-              n_threads: int, n_blocks: int, reverse: bool) -> None:
-    """The lanes of one warp, each on its own OS thread, running the kernel together."""
-    live = 0
-    for t in lanes:
-        live |= 1 << (t % WARP_SIZE)
-    lib.cupynn_host_begin_warp(live)
+def _run_group(lib: ctypes.CDLL, kernel: Any, kernel_name: str, c_args: list[Any], block: int,
+               threads: range, n_blocks: int, reverse: bool, mode: int,
+               n_threads: int | None = None) -> None:
+    """Threads ``threads`` of a block (a warp, or the whole block), each on its own OS thread,
+    running the kernel together and one at a time, handing a baton on (``cuda_host.h``)."""
+    block_dim = len(threads) if n_threads is None else n_threads
+    lib.cupynn_host_begin_group(threads.start, threads.stop, int(reverse), mode)
 
-    def lane(t: int) -> None:
-        lib.cupynn_host_set_lane(block, t, n_threads, n_blocks)
+    def thread(t: int) -> None:
+        lib.cupynn_host_enter(block, t, block_dim, n_blocks)
         try:
             kernel(*c_args)
         finally:
-            lib.cupynn_host_lane_exit()
+            lib.cupynn_host_exit()
 
-    futures = [_lanes().submit(lane, t) for t in (lanes[::-1] if reverse else lanes)]
+    futures = [_threads().submit(thread, t) for t in (threads[::-1] if reverse else threads)]
+    _, running = concurrent.futures.wait(futures, timeout=LAUNCH_TIMEOUT_S)
+    if running:
+        lib.cupynn_stuck = (f"{kernel_name}, block {block}: {len(running)} of its threads still "
+                            f"ran after {LAUNCH_TIMEOUT_S:g} s")
+        raise BlockError(
+            f"{lib.cupynn_stuck}: an endless loop, or a thread that spins on memory another "
+            "thread writes (the threads run one at a time here, switching only at barriers, "
+            "warp-level calls and returns). The library stays unusable.")
     for future in futures:
         future.result()
