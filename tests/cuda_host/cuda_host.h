@@ -218,7 +218,8 @@ inline const char* warp_prefix(char* buffer, std::size_t size)
 
 // Record the first error (the caller holds the lock). Threads waiting at a
 // meeting or barrier may go on: they get their own value back.
-inline void fail(Group& g, char kind, const char* format, ...) __attribute__((format(printf, 3, 4)));
+inline void fail(Group& g, char kind, const char* format, ...)
+    __attribute__((format(printf, 3, 4)));
 inline void fail(Group& g, char kind, const char* format, ...)
 {
     if (!g.failed) {

@@ -65,11 +65,12 @@ import ctypes
 import functools
 import hashlib
 import os
+import queue
 import re
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -266,10 +267,48 @@ def _argument(index: int, argtype: type, value: Any) -> Any:
     return value.ctypes.data_as(argtype)
 
 
+class _Threads:
+    """The OS threads that play the threads of a warp or block, one each, reused.
+
+    Daemons, unlike a ThreadPoolExecutor's: a thread stuck in a kernel's endless loop (see
+    LAUNCH_TIMEOUT_S) must not hold the interpreter at exit. Never fewer than the tasks
+    submitted and not done, since the threads of a launch wait for each other.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that thread takes this task
+            else:
+                threading.Thread(target=self._work, name="cuda-host", daemon=True).start()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._tasks.get()
+            result = error = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the launch that waits for it
+                error = exc
+            with self._lock:  # idle before the launch hears it is done: the next reuses it
+                self._idle += 1
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
 @functools.lru_cache(maxsize=None)
-def _threads() -> ThreadPoolExecutor:
-    """The OS threads that play the threads of a warp or block (one each, reused)."""
-    return ThreadPoolExecutor(max_workers=MAX_BLOCK_THREADS, thread_name_prefix="cuda-host")
+def _threads() -> _Threads:
+    return _Threads()
 
 
 def _raise_error(lib: ctypes.CDLL, where: str) -> None:
