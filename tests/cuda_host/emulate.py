@@ -34,7 +34,8 @@ In warp and block launches the threads run one at a time: each runs until it
 waits at a meeting or barrier, or returns, and then the first thread in launch
 order that can go on runs (last to first with ``reverse=True``). A run is thus
 deterministic; a kernel that lacks a ``__syncthreads`` between a write and
-another thread's read gives a different result reversed; and a deadlock
+another thread's read reads the 0xff bytes in one order or both, so its
+results differ from the expected ones or between the two orders; a deadlock
 (every thread that has not returned waiting) is reported at once, never a
 hang. A thread that spins on memory another thread writes would never end:
 such a launch raises :class:`BlockError` after ``LAUNCH_TIMEOUT_S``.
