@@ -10,24 +10,30 @@ threads run first to last or last to first. The implementations under test:
 
 - the dispatchers of :mod:`cupynn.kernels` on every backend present (the Numba kernels
   on the CPU; with a GPU, the CUDA kernels too);
-- the CUDA kernels of ``sddmm.cu``, ``spmm.cu``, ``adam.cu`` and ``fisher.cu`` emulated
-  on the CPU.
+- the CUDA kernels of ``sddmm.cu``, ``spmm.cu``, ``adam.cu``, ``fisher.cu``, ``loss.cu``
+  and ``batch.cu`` emulated on the CPU (issue 19's among them: ``adam_multi`` over any
+  list of arrays and any row of a table of steps, the loss rows and ``mean_of_rows``,
+  ``relu_grad_rowsum``, and the captured step's gathers, transpose and ``end_step``,
+  which read and advance a device step counter).
 
 Each is compared with its twin in :mod:`cupynn.kernels.numpy_twins` run in the same
 dtype, within ``rtol`` times the same sums taken over absolute values (the scale of
-any summation order's rounding; see ``kernel_cases.assert_close``). What must hold
-exactly is checked exactly: nothing is written past an output, a dead Fisher block
-and the padding lanes are left as they were, the order of the threads changes no bit.
+any summation order's rounding; see ``kernel_cases.assert_close``), or, where kernel
+and twin add in one order, to the bit (``adam_multi``, ``mean_of_rows``,
+``relu_grad_rowsum``, the copies of ``batch.cu``) or within a few ulps (the loss rows,
+whose exp and log are the C library's). What must hold exactly is checked exactly:
+nothing is written past an output, a dead Fisher block and the padding lanes are left
+as they were, the order of the threads changes no bit.
 
-Run time: the ``max_examples`` of each property keep this file to about ten seconds on
-two cores, the one-time builds of the ``.cu`` files included. CI (``CI=true``) draws the
+Run time: the ``max_examples`` of each property keep this file to about a dozen seconds
+on two cores, the one-time builds of the ``.cu`` files included. CI (``CI=true``) draws the
 same examples every run (Hypothesis's ``ci`` profile: derandomised, no database).
 """
 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy
 import pytest
@@ -38,8 +44,12 @@ from conftest import BACKENDS
 from cupynn import kernels
 from cupynn.backend import to_numpy
 from cupynn.kernels import CUDA_SOURCES, FISHER_TILE, THREADS_PER_BLOCK, numpy_twins as twins
-from kernel_cases import (GUARD, adam_argtypes, assert_close, host_library, kernel_names,
-                          sddmm_argtypes, sddmm_warp_argtypes, suffix_of)
+from cupynn.kernels.adam import AdamPointers
+from kernel_cases import (GUARD, LAUNCHES, LossCase, adam_argtypes, adam_multi_argtypes,
+                          assert_close, assert_same_bits, emulated_loss_rows,
+                          emulated_mean_of_rows, emulated_relu_grad_rowsum, guarded,
+                          host_library, kernel_names, sddmm_argtypes, sddmm_warp_argtypes,
+                          suffix_of)
 from test_fisher_kernels import matvec_argtypes, rank1_argtypes
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
@@ -131,7 +141,8 @@ def assert_guard(buffer: numpy.ndarray, size: int) -> None:
 @pytest.fixture(scope="module")
 def cu():
     """The CUDA sources built for the CPU (compile_cu: once per session)."""
-    return {name: host_library(name) for name in ("sddmm.cu", "spmm.cu", "adam.cu", "fisher.cu")}
+    return {name: host_library(name)
+            for name in ("sddmm.cu", "spmm.cu", "adam.cu", "fisher.cu", "loss.cu", "batch.cu")}
 
 
 # -------------------------------------------------------------------------- SDDMM
@@ -327,6 +338,23 @@ def test_relu_grad_rowsum_equals_numpy(backend, case, with_y, in_place):
                  numpy.abs(expected).sum(axis=1, dtype=numpy.float64), case.dtype)
 
 
+@settings(max_examples=15, **PROPERTY)
+@given(case=csr(max_side=12, max_batch=70), relu=st.booleans(), in_place=st.booleans(),
+       blocks=st.integers(1, 2), warps_per_block=st.integers(1, 2), reverse=REVERSE)
+def test_emulated_relu_grad_rowsum_equals_twin(case, relu, in_place, blocks, warps_per_block,
+                                               reverse):
+    """sddmm.cu's relu_grad_rowsum (one warp a row, blocks of whole warps): the twin's bits,
+    sums in its fixed order, and out = dy * (y > 0), the sign of every zero included."""
+    a = case.arrays()
+    y = a["dy"][::-1].copy() if relu else None  # negatives and exact zeros: dead units
+    out, sums = emulated_relu_grad_rowsum(a["dy"], y, (blocks,), (32 * warps_per_block,),
+                                          in_place=in_place, reverse=reverse)
+    expected, expected_sums = twins.relu_grad_rowsum(a["dy"], y)
+    assert_same_bits(out, expected)
+    assert_same_bits(sums, expected_sums)
+    assert_same_bits(out, a["dy"] * (y > 0) if relu else a["dy"])
+
+
 # --------------------------------------------------------------------------- Adam
 @dataclass(frozen=True)
 class AdamCase:
@@ -402,6 +430,37 @@ def test_emulated_adam_equals_twin(cu, case, config, reverse):
     assert_adam(p[:case.n], m[:case.n], v[:case.n], case)
     for buffer in (p, m, v):
         assert_guard(buffer, case.n)
+
+
+@settings(max_examples=20, **PROPERTY)
+@given(case=ADAM_CASES, sizes=st.lists(st.integers(0, 80), max_size=5),
+       steps=st.lists(st.integers(1, 10_000), min_size=1, max_size=4), pick=st.integers(0, 3),
+       config=LAUNCH, reverse=REVERSE)
+def test_emulated_adam_multi_equals_per_array_twin(cu, case, sizes, steps, pick, config,
+                                                   reverse):
+    """One launch over any list of arrays (empty ones, an empty list), with the scalars of
+    any row of a table of steps (adam_scalars' rows): array by array, the per-array
+    twin's step with that row's hyper-parameters, bit for bit; g and the guards kept."""
+    row = pick % len(steps)
+    cases = [replace(case, n=n, seed=(case.seed + i) % 2**32, step=steps[row])
+             for i, n in enumerate(sizes)]
+    states = [c.state() for c in cases]
+    arrays = [{k: guarded(s[k]) for k in "pgmv"} for s in states]
+    table = numpy.array([kernels.adam_scalars(case.dtype, **replace(case, step=t).scalars())
+                         for t in steps], dtype=case.dtype)
+    pointers = AdamPointers()
+    pointers.update(*([a[k][:n] for a, n in zip(arrays, sizes)] for k in "pgmv"), numpy)
+    emulated(cu["adam.cu"], f"adam_multi_{suffix_of(case.dtype)}", config,
+             (kernels._grid(max(pointers.total, 1), None), (THREADS_PER_BLOCK,)),
+             adam_multi_argtypes(case.dtype),
+             [pointers.p_ptrs, pointers.g_ptrs, pointers.m_ptrs, pointers.v_ptrs,
+              pointers.offsets, pointers.n_arrays, table, numpy.array([row], numpy.int64)],
+             reverse)
+    for c, s, a in zip(cases, states, arrays):
+        twins.adam(s["p"], s["g"], s["m"], s["v"], **c.scalars())
+        for k in "pgmv":
+            assert_same_bits(a[k][:c.n], s[k])
+            assert_guard(a[k], c.n)
 
 
 # ------------------------------------------------------------ the inverse Fisher
@@ -531,10 +590,244 @@ def test_emulated_fisher_kernels_equal_twins(cu, case, config, reverse):
     assert_guard(work, n)
 
 
+# ------------------------------------------------------------------ loss.cu
+# Drawn LossCases: batch 1 to more rows than grid2_block32's 64 threads, one class and
+# more than a warp's lanes, logits up to +-1e4 (exp overflows without the shift by the
+# row's max), den the batch or a larger global batch.
+LOSS_DRAWS = st.builds(LossCase, name=st.just("drawn"), batch=st.integers(1, 70),
+                       classes=st.integers(1, 40), scale=st.sampled_from((1e-3, 1.0, 3.0, 1e4)),
+                       total=st.one_of(st.none(), st.integers(70, 1000)), seed=SEED)
+LOSS_ROWS = ("softmax_cross_entropy_rows", "binary_cross_entropy_rows", "squared_error_rows")
+# The kernels and their twins add in one order; they differ where exp, log and log1p of
+# the C library and of NumPy round differently: a few units in the last place.
+LOSS_ULPS = 8
+
+
+def assert_ulps(got: numpy.ndarray, expected: numpy.ndarray, bound, dtype) -> None:
+    """NaN where ``expected`` is NaN, elsewhere within LOSS_ULPS * eps * ``bound``."""
+    assert got.dtype == expected.dtype == numpy.dtype(dtype) and got.shape == expected.shape
+    nan = numpy.isnan(expected)
+    numpy.testing.assert_array_equal(numpy.isnan(got), nan)
+    err = numpy.abs(got.astype(numpy.float64) - expected)[~nan]
+    tol = (LOSS_ULPS * numpy.finfo(dtype).eps * numpy.broadcast_to(bound, got.shape)[~nan]
+           + numpy.finfo(dtype).tiny)
+    assert (err <= tol).all(), f"up to {float(numpy.max(err / tol)):.3g} x {LOSS_ULPS} ulps off"
+
+
+@settings(max_examples=30, **PROPERTY)
+@given(case=LOSS_DRAWS, dtype=DTYPE, family=st.sampled_from(LOSS_ROWS), bad_label=st.booleans(),
+       config=st.sampled_from(list(LAUNCHES)), reverse=REVERSE)
+def test_emulated_loss_rows_equal_twins(case, dtype, family, bad_label, config, reverse):
+    """Each per-row kernel: gradient and row losses within a few ulps of its twin (the
+    squared error's gradient to the bit); softmax cross-entropy's gradient rows sum to
+    0 within the rounding of the classes' sum, and a label outside [0, classes) gives
+    a row of NaN."""
+    a = case.arrays(dtype)
+    n, den = case.batch, case.den
+    z = a["logits"].astype(numpy.float64)
+    if family == "softmax_cross_entropy_rows":
+        if bad_label:
+            a["labels"][case.seed % n] = -1 if case.seed % 2 else case.classes
+        reads, sizes, scalar = [a["logits"], a["labels"]], [n, case.classes], den
+        valid = (a["labels"] >= 0) & (a["labels"] < case.classes)
+        label = numpy.where(valid, a["labels"], 0)
+        top = z.max(axis=1)
+        e = numpy.exp(z - top[:, None])
+        onehot = numpy.eye(case.classes)[label]
+        grad_bound = (e / e.sum(axis=1, keepdims=True) + onehot) / den
+        row_bound = (numpy.abs(numpy.log(e.sum(axis=1))) + numpy.abs(z[numpy.arange(n), label])
+                     + numpy.abs(top) + 1)
+    elif family == "binary_cross_entropy_rows":
+        reads, sizes, scalar = [a["z"], a["y"]], [n], den
+        z, y = z[:, 0], a["y"].astype(numpy.float64)
+        grad_bound = (numpy.exp(-numpy.logaddexp(0, -z)) + y) / den  # sigmoid(z) + y
+        row_bound = numpy.abs(z) * (1 + y) + numpy.log1p(numpy.exp(-numpy.abs(z)))
+    else:
+        scalar = 2.0 / (den * case.classes)
+        reads, sizes = [a["logits"], a["target"]], [n, case.classes]
+        grad_bound = None
+        row_bound = ((z - a["target"]) ** 2).sum(axis=1)
+    grad, per_row = emulated_loss_rows(family, reads, sizes, scalar, reads[0].shape, dtype,
+                                       config, reverse)
+    expected_grad, expected_rows = getattr(twins, family)(*reads, scalar)
+    assert_ulps(per_row, expected_rows, row_bound, dtype)
+    if grad_bound is None:  # a subtraction and a product: the same bits
+        assert_same_bits(grad, expected_grad)
+    else:
+        assert_ulps(grad, expected_grad, grad_bound, dtype)
+    if family == "softmax_cross_entropy_rows":
+        assert numpy.isnan(grad[~valid]).all() and numpy.isnan(per_row[~valid]).all()
+        sums = grad[valid].astype(numpy.float64).sum(axis=1)
+        assert (numpy.abs(sums) <= 2 * (case.classes + 4) * numpy.finfo(dtype).eps / den).all()
+
+
+@settings(max_examples=20, **PROPERTY)
+@given(n=st.integers(0, 100), dtype=DTYPE, scale=SCALE, seed=SEED, den=st.integers(1, 1000),
+       grid=st.integers(1, 3), warps_per_block=st.integers(1, 3), reverse=REVERSE)
+def test_emulated_mean_of_rows_equals_twin(n, dtype, scale, seed, den, grid, warps_per_block,
+                                           reverse):
+    """Additions in the one warp's fixed order and one division: the twin's bits under
+    any launch of whole warps (threads past the first warp leave), within rounding of
+    the plain mean; rows over six decades, exact zeros among them."""
+    rng = numpy.random.default_rng(seed)
+    per_row = (rng.standard_normal(n) * scale * 10.0 ** rng.integers(-3, 3, n)).astype(dtype)
+    per_row[rng.random(n) < 0.1] = 0
+    got = emulated_mean_of_rows(per_row, den, (grid,), (32 * warps_per_block,), reverse)
+    assert_same_bits(got, twins.mean_of_rows(per_row, den))
+    wide = per_row.astype(numpy.float64)
+    assert_close(got, numpy.asarray(wide.sum() / den, dtype=dtype),
+                 numpy.asarray(numpy.abs(wide).sum() / den), dtype)
+
+
+# ----------------------------------------------------------------- batch.cu
+@dataclass(frozen=True)
+class Schedule:
+    """A data set of ``n`` samples of ``features``, an epoch's order of them (a
+    permutation; with ``bad``, about a fifth of its values -1 or n), and the batch of
+    step ``counter`` (-1: before the order; past its end too): ``rows`` of ``stride``."""
+
+    n: int
+    features: int
+    stride: int
+    rows: int
+    counter: int
+    bad: bool
+    seed: int
+
+    def arrays(self, dtype: type) -> dict[str, numpy.ndarray]:
+        rng = numpy.random.default_rng(self.seed)
+        order = rng.permutation(self.n).astype(numpy.int64)
+        if self.bad:
+            order[rng.random(self.n) < 0.2] = rng.choice((-1, self.n))
+        x = rng.standard_normal((self.n, self.features)).astype(dtype)
+        x[rng.random(x.shape) < 0.1] = -0.0
+        y = (rng.integers(0, 10, self.n) if dtype == numpy.int64 else rng.standard_normal(self.n))
+        return {"x": x, "y": y.astype(dtype), "order": order,
+                "counter": numpy.array([self.counter], dtype=numpy.int64)}
+
+    def sources(self, order: numpy.ndarray) -> numpy.ndarray:
+        """The row of batch position j: order[counter * stride + j], or -1 where that
+        position is outside the order or its value outside the data set."""
+        positions = self.counter * self.stride + numpy.arange(self.rows)
+        inside = (positions >= 0) & (positions < len(order))
+        rows = numpy.where(inside, order[numpy.where(inside, positions, 0)], -1)
+        return numpy.where((rows >= 0) & (rows < self.n), rows, -1)
+
+
+SCHEDULES = st.builds(Schedule, n=st.integers(1, 30), features=st.integers(1, 6),
+                      stride=st.integers(1, 8), rows=st.integers(0, 8),
+                      counter=st.integers(-1, 8), bad=st.booleans(), seed=SEED).filter(
+                          lambda s: s.rows <= s.stride)
+LABEL_DTYPE = st.sampled_from((numpy.int64, numpy.float32, numpy.float64))
+SENTINEL = -7  # what a batch.cu output holds before the launch (no draw gives it)
+
+
+def sentinel_buffer(size: int, dtype) -> numpy.ndarray:
+    return numpy.full(size + GUARD, SENTINEL, dtype=dtype)
+
+
+def batch_launch(total: int) -> tuple:
+    return kernels._grid(total, None), (THREADS_PER_BLOCK,)
+
+
+I64 = pointer(numpy.int64)
+
+
+@settings(max_examples=25, **PROPERTY)
+@given(case=SCHEDULES, dtype=DTYPE, config=LAUNCH, reverse=REVERSE)
+def test_emulated_gather_batch_takes_the_rows_of_the_order(cu, case, dtype, config, reverse):
+    """out[:, j] is row order[counter * stride + j] of x to the bit (NaN where out of
+    bounds), as the twin; counter and order are read, never changed."""
+    a = case.arrays(dtype)
+    size = case.features * case.rows
+    out = sentinel_buffer(size, dtype)
+    real = pointer(dtype)
+    emulated(cu["batch.cu"], f"gather_batch_{suffix_of(dtype)}", config, batch_launch(size),
+             [real, I64, I64, ctypes.c_longlong, real, ctypes.c_longlong, ctypes.c_longlong,
+              ctypes.c_int, ctypes.c_int],
+             [a["x"], a["order"], a["counter"], case.stride, out, case.n, case.n,
+              case.features, case.rows], reverse)
+    rows = case.sources(a["order"])
+    expected = numpy.where(rows >= 0, a["x"][rows].T, numpy.nan).astype(dtype)
+    got = out[:size].reshape(case.features, case.rows)
+    assert_same_bits(got, expected)
+    assert_same_bits(got, twins.gather_batch(a["x"], a["order"], a["counter"], case.stride,
+                                             case.rows))
+    assert (out[size:] == SENTINEL).all(), "the kernel wrote past its output"
+    assert_same_bits(a["counter"], numpy.array([case.counter]))
+    assert_same_bits(a["order"], case.arrays(dtype)["order"])
+
+
+@settings(max_examples=25, **PROPERTY)
+@given(case=SCHEDULES, dtype=LABEL_DTYPE, config=LAUNCH, reverse=REVERSE)
+def test_emulated_gather_labels_takes_the_rows_of_the_order(cu, case, dtype, config, reverse):
+    """out[j] = y[order[counter * stride + j]] (int64 labels too), NaN or -1 where out
+    of bounds, as the twin."""
+    a = case.arrays(dtype)
+    out = sentinel_buffer(case.rows, dtype)
+    suffix = "i64" if dtype == numpy.int64 else suffix_of(dtype)
+    emulated(cu["batch.cu"], f"gather_labels_{suffix}", config, batch_launch(case.rows),
+             [pointer(dtype), I64, I64, ctypes.c_longlong, pointer(dtype), ctypes.c_longlong,
+              ctypes.c_longlong, ctypes.c_int],
+             [a["y"], a["order"], a["counter"], case.stride, out, case.n, case.n, case.rows],
+             reverse)
+    rows = case.sources(a["order"])
+    missing = -1 if dtype == numpy.int64 else numpy.nan
+    expected = numpy.where(rows >= 0, a["y"][rows], missing).astype(dtype)
+    assert_same_bits(out[:case.rows], expected)
+    assert_same_bits(out[:case.rows], twins.gather_labels(a["y"], a["order"], a["counter"],
+                                                          case.stride, case.rows))
+    assert (out[case.rows:] == SENTINEL).all(), "the kernel wrote past its output"
+
+
+@settings(max_examples=20, **PROPERTY)
+@given(shape=st.tuples(st.integers(0, 20), st.integers(0, 20)), dtype=DTYPE, seed=SEED,
+       config=LAUNCH, reverse=REVERSE)
+def test_emulated_transpose_is_a_transpose(cu, shape, dtype, seed, config, reverse):
+    rng = numpy.random.default_rng(seed)
+    src = rng.standard_normal(shape).astype(dtype)
+    src[rng.random(shape) < 0.1] = -0.0
+    size = src.size
+    out = sentinel_buffer(size, dtype)
+    emulated(cu["batch.cu"], f"transpose_{suffix_of(dtype)}", config, batch_launch(size),
+             [pointer(dtype)] * 2 + [ctypes.c_int] * 2, [src, out, *shape], reverse)
+    assert_same_bits(out[:size].reshape(shape[::-1]), src.T)
+    assert_same_bits(out[:size].reshape(shape[::-1]), twins.transpose(src))
+    assert (out[size:] == SENTINEL).all(), "the kernel wrote past its output"
+
+
+@settings(max_examples=20, **PROPERTY)
+@given(values=st.lists(st.floats(-1e30, 1e30), min_size=1, max_size=4), dtype=DTYPE,
+       n_losses=st.integers(0, 4), start=st.integers(-2, 5), config=LAUNCH, reverse=REVERSE)
+def test_emulated_end_step_records_at_the_counter_and_advances(cu, values, dtype, n_losses,
+                                                               start, config, reverse):
+    """Each launch, whatever its shape: losses[counter] = value (as float64) when the
+    counter is within losses, nothing written otherwise, and the counter one further."""
+    losses = numpy.full(n_losses + GUARD, numpy.nan)
+    counter = numpy.array([start], dtype=numpy.int64)
+    twin_losses, twin_counter = losses[:n_losses].copy(), counter.copy()
+    for step, v in enumerate(values):
+        value = numpy.array([v], dtype=dtype)
+        expected = losses.copy()
+        if 0 <= start + step < n_losses:
+            expected[start + step] = numpy.float64(value[0])
+        emulated(cu["batch.cu"], f"end_step_{suffix_of(dtype)}", config, ((1,), (1,)),
+                 [pointer(dtype), pointer(numpy.float64), I64, ctypes.c_longlong],
+                 [value, losses, counter, n_losses], reverse)
+        twins.end_step(value, twin_losses, twin_counter)
+        assert_same_bits(losses, expected)
+        assert_same_bits(losses[:n_losses], twin_losses)
+        assert counter[0] == twin_counter[0] == start + step + 1
+
+
 # ---------------------------------------------------------------------- coverage
 # The kernel families the emulated properties above launch.
 EMULATED = {"sddmm", "sddmm_warp", "spmm", "spmm_t", "adam", "packed_matvec",
-            "fisher_rank1_update"}
+            "fisher_rank1_update",
+            # issue 19
+            "adam_multi", "softmax_cross_entropy_rows", "binary_cross_entropy_rows",
+            "squared_error_rows", "mean_of_rows", "relu_grad_rowsum", "gather_batch",
+            "gather_labels", "transpose", "end_step"}
 
 
 def test_every_cuda_kernel_has_a_property_here():
