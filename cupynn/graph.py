@@ -43,9 +43,11 @@ GRAPH_LOSSES = ("cross_entropy", "binary_cross_entropy")
 AUTO_CAPTURES = False
 
 
-def graph_unsupported(model: Any, loss: str, *, comm: Any = None, augment: Any = None,
-                      sample_weight: Any = None) -> str | None:
+def graph_unsupported(model: Any, loss: str, *, optimizer: Any = None, comm: Any = None,
+                      augment: Any = None, sample_weight: Any = None) -> str | None:
     """Why this run cannot train through a :class:`GraphStep` (None: it can)."""
+    from .optim import Adam
+
     if not model.backend.is_gpu:
         return "CUDA graphs need the GPU backend"
     if comm is not None and comm.size > 1:
@@ -58,6 +60,14 @@ def graph_unsupported(model: Any, loss: str, *, comm: Any = None, augment: Any =
         return "augmentation draws from a host generator"
     if sample_weight is not None:
         return "weighted losses have no fused kernel"
+    if optimizer is not None and not isinstance(optimizer, Adam):
+        return f"the step's update is cupynn.Adam's kernel, not {type(optimizer).__name__}'s"
+    for layer in model.layers:
+        if not isinstance(layer, (SparseLinear, Linear)):
+            return f"no kernels for a {type(layer).__name__} layer"
+        if isinstance(layer, Linear) and layer.weight.size >= 2 ** 31:
+            return (f"a dense layer of {layer.weight.size} weights overflows the int32 "
+                    f"pattern its graph kernels read")
     return None
 
 
@@ -71,7 +81,7 @@ class _Layer:
         if isinstance(layer, SparseLinear):
             self.value_name, self.source = "data", layer.data
             self.values, self.indptr, self.indices = layer.data, layer.indptr, layer.indices
-            self.transposed = layer._pattern_t()
+            self.transposed = layer.transposed_pattern()
         elif isinstance(layer, Linear):
             rows, cols = layer.weight.shape
             self.value_name, self.source = "weight", layer.weight
@@ -81,6 +91,7 @@ class _Layer:
             self.transposed = kernels.transpose_pattern(self.indptr, self.indices, cols)
         else:
             raise TypeError(f"GraphStep: no kernels for a {type(layer).__name__} layer.")
+        self.bias = layer.bias
         self.n_in, self.n_out = layer.in_features, layer.out_features
         self.grad_values = xp.zeros(self.values.size, dtype=self.values.dtype)
         self.grad_bias = xp.zeros(self.n_out, dtype=layer.bias.dtype)
@@ -94,9 +105,11 @@ class _Layer:
 
     def current(self) -> bool:
         """Whether the layer still holds the arrays this plan was made for (a
-        redistribution gives a sparse layer new ones)."""
-        return getattr(self.layer, self.value_name) is self.source and (
-            self.value_name != "data" or self.layer.indptr is self.indptr)
+        redistribution gives a sparse layer new ones; loading a state, every layer)."""
+        layer = self.layer
+        return (getattr(layer, self.value_name) is self.source and layer.bias is self.bias
+                and (self.value_name != "data"
+                     or (layer.indptr is self.indptr and layer.indices is self.indices)))
 
 
 class _Adam:
@@ -109,20 +122,37 @@ class _Adam:
         self.table: Any = None
         self.pointers = AdamPointers()
         self.arrays: tuple[list[Any], ...] = ([], [], [], [])
+        self.moments: list[Any] = []
 
     def begin(self, n_batches: int) -> bool:
         """The scalars of the epoch's steps ``t + 1 ... t + n_batches``, written in place
         when the table has that many rows already; True when it had to be made anew (the
-        graphs that read the old one must be captured again)."""
+        graphs that read the old one must be captured again). Each row is what
+        ``kernels.adam_scalars(dtype, **optimizer.hyper(t))`` gives, the per-array
+        update's bits: only the bias corrections change, computed with Python's ``**``
+        as ``hyper`` does, and every column rounded once from a double."""
         opt = self.optimizer
         dtype = opt.model.dtype
-        host = numpy.array([kernels.adam_scalars(dtype, **opt.hyper(opt.t + 1 + k))
-                            for k in range(n_batches)], dtype=dtype)
+        first = kernels.adam_scalars(dtype, **opt.hyper(opt.t + 1))
+        steps = [opt.hyper(t) for t in range(opt.t + 1, opt.t + 1 + n_batches)]
+        host = numpy.empty((n_batches, 8), dtype=dtype)
+        host[:, :6] = numpy.array(first[:6], dtype=dtype)
+        host[:, 6] = numpy.array([h["bc1"] for h in steps]).astype(dtype)
+        host[:, 7] = numpy.array([h["bc2"] for h in steps]).astype(dtype)
         if self.table is not None and self.table.shape == host.shape:
             self.table[...] = self.xp.asarray(host)
             return False
         self.table = self.xp.asarray(host)
         return True
+
+    def current(self) -> bool:
+        """Whether the optimizer still holds the moments the pointer tables were made for
+        (``Adam.load_state_dict`` and ``remap`` make new ones)."""
+        now = self._moments()
+        return len(now) == len(self.moments) and all(a is b for a, b in zip(now, self.moments))
+
+    def _moments(self) -> list[Any]:
+        return [a for moments in self.optimizer.state for pair in moments.values() for a in pair]
 
     def rebuild(self) -> None:
         """The arrays to update, after the topology (and so the moments) changed."""
@@ -133,6 +163,7 @@ class _Adam:
                 for arrays, a in zip((ps, gs, ms, vs), (value, grad, m, v)):
                     arrays.append(a.reshape(-1))
         self.pointers.update(ps, gs, ms, vs, self.xp)
+        self.moments = self._moments()
 
     def launch(self, counter: Any) -> None:
         adam_multi(*self.arrays, self.table, counter, pointers=self.pointers, check=False)
@@ -150,7 +181,7 @@ class _Buffers:
         self.y = xp.zeros(rows, dtype=numpy.int64 if loss == "cross_entropy" else dtype)
         self.logits = xp.zeros((rows, outputs), dtype=dtype)
         self.grad = xp.zeros((rows, outputs), dtype=dtype)
-        self.value = xp.zeros(1, dtype=dtype)
+        self.value = xp.zeros((), dtype=dtype)
         self.scratch = xp.zeros(rows, dtype=dtype)  # the loss's per-row terms
         self.graph: Any = None
 
@@ -161,7 +192,7 @@ class GraphStep:
     Parameters
     ----------
     model : MLP on the GPU (or a fake device), ReLU activation
-    optimizer : Adam
+    optimizer : cupynn.Adam
     loss : "cross_entropy" or "binary_cross_entropy"
     batch_size : int
         The full batches' rows; :meth:`step` takes a last, shorter batch too.
@@ -170,17 +201,18 @@ class GraphStep:
         one by one (False): the same launches, the same bits.
 
     Use: :meth:`begin_epoch` with the epoch's training data and permutation,
-    then :meth:`step` once per batch; the batch losses land in
-    :attr:`losses` (float64, one per batch of the epoch).
+    then :meth:`step` once per batch; :meth:`epoch_losses` gives the batch
+    losses. Both run on the step's own stream, ordered after the caller's; eager
+    work between steps that must see the step's results (``observe``, a
+    redistribution) goes inside :meth:`on_stream`, as the trainer does.
     """
 
     def __init__(self, model: Any, optimizer: Any, loss: str, batch_size: int, *,
                  capture: bool = True) -> None:
-        why = graph_unsupported(model, loss) if capture else None
+        why = (graph_unsupported(model, loss, optimizer=optimizer) if capture else
+               None if loss in GRAPH_LOSSES else f"the {loss!r} loss has no fused kernel")
         if why is not None:
             raise ValueError(f"GraphStep: {why}.")
-        if loss not in GRAPH_LOSSES:
-            raise ValueError(f"GraphStep: the {loss!r} loss has no fused kernel.")
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.batch_size, self.capture = int(batch_size), bool(capture)
         self.backend = model.backend
@@ -190,100 +222,151 @@ class GraphStep:
         self.order = xp.zeros(0, dtype=numpy.int64)
         self.x_train: Any = None
         self.y_train: Any = None
-        self._source: tuple[int, int] | None = None
-        self._plans: list[_Layer] | None = None
+        self._plans: list[_Layer] = []
         self._buffers: dict[int, _Buffers] = {}
         self.stream = xp.cuda.Stream(non_blocking=True) if self.capture else None
         self.adam = _Adam(optimizer, xp)
         self.captures = 0  # graphs captured so far (a redistribution costs one more)
+        self._warm = False  # the kernels' modules loaded (a capture cannot load one)
+        self._steps = self._n_batches = 0
 
     # ---------------------------------------------------------------- epoch
     @contextlib.contextmanager
     def on_stream(self) -> Any:
-        """Run the enclosed work on the step's stream (eager work between replays)."""
+        """Run the enclosed work on the step's stream (eager work between replays).
+
+        The step's stream is non-blocking, so it is ordered by hand: on entry it
+        waits for the work queued so far on the current stream (the model's
+        making, the data's upload), and on exit the current stream waits for it."""
         if self.stream is None:
             yield
             return
-        with self.stream:
+        outer = self.backend.xp.cuda.get_current_stream()
+        if outer.ptr == self.stream.ptr:  # already on it
             yield
+            return
+        self.stream.wait_event(outer.record())
+        try:
+            with self.stream:
+                yield
+        finally:
+            outer.wait_event(self.stream.record())
 
     def stream_done(self) -> None:
-        """Wait for the step's stream (the epoch's end: the work after it runs on the
-        default stream, which does not wait for this one)."""
+        """Wait for the step's stream."""
         if self.stream is not None:
             self.stream.synchronize()
 
+    def epoch_losses(self) -> numpy.ndarray:
+        """The batch losses of the epoch so far (one per batch; a host copy, after the
+        step's stream is done)."""
+        from .backend import to_numpy
+
+        self.stream_done()
+        return to_numpy(self.losses)
+
     def begin_epoch(self, x: Any, y: Any, order: numpy.ndarray, n_batches: int) -> None:
         """The epoch's training rows, its permutation and its number of batches; the
-        counter back to 0. The device arrays keep their addresses while their shapes
-        stay (copies into them), so that the captured graphs stay valid."""
+        counter back to 0. Copied into the step's own device arrays, which keep their
+        addresses while the shapes stay (the captured graphs read them there)."""
+        order = numpy.asarray(order)
+        most = -(-len(order) // self.batch_size)
+        if not 1 <= n_batches <= most:
+            raise ValueError(f"GraphStep.begin_epoch: {len(order)} rows in batches of "
+                             f"{self.batch_size} make at most {most} batches. Got "
+                             f"n_batches={n_batches}.")
         model = self.model
         label = numpy.int64 if self.loss == "cross_entropy" else model.dtype
-        moved = False
-        if self._source != (id(x), id(y)):  # new host arrays (a sampler's epoch)
+        with self.on_stream():
             self.x_train, new_x = self._into(self.x_train, x, model.dtype)
             self.y_train, new_y = self._into(self.y_train, y, label)
-            self._source = (id(x), id(y))
-            moved = new_x or new_y
-        self.order, new_order = self._into(self.order, order, numpy.int64)
-        self.losses, new_losses = self._into(self.losses, numpy.zeros(n_batches), numpy.float64)
-        self.counter[...] = 0
-        if self.adam.begin(n_batches) or moved or new_order or new_losses:
-            self._drop_graphs()
+            self.order, new_order = self._into(self.order, order, numpy.int64)
+            self.losses, new_losses = self._into(self.losses, numpy.zeros(n_batches),
+                                                 numpy.float64)
+            self.counter[...] = 0
+            if self.adam.begin(n_batches) or new_x or new_y or new_order or new_losses:
+                self._drop_graphs()
+        self._steps, self._n_batches = 0, n_batches
 
     def _into(self, device: Any, host: Any, dtype: Any) -> tuple[Any, bool]:
-        """``host`` copied into ``device`` when the shapes agree; else a new device
-        array. Returns it and whether it is new."""
+        """``host`` copied into ``device`` when the shapes agree; else a new device array
+        (never the caller's own). Returns it and whether it is new."""
         xp = self.backend.xp
-        values = xp.ascontiguousarray(xp.asarray(host, dtype=dtype))
+        values = xp.asarray(host, dtype=dtype)
         if device is not None and device.shape == values.shape:
             device[...] = values
             return device, False
-        return values, True
+        return xp.array(values, dtype=dtype, order="C", copy=True), True
+
+    def _drop_graphs(self) -> None:
+        for buffers in self._buffers.values():
+            buffers.graph = None
 
     # ---------------------------------------------------------------- step
     def step(self, rows: int) -> Any:
-        """One training step on the next ``rows`` rows of the epoch's permutation;
-        returns the batch loss as a 1-element device array (never read here)."""
-        plans = self._current_plans()
-        buffers = self._buffers.get(rows)
-        if buffers is None:
-            buffers = self._buffers[rows] = _Buffers(plans, rows, self.loss, self.backend.xp,
-                                                     self.model.dtype)
-        if not self.capture:
-            self._launches(plans, buffers)
-        else:
-            if buffers.graph is None:
-                buffers.graph = self._capture(plans, buffers)
-            buffers.graph.launch(self.stream)
+        """One training step on the next ``rows`` rows of the epoch's permutation.
+
+        Returns the batch loss as a 0-d device array, never read here: the step's
+        own buffer, which the next step overwrites (read it, or copy it, on the
+        step's stream before then)."""
+        if self._steps >= self._n_batches:
+            raise RuntimeError(f"GraphStep.step: the epoch has {self._n_batches} batches, all "
+                               f"taken; call begin_epoch for the next one.")
+        last = self._steps == self._n_batches - 1
+        if rows > self.batch_size or (rows != self.batch_size and not last) or rows < 1:
+            raise ValueError(f"GraphStep.step: batch {self._steps + 1} of {self._n_batches} "
+                             f"takes {self.batch_size} rows (the last at most that many). "
+                             f"Got {rows}.")
+        with self.on_stream():
+            plans = self._current_plans()
+            buffers = self._buffers.get(rows)
+            if buffers is None:
+                buffers = self._buffers[rows] = _Buffers(plans, rows, self.loss,
+                                                         self.backend.xp, self.model.dtype)
+            if not self.capture:
+                self._launches(plans, buffers)
+            else:
+                if buffers.graph is None:
+                    buffers.graph = self._capture(plans, buffers)
+                buffers.graph.launch(self.stream)
+        self._steps += 1
         self.optimizer.t += 1  # the host's count, as an eager step keeps it
         return buffers.value
 
     def _current_plans(self) -> list[_Layer]:
-        """The layers' plans, made again (and every graph dropped) after a rewiring."""
-        if self._plans is None or not all(p.current() for p in self._plans):
-            xp = self.backend.xp
-            self._plans = [_Layer(layer, xp) for layer in self.model.layers]
-            self._buffers = {}
-            self.adam.rebuild()
-        for plan in self._plans:
+        """The layers' plans: made again for a layer whose arrays changed (every graph
+        dropped then), the Adam tables for moments that changed."""
+        xp, changed = self.backend.xp, False
+        plans = []
+        for i, layer in enumerate(self.model.layers):
+            plan = self._plans[i] if i < len(self._plans) else None
+            if plan is None or plan.layer is not layer or not plan.current():
+                plan, changed = _Layer(layer, xp), True
+            plans.append(plan)
+        if changed or len(plans) != len(self._plans):
+            self._plans, self._buffers = plans, {}
+        for plan in plans:  # a probe's backward pass may have moved the layers' gradients
             plan.bind()
-        return self._plans
+        if changed or not self.adam.current():
+            self.adam.rebuild()
+            self._drop_graphs()
+        return plans
 
     def _capture(self, plans: list[_Layer], buffers: _Buffers) -> Any:
-        """Capture one step of this shape; its kernels are loaded first by one eager
-        step whose effects are undone, since a capture cannot load modules."""
-        saved = [a.copy() for a in self._state()]
-        with self.on_stream():
+        """Capture one step of this shape. The first capture is preceded by one eager
+        step whose effects are undone: it loads the kernels' modules, which a capture
+        cannot."""
+        if not self._warm:
+            saved = [a.copy() for a in self._state()]
             self._launches(plans, buffers)
-        for array, copy in zip(self._state(), saved):
-            array[...] = copy
-        with self.on_stream():
-            self.stream.begin_capture()
-            try:
-                self._launches(plans, buffers)
-            finally:
-                graph = self.stream.end_capture()
+            for array, copy in zip(self._state(), saved):
+                array[...] = copy
+            self._warm = True
+        self.stream.begin_capture()
+        try:
+            self._launches(plans, buffers)
+        finally:
+            graph = self.stream.end_capture()
         self.captures += 1
         return graph
 
@@ -302,7 +385,7 @@ class GraphStep:
         last = len(plans) - 1
         for i, p in enumerate(plans):
             kernels.spmm(p.indptr, p.indices, p.values, b.x if i == 0 else b.h[i - 1],
-                         check=False, bias=p.layer.bias, relu=i < last, out=b.h[i])
+                         check=False, bias=p.bias, relu=i < last, out=b.h[i], method="rows")
         kernels.transpose(b.h[last], b.logits, check=False)
         self._loss(b)
         kernels.transpose(b.grad, b.dh[last], check=False)
@@ -314,7 +397,8 @@ class GraphStep:
                           out=p.grad_values, check=False)
             if i > 0:
                 kernels.spmm_t(p.indptr, p.indices, p.values, b.dh[i], p.n_in, check=False,
-                               transpose=p.transposed, sorted_rows=True, out=b.dh[i - 1])
+                               transpose=p.transposed, sorted_rows=True, out=b.dh[i - 1],
+                               method="rows")
         self.adam.launch(self.counter)
         kernels.end_step(b.value, self.losses, self.counter, check=False)
 
@@ -328,6 +412,3 @@ class GraphStep:
             fused.binary_cross_entropy(b.logits, b.y, grad_out=b.grad, value_out=b.value,
                                        scratch=b.scratch, check=False)
 
-    def _drop_graphs(self) -> None:
-        for buffers in self._buffers.values():
-            buffers.graph = None

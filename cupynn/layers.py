@@ -279,9 +279,9 @@ class SparseLinear(Layer):
         if not need_input_grad:
             return None
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
-                              check=False, transpose=self._pattern_t(), sorted_rows=True)
+                              check=False, transpose=self.transposed_pattern(), sorted_rows=True)
 
-    def _pattern_t(self) -> Any:
+    def transposed_pattern(self) -> Any:
         """The transposed pattern the GPU's ``spmm_t`` reads (None on the CPU, which
         needs none), kept while ``indptr`` and ``indices`` are the same arrays."""
         if not self.backend.is_gpu:

@@ -47,7 +47,10 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any, str, str], str]:
 
 
 def _graph(value: Any, name: str, owner: str) -> Any:
-    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+    from .graph import GRAPH_MODES
+
+    if not any(value is mode or (isinstance(value, str) and value == mode)
+               for mode in GRAPH_MODES):
         raise ValueError(f"The {name!r} parameter of {owner} must be 'auto', True or False. "
                          f"Got {value!r} instead.")
     return value

@@ -228,7 +228,8 @@ class Trainer:
         order = self.rng.permutation(n)
         n_batches = -(-n // size)
         if self.reducer is None:
-            self._epoch_rows = (x_train, y_train, order)  # for the graph step
+            if self.graph is not None:  # the graph step copies them to the device itself
+                self._epoch_rows = (x_train, y_train, order)
             w_train = self.sample_weight  # with weights: (x, y, no shard, w)
 
             def batch(b):
@@ -275,6 +276,7 @@ class Trainer:
             batch_losses = backend.xp.empty(n_batches, dtype=numpy.float64)
         else:
             graph.begin_epoch(*self._epoch_rows, n_batches)
+            self._epoch_rows = None  # not kept past the copy
         shown = None  # the loss on its way to the progress bar (never waited for)
         for b in batch_bar:
             step = schedule.step(epoch, b, n_batches)
@@ -298,8 +300,7 @@ class Trainer:
             if self.progress and b % 50 == 0:
                 shown = _show_loss(batch_bar, shown, backend, value)
         if graph is not None:
-            graph.stream_done()
-            return to_numpy(graph.losses)
+            return graph.epoch_losses()
         return to_numpy(batch_losses)  # one sync per epoch
 
     def _redistribute_at_step(self, step: int, fraction: float, rows: tuple[Any, ...],
@@ -529,7 +530,7 @@ def _graph_step(mode: Any, model: Any, optimizer: Any, loss: str, batch_size: in
         return None
     from .graph import AUTO_CAPTURES, GraphStep, graph_unsupported
 
-    why = graph_unsupported(model, loss, **run)
+    why = graph_unsupported(model, loss, optimizer=optimizer, **run)
     if mode is True and why is not None:
         raise ValueError(f"fit(graph=True) cannot capture this run: {why}. Use graph='auto' "
                          f"(captures where it can) or graph=False.")

@@ -427,6 +427,11 @@ class FakeStream:
     def record(self, event: Any = None) -> FakeEvent:
         return FakeEvent() if event is None else event
 
+    def wait_event(self, event: Any) -> None:
+        """Order this stream after ``event``: the fake runs everything in order already."""
+        if not isinstance(event, FakeEvent):
+            raise TypeError(f"Stream.wait_event takes an Event. Got {type(event).__name__}.")
+
     def is_capturing(self) -> bool:
         capture = self._fake._capture
         return capture is not None and capture.stream is self

@@ -16,6 +16,7 @@ import numpy
 import pytest
 
 import cupynn
+from cupynn.backend import to_numpy
 from cupynn.graph import GraphStep, graph_unsupported
 from cupynn.redistribution import create
 from cupynn.step import TrainStep
@@ -56,17 +57,15 @@ def state(model, optimizer):
     arrays = [p for layer in model.layers for _, p, _ in layer.parameters()]
     arrays += [a for moments in optimizer.state for pair in moments.values() for a in pair]
     arrays += [layer.indices for layer in model.sparse_layers]
-    return [numpy.array(a) for a in arrays]
+    return [to_numpy(a).copy() for a in arrays]
 
 
 def epoch(step, x, y, order, batch):
     n_batches = -(-len(x) // batch)
     step.begin_epoch(x, y, order, n_batches)
-    with step.on_stream():
-        for b in range(n_batches):
-            step.step(min(batch, len(x) - b * batch))
-    step.stream_done()
-    return numpy.array(step.losses)
+    for b in range(n_batches):
+        step.step(min(batch, len(x) - b * batch))
+    return step.epoch_losses()
 
 
 CASES = [
@@ -105,8 +104,7 @@ def test_a_capture_launches_only_kernels_and_allocates_nothing(fake):
     model, optimizer = build(fake.backend)
     step = GraphStep(model, optimizer, "cross_entropy", batch_size=8)
     step.begin_epoch(x, y, numpy.arange(len(x)), 5)
-    with step.on_stream():
-        step.step(8)
+    step.step(8)
     captured = step._buffers[8].graph
     assert captured.host_ops == []
     assert captured.allocations.larger_than(256) == []
@@ -242,3 +240,96 @@ def test_the_fused_eager_step_launches_at_most_twenty_kernels(fake):
     assert [k for k in fused if k.startswith(("softmax", "mean_of"))] == [
         "softmax_cross_entropy_rows_f64", "mean_of_rows_f64"]
     assert fused.count("relu_grad_rowsum_f64") == 3
+
+
+class RefilledSampler:
+    """Draws each epoch's rows into the same two host buffers (a memory-saving sampler)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+        self.x_out, self.y_out = x[:32].copy(), y[:32].copy()
+
+    def sample_epoch(self, rng):
+        rows = rng.choice(len(self.x), size=32, replace=False)
+        self.x_out[...], self.y_out[...] = self.x[rows], self.y[rows]
+        return self.x_out, self.y_out
+
+
+def test_the_graph_trains_on_each_epochs_rows_and_shows_its_progress(fake, capsys):
+    """A sampler refilling its buffers in place: the graph copies every epoch's rows (it
+    once kept epoch 1's); with progress shown (the bar reads the step's 0-d loss)."""
+    x, y = data(rows=80)
+    losses = []
+    for graph in (True, False):
+        model, optimizer = build(fake.backend)
+        history = cupynn.fit(model, optimizer, RefilledSampler(x, y), epochs=3, batch_size=8,
+                             graph=graph, progress=graph)
+        losses.append([h["train_loss"] for h in history])
+    numpy.testing.assert_allclose(losses[0], losses[1], rtol=1e-10)
+
+
+def test_the_graph_follows_the_optimizers_moments_and_a_checkpoint(fake, tmp_path):
+    """Adam.load_state_dict makes new moments: the graph updates those, not the old ones;
+    a run checkpointed and resumed through the graph ends as the uninterrupted one."""
+    from cupynn.checkpoint import load_checkpoint, save_checkpoint
+
+    x, y = data(rows=32)
+    model, optimizer = build(fake.backend)
+    step = GraphStep(model, optimizer, "cross_entropy", batch_size=8)
+    epoch(step, x, y, numpy.arange(32), 8)
+    optimizer.load_state_dict(optimizer.state_dict())
+    loaded = to_numpy(optimizer.state[0]["data"][0]).copy()
+    epoch(step, x, y, numpy.arange(32), 8)
+    assert not numpy.array_equal(to_numpy(optimizer.state[0]["data"][0]), loaded)
+
+    def trainer(epochs):
+        model, optimizer = build(fake.backend)
+        return cupynn.Trainer(model, optimizer, (x, y), epochs=epochs, batch_size=8,
+                              progress=False, redistribution="gradient", graph=True)
+
+    whole = trainer(4)
+    whole.run()
+    first = trainer(4)
+    first.on_epoch_end = lambda metrics: metrics["epoch"] < 2
+    first.run()
+    path = save_checkpoint(tmp_path, first)
+    resumed = trainer(4)
+    load_checkpoint(path, resumed)
+    resumed.run()
+    for a, b in zip(state(whole.model, whole.optimizer), state(resumed.model, resumed.optimizer)):
+        assert numpy.array_equal(a, b)
+
+
+def test_the_graph_runs_its_own_products_whatever_the_spmm_setting(fake):
+    """CUPYNN_SPMM=cusparse would put cuSPARSE (refused in a capture) in the step; the
+    graph asks for spmm.cu's kernels by name (the fake has no cuSPARSE: it would raise)."""
+    from cupynn import kernels
+
+    if isinstance(fake, RealGpu):
+        pytest.skip("the fake proves it: it has no cuSPARSE")
+    method = kernels.spmm_setting()
+    kernels.set_spmm("cusparse")
+    try:
+        x, y = data()
+        model, optimizer = build(fake.backend)
+        losses = epoch(GraphStep(model, optimizer, "cross_entropy", 8), x, y,
+                       numpy.arange(len(x)), 8)
+    finally:
+        kernels.set_spmm(method)
+    assert numpy.isfinite(losses).all()
+
+
+def test_a_graph_step_refuses_steps_its_epoch_does_not_have(fake):
+    x, y = data()
+    model, optimizer = build(fake.backend)
+    step = GraphStep(model, optimizer, "cross_entropy", batch_size=8, capture=False)
+    with pytest.raises(ValueError, match="make at most 5 batches. Got n_batches=6"):
+        step.begin_epoch(x, y, numpy.arange(len(x)), 6)
+    step.begin_epoch(x, y, numpy.arange(len(x)), 5)
+    with pytest.raises(ValueError, match="batch 1 of 5 takes 8 rows"):
+        step.step(5)
+    for _ in range(4):
+        step.step(8)
+    step.step(5)
+    with pytest.raises(RuntimeError, match="the epoch has 5 batches, all taken"):
+        step.step(8)

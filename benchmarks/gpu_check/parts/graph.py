@@ -125,9 +125,7 @@ def graph_run(ctx: Context, spec: dict[str, Any], data: tuple[Any, ...], capture
     with g.on_stream():  # the replays and the eager work between them, as fit runs them
         for order, count in zip(orders, (None, 4)):
             rows = batch_rows(len(x), spec["batch"])
-            # A copy: on the CPU GraphStep keeps the array it is given and writes the next
-            # epoch's order into it, which would change the other runs' orders.
-            g.begin_epoch(x, y, order.copy(), len(rows))
+            g.begin_epoch(x, y, order, len(rows))
             for r in rows[:count]:
                 g.step(r)
             losses.append(to_numpy(g.losses)[:count].copy())

@@ -151,7 +151,7 @@ def kernel_phases(trainer: Any, batch: int) -> list[tuple[str, Callable[[], Any]
         ("kernel sddmm", lambda: kernels.sddmm(layer.indptr, layer.indices, dy, x, check=False)),
         ("kernel spmm_t", lambda: kernels.spmm_t(layer.indptr, layer.indices, layer.data, dy,
                                                  layer.in_features, check=False,
-                                                 transpose=layer._pattern_t())),
+                                                 transpose=layer.transposed_pattern())),
     ]
 
 

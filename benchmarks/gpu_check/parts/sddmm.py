@@ -109,9 +109,10 @@ def time_products(ctx: Context, layer: Any, x: Any, dy: Any, reps: int, shape: s
                                 bias=layer.bias, relu=True, method=method)
 
         def backward(method=method):
+            transposed = layer.transposed_pattern() if method == "rows" else None
             return kernels.spmm_t(layer.indptr, layer.indices, layer.data, dy,
                                   layer.in_features, check=False, method=method,
-                                  transpose=layer._pattern_t() if method == "rows" else None)
+                                  transpose=transposed)
 
         times[method] = (timer(ctx, forward, reps), timer(ctx, backward, reps))
         results[method] = (to_numpy(forward()), to_numpy(backward()))
