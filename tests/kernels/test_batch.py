@@ -99,9 +99,10 @@ TRANSPOSE_SHAPES = [(1, 9), (9, 1), (1, 1), (3, 5), (7, 13), (17, 19), (0, 4), (
 
 def _emulated(config: str) -> Callable:
     """A batch.cu kernel run on the CPU under launch ``config`` into ``out`` followed by
-    NaN (or -1) guard cells, which must stay as they are."""
+    guard cells holding a value no kernel writes (not the NaN or -1 of a missing row, which
+    a write past the end could leave unseen), which must stay as they are."""
     def run(name: str, total: int, args: list, out: numpy.ndarray) -> numpy.ndarray:
-        missing = -1 if out.dtype == numpy.int64 else numpy.nan
+        missing = 12345
         flat = numpy.full(out.size + GUARD, missing, dtype=out.dtype)
         args = [flat if a is out else a for a in args]
         argtypes = [pointer(a.dtype) if isinstance(a, numpy.ndarray) else t
