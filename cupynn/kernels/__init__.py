@@ -59,7 +59,7 @@ from .sddmm import (_SDDMM_DEFAULT, RELU_GRAD_ENV, RELU_GRAD_METHODS, SDDMM_ENV,
                     SDDMM_MAX_GROUP, SDDMM_METHODS, _check_sddmm_choice, _sddmm_from_env,
                     relu_grad_rowsum, relu_grad_setting, sddmm, sddmm_group, sddmm_setting,
                     set_relu_grad, set_sddmm)
-from .spmm import (_SPMM_DEFAULT, SPMM_ENV, SPMM_MAX_THREADS, SPMM_METHODS, _check_spmm_choice,
+from .spmm import (SPMM_ENV, SPMM_MAX_THREADS, SPMM_METHODS, _check_spmm_choice,
                    _check_transpose, _gpu_csr, _spmm_launch, set_spmm, spmm, spmm_setting,
                    spmm_t, transpose_pattern)
 from ._warm import warm_up

@@ -7,7 +7,6 @@ pattern of ``W.T`` that ``spmm.cu`` reads.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy
@@ -16,20 +15,15 @@ from ..backend import backend_of
 from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
                       _check_same_backend, _float_suffix, _rows_of)
 from ._launch import MAX_BLOCKS, WARP_SIZE, _cpu, cuda_function, numba_threads
+from ._settings import Choice
 
 SPMM_METHODS = ("rows", "cusparse")
 SPMM_ENV = "CUPYNN_SPMM"
 SPMM_MAX_THREADS = 256  # threads per block of spmm.cu, along the batch
 
 
-def _check_spmm_choice(method: Any, source: str) -> str:
-    if method not in SPMM_METHODS:
-        raise ValueError(f"The GPU sparse product ({source}) must be one of "
-                         f"{list(SPMM_METHODS)}. Got {method!r} instead.")
-    return method
-
-
-_SPMM_DEFAULT: list[str] = []  # [method], read from the environment on first use
+_SPMM = Choice("GPU sparse product", SPMM_ENV, SPMM_METHODS)
+_check_spmm_choice = _SPMM.check
 
 
 def set_spmm(method: str = "rows") -> None:
@@ -44,15 +38,12 @@ def set_spmm(method: str = "rows") -> None:
     column-major layout; its transposed product adds with atomics, so two runs
     differ in the last bits. The CPU backend ignores the choice.
     """
-    _SPMM_DEFAULT[:] = [_check_spmm_choice(method, "set_spmm")]
+    _SPMM.set(method, "set_spmm")
 
 
 def spmm_setting() -> str:
     """The GPU method :func:`spmm` and :func:`spmm_t` use when not told."""
-    if not _SPMM_DEFAULT:
-        text = os.environ.get(SPMM_ENV, "").strip() or "rows"
-        _SPMM_DEFAULT[:] = [_check_spmm_choice(text, f"${SPMM_ENV}")]
-    return _SPMM_DEFAULT[0]
+    return _SPMM.get()
 
 
 def _spmm_launch(n_out: int, batch: int, max_blocks: int | None) -> tuple[tuple[int], tuple[int]]:

@@ -164,13 +164,13 @@ def test_spmm_t_checks_the_transposed_pattern():
 def test_spmm_method_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="must be one of \\['rows', 'cusparse'\\]"):
         kernels.set_spmm("atomics")
-    monkeypatch.setattr(SPMM_MODULE, "_SPMM_DEFAULT", [])
+    monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
     monkeypatch.setenv(kernels.SPMM_ENV, "dense")
     with pytest.raises(ValueError, match="\\$CUPYNN_SPMM"):
         kernels.spmm_setting()
     monkeypatch.setenv(kernels.SPMM_ENV, "cusparse")
     assert kernels.spmm_setting() == "cusparse"
-    monkeypatch.setattr(SPMM_MODULE, "_SPMM_DEFAULT", [])
+    monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
     monkeypatch.delenv(kernels.SPMM_ENV)
     assert kernels.spmm_setting() == "rows"
 
