@@ -190,11 +190,13 @@ def _graph_details(d: dict[str, Any]) -> list[str]:
                     "TrainStep; graph: GraphStep.step, one replay); kernels and CUDA calls per "
                     "step by the profiler; whether the step made the host wait (queue probe):",
                 ""]
-        out += _md_table(["shape", "batch", "steps timed", "eager ms", "graph ms",
-                          "graph / eager", "eager kernels", "graph kernels", "eager CUDA calls",
-                          "graph CUDA calls", "eager waited", "graph waited"],
-                         [[r["shape"], r["batch"], r["steps_timed"], r["eager_ms"], r["graph_ms"],
-                           r["graph_vs_eager"], counts(r, "eager", "kernels"),
+        out += _md_table(["shape", "batch", "steps timed", "eager ms", "fused eager ms",
+                          "graph ms", "graph / eager", "eager kernels", "fused eager kernels",
+                          "graph kernels", "eager CUDA calls", "graph CUDA calls",
+                          "eager waited", "graph waited"],
+                         [[r["shape"], r["batch"], r["steps_timed"], r["eager_ms"],
+                           r.get("eager_fused_ms"), r["graph_ms"], r["graph_vs_eager"],
+                           counts(r, "eager", "kernels"), counts(r, "eager_fused", "kernels"),
                            counts(r, "graph", "kernels"), counts(r, "eager", "api_calls"),
                            counts(r, "graph", "api_calls"), r.get("eager_waited"),
                            r.get("graph_waited")] for r in d["steps"]])
