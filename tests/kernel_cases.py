@@ -710,3 +710,67 @@ def emulated_relu_grad_rowsum(dy: numpy.ndarray, y: numpy.ndarray | None, grid, 
     assert numpy.isnan(out[size:]).all() and numpy.isnan(sums[n_rows:]).all(), \
         "relu_grad_rowsum wrote past its outputs"
     return out[:size].reshape(n_rows, batch), sums[:n_rows]
+
+
+
+# spmm.cu's tiled kernels (issue 20). Launch shapes as (tile_cols, rows per block,
+# grid): None for the dispatcher's; a narrow tile over several rows with two blocks
+# striding; 32 rows a block (chunks of 32 entries: long_rows' rows take two); a wide
+# tile one row per block; tiles of 1 and 3 columns (3 divides no batch here) on one
+# block that does every item. Each block's threads are OS threads meeting at every
+# __syncthreads, so the cases are small.
+TILED_LAUNCHES = {
+    "dispatcher": None,
+    "tile8_rows4_grid2": (8, 4, 2),
+    "tile2_rows32_grid2": (2, 32, 2),
+    "tile32_rows1_grid3": (32, 1, 3),
+    "tile1_rows8_grid1": (1, 8, 1),
+    "tile3_rows5_grid1": (3, 5, 1),
+}
+TILED_CASES = [c for c in CASES if c.name not in ("large", "grid_stride")] + [
+    # Rows of 30-50 nonzeros: longer than a chunk of 32 (rows=32) or 8 (chunk given).
+    Case("long_rows", 11, 60, 10, 0.7, empty_rows=(0, 6)),
+]
+
+
+def tiled_launch(config: str, n_out: int, batch: int, chunk: int | None = None):
+    """(grid, block, tile_cols, chunk) of ``TILED_LAUNCHES[config]``."""
+    from cupynn.kernels.spmm import SPMM_TILE_SHARED, _spmm_tiles_launch
+
+    if TILED_LAUNCHES[config] is None:
+        grid, block, tile, default = _spmm_tiles_launch(n_out, batch, None)
+    else:
+        tile, rows, grid = TILED_LAUNCHES[config]
+        grid, block, default = (grid,), (tile * rows,), SPMM_TILE_SHARED // rows
+    return grid, block, tile, default if chunk is None else chunk
+
+
+def emulated_spmm_tiled(a: dict, case: Case, dtype: type, config: str, bias: bool = False,
+                        relu: bool = False, chunk: int | None = None,
+                        reverse: bool = False) -> numpy.ndarray:
+    """spmm.cu's spmm_tiled, emulated block by block: (n_rows, batch); guard cells stay NaN."""
+    real = pointer(dtype)
+    size = case.n_rows * case.batch
+    out = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    grid, block, tile, chunk = tiled_launch(config, case.n_rows, case.batch, chunk)
+    launch(host_library("spmm.cu"), f"spmm_tiled_{suffix_of(dtype)}", grid, block,
+           [pointer(numpy.int32)] * 2 + [real] * 4 + [ctypes.c_int] * 6,
+           [a["indptr"], a["indices"], a["data"], a["x"], a["bias"] if bias else a["data"], out,
+            case.n_rows, case.batch, int(bias), int(relu), tile, chunk], reverse=reverse)
+    assert numpy.isnan(out[size:]).all(), "the kernel wrote past its output"
+    return out[:size].reshape(case.n_rows, case.batch)
+
+
+def emulated_spmm_t_tiled(a: dict, case: Case, dtype: type, config: str,
+                          chunk: int | None = None, reverse: bool = False) -> numpy.ndarray:
+    """spmm.cu's spmm_t_tiled, emulated, through the transposed pattern: (n_cols, batch)."""
+    real = pointer(dtype)
+    size = case.n_cols * case.batch
+    out = numpy.full(size + GUARD, numpy.nan, dtype=dtype)
+    grid, block, tile, chunk = tiled_launch(config, case.n_cols, case.batch, chunk)
+    t = kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)
+    launch(host_library("spmm.cu"), f"spmm_t_tiled_{suffix_of(dtype)}", grid, block,
+           [pointer(numpy.int32)] * 3 + [real] * 3 + [ctypes.c_int] * 4,
+           [*t, a["data"], a["dy"], out, case.n_cols, case.batch, tile, chunk], reverse=reverse)
+    assert numpy.isnan(out[size:]).all(), "the kernel wrote past its output"
+    return out[:size].reshape(case.n_cols, case.batch)

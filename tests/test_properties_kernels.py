@@ -302,6 +302,72 @@ def test_emulated_spmm_t_equals_twin(cu, case, config, reverse):
     assert_guard(out, size)
 
 
+# spmm.cu's tiled kernels (issue 20): the dispatcher's launch (None) or any batch tile,
+# rows per block and grid; the dispatcher's chunk (None) or chunks of 1-9 entries.
+TILED_LAUNCH = st.one_of(st.none(), st.tuples(st.integers(1, 33), st.integers(1, 9),
+                                              st.integers(1, 3)))
+TILED_CHUNK = st.one_of(st.none(), st.integers(1, 9))
+
+
+def tiled_launch(config, n_out: int, batch: int, chunk) -> tuple:
+    """(grid, block, tile_cols, chunk) of a drawn tiled launch."""
+    from cupynn.kernels.spmm import SPMM_TILE_SHARED, _spmm_tiles_launch
+
+    if config is None:
+        grid, block, tile, default = _spmm_tiles_launch(n_out, batch, None)
+    else:
+        tile, rows, blocks = config
+        grid, block, default = (blocks,), (tile * rows,), SPMM_TILE_SHARED // rows
+    return grid, block, tile, default if chunk is None else chunk
+
+
+@settings(max_examples=25, **PROPERTY)
+@given(case=csr(max_batch=40), epilogue=EPILOGUE, config=TILED_LAUNCH, chunk=TILED_CHUNK,
+       reverse=REVERSE)
+def test_emulated_spmm_tiled_equals_twins(cu, case, epilogue, config, chunk, reverse):
+    """spmm_tiled, block by block with its barriers, under any tiles and chunks: the bits
+    of its twin and of spmm's (one summation order), nothing written past the output."""
+    bias, relu = epilogue
+    a = case.arrays()
+    size = case.n_rows * case.batch
+    out = guarded_empty(size, case.dtype)
+    real = pointer(case.dtype)
+    grid, block, tile, chunk = tiled_launch(config, case.n_rows, case.batch, chunk)
+    launch(cu["spmm.cu"], f"spmm_tiled_{suffix_of(case.dtype)}", grid, block,
+           [pointer(numpy.int32)] * 2 + [real] * 4 + [ctypes.c_int] * 6,
+           [a["indptr"], a["indices"], a["data"], a["x"], a["bias"] if bias else a["data"],
+            out, case.n_rows, case.batch, int(bias), int(relu), tile, chunk], reverse=reverse)
+    got = out[:size].reshape(case.n_rows, case.batch)
+    b = a["bias"] if bias else None
+    assert_same_bits(got, twins.spmm_tiled(a["indptr"], a["indices"], a["data"], a["x"], b,
+                                           relu).astype(case.dtype))
+    assert_same_bits(got, twins.spmm(a["indptr"], a["indices"], a["data"], a["x"], b,
+                                     relu).astype(case.dtype))
+    assert_guard(out, size)
+
+
+@settings(max_examples=25, **PROPERTY)
+@given(case=csr(max_batch=40), config=TILED_LAUNCH, chunk=TILED_CHUNK, reverse=REVERSE)
+def test_emulated_spmm_t_tiled_equals_twins(cu, case, config, chunk, reverse):
+    """spmm_t_tiled through the transposed pattern, under any tiles and chunks: the bits of
+    its twin and of spmm_t's."""
+    a = case.arrays()
+    size = case.n_cols * case.batch
+    out = guarded_empty(size, case.dtype)
+    real = pointer(case.dtype)
+    grid, block, tile, chunk = tiled_launch(config, case.n_cols, case.batch, chunk)
+    launch(cu["spmm.cu"], f"spmm_t_tiled_{suffix_of(case.dtype)}", grid, block,
+           [pointer(numpy.int32)] * 3 + [real] * 3 + [ctypes.c_int] * 4,
+           [*kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols), a["data"],
+            a["dy"], out, case.n_cols, case.batch, tile, chunk], reverse=reverse)
+    got = out[:size].reshape(case.n_cols, case.batch)
+    assert_same_bits(got, twins.spmm_t_tiled(a["indptr"], a["indices"], a["data"], a["dy"],
+                                             case.n_cols).astype(case.dtype))
+    assert_same_bits(got, twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"],
+                                       case.n_cols).astype(case.dtype))
+    assert_guard(out, size)
+
+
 @settings(max_examples=60, **PROPERTY)
 @given(case=csr())
 def test_transpose_pattern_is_the_csc_of_the_pattern(case):
@@ -824,6 +890,7 @@ def test_emulated_end_step_records_at_the_counter_and_advances(cu, values, dtype
 # The kernel families the emulated properties above launch.
 EMULATED = {"sddmm", "sddmm_warp", "spmm", "spmm_t", "adam", "packed_matvec",
             "fisher_rank1_update",
+            "spmm_tiled", "spmm_t_tiled",  # issue 20
             # issue 19
             "adam_multi", "softmax_cross_entropy_rows", "binary_cross_entropy_rows",
             "squared_error_rows", "mean_of_rows", "relu_grad_rowsum", "gather_batch",

@@ -365,3 +365,48 @@ def end_step(value: numpy.ndarray, losses: numpy.ndarray, counter: numpy.ndarray
     if 0 <= step < len(losses):
         losses[step] = numpy.float64(numpy.asarray(value).reshape(()))
     counter[0] = step + 1
+
+
+
+def _rows_in_order(ptr: numpy.ndarray, cols: numpy.ndarray, values: numpy.ndarray,
+                   dense: numpy.ndarray) -> numpy.ndarray:
+    """``out[r] = sum_p values[p] * dense[cols[p]]`` over the entries ``ptr[r] <= p <
+    ptr[r + 1]``, each row's sum taken from 0 in entry order (all rows at once: step s adds
+    every row's s-th product)."""
+    n = len(ptr) - 1
+    lengths = numpy.diff(ptr.astype(numpy.int64))
+    out = numpy.zeros((n, dense.shape[1]), dtype=dense.dtype)
+    for s in range(int(lengths.max(initial=0))):
+        rows = numpy.flatnonzero(lengths > s)
+        p = ptr[rows].astype(numpy.int64) + s
+        out[rows] = out[rows] + values[p][:, None] * dense[cols[p]]
+    return out
+
+
+def spmm_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
+               x: numpy.ndarray, bias: numpy.ndarray | None = None, relu: bool = False
+               ) -> numpy.ndarray:
+    """Twin of ``spmm.cu``'s ``spmm_tiled`` (issue 20): :func:`spmm`, each output summed
+    from 0 in the row's CSR order, then ``+ bias`` and ``maximum(., 0)``, as the kernel
+    does whatever its tiles; the same order as ``spmm``'s, so the same bits (without FMA).
+
+    indptr, indices: (n_rows + 1,), (nnz,) int32; data (nnz,), x (n_cols, batch):
+    returns (n_rows, batch) of x's dtype.
+    """
+    out = _rows_in_order(indptr, indices, data, x)
+    if bias is not None:
+        out = out + bias[:, None]
+        if relu:
+            out = numpy.maximum(out, 0)
+    return out
+
+
+def spmm_t_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
+                 dy: numpy.ndarray, n_cols: int) -> numpy.ndarray:
+    """Twin of ``spmm.cu``'s ``spmm_t_tiled`` (issue 20): ``W.T @ dy`` (n_cols, batch),
+    each output row (a column of W) summed from 0 in ascending row order, the order of the
+    transposed pattern the kernel reads (and of ``spmm_t``'s kernel)."""
+    rows = csr_rows(indptr)
+    order = numpy.lexsort((rows, indices))  # by column, then row
+    t_indptr = numpy.searchsorted(indices[order], numpy.arange(n_cols + 1), side="left")
+    return _rows_in_order(t_indptr, rows[order], data[order], dy)

@@ -23,8 +23,31 @@
 // ReLU as numpy.maximum(v, 0): negatives become +0, NaN and -0.0 stay.
 // Offsets are 64-bit: row * batch overflows int32 for 4096 x 2^20 operands.
 //
-// NumPy twins: cupynn.kernels.numpy_twins.spmm_rows and .spmm_t_rows (the same
+// NumPy twins: cupynn.kernels.numpy_twins.spmm and .spmm_t (the same
 // summation order).
+//
+// Tiled variants (issue 20, after Sputnik, Gale et al. SC20): spmm_tiled_* and
+// spmm_t_tiled_* compute the same outputs. A block takes an item: a tile of
+// R = blockDim.x / tile_cols consecutive output rows times a tile of tile_cols
+// consecutive batch columns (tile_cols is a launch parameter, 8-32 on a GPU).
+// Thread t works for row group g = t / tile_cols (output row row0 + g) and
+// column j = col0 + t % tile_cols. The nonzeros of the block's rows (index and
+// value) are staged through __shared__ memory in chunks of `chunk` entries per
+// row (R * chunk <= SPMM_TILE_SHARED): the tile_cols threads of a row group
+// load their row's chunk, __syncthreads(), every thread adds its products
+// from shared memory, __syncthreads() again before the next chunk is loaded.
+// The block runs as many chunks as its longest row needs (read from indptr by
+// every thread alike), so every thread reaches every barrier, the threads of
+// rows past the end, of shorter rows and of columns past the batch included;
+// only the loads and the final store are guarded. Items are numbered batch
+// tile first: the blocks that run together read the same narrow slice of x
+// (n_cols x tile_cols), which caches keep, instead of whole batch rows.
+//
+// Each output is summed by one thread, from 0, in the row's nonzero order
+// (CSR order; ascending row for spmm_t_tiled), then the bias and the ReLU as
+// above: the order of spmm_* / spmm_t_*, so the tiled kernels give the same
+// bits as those (on a GPU too: the same expression, contracted to the same
+// FMAs), whatever the launch. Twins: numpy_twins.spmm_tiled, .spmm_t_tiled.
 
 template <typename T>
 __device__ __forceinline__ void spmm_impl(
@@ -96,4 +119,121 @@ extern "C" __global__ void spmm_t_f64(
     const double* dy, double* out, int n_cols, int batch)
 {
     spmm_t_impl<double>(t_indptr, t_rows, t_perm, data, dy, out, n_cols, batch);
+}
+
+
+// ------------------------------------------------------------------ tiled (issue 20)
+// Shared entries per block: R * chunk <= SPMM_TILE_SHARED (12 KiB for float64).
+#define SPMM_TILE_SHARED 1024
+
+// Rows [row0, row0 + R) of a CSR pattern (ptr delimits them, n rows in all): the most
+// chunks of `chunk` entries any of them needs. Every thread of a block computes it
+// alike, so the block's threads run the same number of stages (and barriers).
+__device__ __forceinline__ int spmm_tile_stages(const int* __restrict__ ptr, int row0, int R,
+                                                int n, int chunk)
+{
+    int longest = 0;
+    for (int g = 0; g < R && row0 + g < n; ++g) {
+        const int len = ptr[row0 + g + 1] - ptr[row0 + g];
+        longest = len > longest ? len : longest;
+    }
+    return (longest + chunk - 1) / chunk;
+}
+
+// One tiled product: out[r, j] = sum over the entries p of row r (ptr[r] <= p < ptr[r+1],
+// in order) of value(p) * dense[col(p), j]; value(p) = data[perm ? perm[p] : p],
+// col(p) = cols[p]. spmm_tiled: (indptr, indices, no perm); spmm_t_tiled: (t_indptr,
+// t_rows, t_perm). s_col and s_val are the block's shared arrays (SPMM_TILE_SHARED each).
+template <typename T>
+__device__ __forceinline__ void spmm_tiled_impl(
+    const int* __restrict__ ptr, const int* __restrict__ cols, const int* __restrict__ perm,
+    const T* __restrict__ data, const T* __restrict__ dense, const T* __restrict__ bias,
+    T* __restrict__ out, int n, int batch, int has_bias, int relu, int tile_cols, int chunk,
+    int* s_col, T* s_val)
+{
+    const int R = blockDim.x / tile_cols;          // rows per block
+    const int g = threadIdx.x / tile_cols;         // this thread's row group (g >= R: idle)
+    const int lane = threadIdx.x % tile_cols;
+    const long long row_tiles = (n + (long long)R - 1) / R;
+    const long long col_tiles = (batch + (long long)tile_cols - 1) / tile_cols;
+    const long long items = row_tiles * col_tiles;
+    // Uniform over the block (blockIdx only): every thread runs every iteration.
+    for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+        const int row0 = (int)(item % row_tiles) * R;
+        const long long j = (item / row_tiles) * tile_cols + lane;
+        const int r = row0 + g;
+        const bool has_row = g < R && r < n;
+        const int begin = has_row ? ptr[r] : 0;
+        const int end = has_row ? ptr[r + 1] : 0;
+        const int stages = spmm_tile_stages(ptr, row0, R, n, chunk);
+        T acc = 0;
+        for (int s = 0; s < stages; ++s) {
+            const int base = begin + s * chunk;
+            const int count = end - base < chunk ? end - base : chunk;  // <= 0 when done
+            for (int e = lane; e < count; e += tile_cols) {
+                const int p = base + e;
+                s_col[g * chunk + e] = cols[p];
+                s_val[g * chunk + e] = data[perm ? perm[p] : p];
+            }
+            __syncthreads();  // the chunk is in shared memory
+            if (has_row && j < batch) {
+                const int* col = s_col + g * chunk;
+                const T* val = s_val + g * chunk;
+                for (int e = 0; e < count; ++e)
+                    acc += val[e] * dense[(long long)col[e] * batch + j];
+            }
+            __syncthreads();  // every thread is done with it before the next is loaded
+        }
+        if (has_row && j < batch) {
+            if (has_bias) {
+                acc += bias[r];
+                if (relu && acc < 0) acc = 0;
+            }
+            out[(long long)r * batch + j] = acc;
+        }
+    }
+}
+
+// The shared arrays are declared in the kernels, not in the template: CUDA gives each
+// kernel its own, and the host emulation refills them between blocks (see cuda_host.h).
+extern "C" __global__ void spmm_tiled_f32(
+    const int* indptr, const int* indices, const float* data, const float* x,
+    const float* bias, float* out, int n_rows, int batch, int has_bias, int relu,
+    int tile_cols, int chunk)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ float s_val[SPMM_TILE_SHARED];
+    spmm_tiled_impl<float>(indptr, indices, nullptr, data, x, bias, out, n_rows, batch,
+                           has_bias, relu, tile_cols, chunk, s_col, s_val);
+}
+
+extern "C" __global__ void spmm_tiled_f64(
+    const int* indptr, const int* indices, const double* data, const double* x,
+    const double* bias, double* out, int n_rows, int batch, int has_bias, int relu,
+    int tile_cols, int chunk)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ double s_val[SPMM_TILE_SHARED];
+    spmm_tiled_impl<double>(indptr, indices, nullptr, data, x, bias, out, n_rows, batch,
+                            has_bias, relu, tile_cols, chunk, s_col, s_val);
+}
+
+extern "C" __global__ void spmm_t_tiled_f32(
+    const int* t_indptr, const int* t_rows, const int* t_perm, const float* data,
+    const float* dy, float* out, int n_cols, int batch, int tile_cols, int chunk)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ float s_val[SPMM_TILE_SHARED];
+    spmm_tiled_impl<float>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, n_cols, batch,
+                           0, 0, tile_cols, chunk, s_col, s_val);
+}
+
+extern "C" __global__ void spmm_t_tiled_f64(
+    const int* t_indptr, const int* t_rows, const int* t_perm, const double* data,
+    const double* dy, double* out, int n_cols, int batch, int tile_cols, int chunk)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ double s_val[SPMM_TILE_SHARED];
+    spmm_tiled_impl<double>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, n_cols, batch,
+                            0, 0, tile_cols, chunk, s_col, s_val);
 }

@@ -17,9 +17,14 @@ from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
 from ._launch import MAX_BLOCKS, WARP_SIZE, _cpu, cuda_function, numba_threads
 from ._settings import Choice
 
-SPMM_METHODS = ("rows", "cusparse")
+SPMM_METHODS = ("rows", "cusparse", "tiles")
 SPMM_ENV = "CUPYNN_SPMM"
 SPMM_MAX_THREADS = 256  # threads per block of spmm.cu, along the batch
+# The tiled kernels (issue 20): the widest batch tile and the threads of a block by
+# default, and the shared entries of a block (spmm.cu's SPMM_TILE_SHARED).
+SPMM_TILE_COLS = 16
+SPMM_TILE_THREADS = 128
+SPMM_TILE_SHARED = 1024
 
 
 _SPMM = Choice("GPU sparse product", SPMM_ENV, SPMM_METHODS)
@@ -33,7 +38,11 @@ def set_spmm(method: str = "rows") -> None:
     one thread per output element, the threads of a block along the batch;
     ``W.T @ dy`` reads W through its transposed pattern
     (:func:`transpose_pattern`). Each output is summed in a fixed order, so a
-    run repeats bit for bit. ``"cusparse"``: cuSPARSE's SpMM through
+    run repeats bit for bit. ``"tiles"`` (issue 20, off until a GPU check
+    shows it faster): ``spmm.cu``'s tiled kernels, a block per tile of output
+    rows times a narrow batch tile, the rows' nonzeros staged through shared
+    memory (:func:`_spmm_tiles_launch`); same summation order as ``"rows"``,
+    so the same bits. ``"cusparse"``: cuSPARSE's SpMM through
     ``cupyx.scipy.sparse``, with the transposes it needs to and from its
     column-major layout; its transposed product adds with atomics, so two runs
     differ in the last bits. The CPU backend ignores the choice.
@@ -52,6 +61,36 @@ def _spmm_launch(n_out: int, batch: int, max_blocks: int | None) -> tuple[tuple[
     threads = min(SPMM_MAX_THREADS, WARP_SIZE * max(1, -(-batch // WARP_SIZE)))
     items = n_out * -(-batch // threads)
     return (max(1, min(items, max_blocks or MAX_BLOCKS)),), (threads,)
+
+
+def _spmm_tiles_launch(n_out: int, batch: int, max_blocks: int | None,
+                       tile_cols: int | None = None, rows: int | None = None
+                       ) -> tuple[tuple[int], tuple[int], int, int]:
+    """Grid, block, batch tile and chunk of spmm.cu's tiled kernels: ``(grid, block,
+    tile_cols, chunk)``.
+
+    A block covers ``rows`` output rows times ``tile_cols`` batch columns (one
+    thread each, ``block = rows * tile_cols``); by default the batch tile is
+    the smallest power of two covering the batch, at most ``SPMM_TILE_COLS``,
+    and ``rows`` fills ``SPMM_TILE_THREADS`` threads, at most 32 rows. Each
+    row's nonzeros pass through shared memory ``chunk = SPMM_TILE_SHARED //
+    rows`` at a time. One block per (row tile, batch tile), capped like every
+    grid (the kernels stride over the rest).
+    """
+    if tile_cols is None:
+        tile_cols = 1
+        while tile_cols < min(batch, SPMM_TILE_COLS):
+            tile_cols *= 2
+    if rows is None:
+        rows = max(1, min(32, SPMM_TILE_THREADS // tile_cols))
+    if not (1 <= tile_cols and 1 <= rows and rows * tile_cols <= 1024
+            and rows <= SPMM_TILE_SHARED):
+        raise ValueError(f"spmm tiles: a block of rows * tile_cols threads, at most 1024, and "
+                         f"at most {SPMM_TILE_SHARED} rows. Got rows={rows}, "
+                         f"tile_cols={tile_cols} instead.")
+    items = -(-n_out // rows) * -(-batch // tile_cols)
+    return ((max(1, min(items, max_blocks or MAX_BLOCKS)),), (rows * tile_cols,), tile_cols,
+            SPMM_TILE_SHARED // rows)
 
 
 def transpose_pattern(indptr: Any, indices: Any, n_cols: int) -> tuple[Any, Any, Any]:
@@ -120,7 +159,8 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
     ``method="cusparse"``, cuSPARSE then two element-wise operations); on the
     CPU one row-parallel Numba kernel. ``max_blocks`` caps the CUDA grid (tests
     use it to exercise the grid-stride loop). Returns a C-contiguous
-    (n_rows, batch) array.
+    (n_rows, batch) array. ``method="tiles"`` runs ``spmm.cu``'s tiled kernel
+    (see :func:`set_spmm`), with the same bits as ``"rows"``.
 
     ``out`` (n_rows, batch), C-contiguous, of x's dtype and device, receives
     the product and is returned: then the ``"rows"`` GPU method and the CPU
@@ -163,6 +203,17 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
                                   numpy.int32(n_rows), numpy.int32(batch),
                                   numpy.int32(bias is not None), numpy.int32(bool(relu))))
             return out
+        if method == "tiles":
+            if out is None:
+                out = xp.empty((n_rows, batch), dtype=x.dtype)
+            if batch and n_rows:
+                grid, block, tile_cols, chunk = _spmm_tiles_launch(n_rows, batch, max_blocks)
+                cuda_function("spmm.cu", f"spmm_tiled_{suffix}")(
+                    grid, block, (indptr, indices, data, x, data if bias is None else bias, out,
+                                  numpy.int32(n_rows), numpy.int32(batch),
+                                  numpy.int32(bias is not None), numpy.int32(bool(relu)),
+                                  numpy.int32(tile_cols), numpy.int32(chunk)))
+            return out
         if batch == 0 or n_rows == 0:  # cuSPARSE is not asked about empty products
             result = xp.zeros((n_rows, batch), dtype=x.dtype)
         else:
@@ -200,8 +251,9 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     C-contiguous (n_cols, batch) array.
 
     ``out`` (n_cols, batch), as for :func:`spmm`, receives the product: the
-    ``"rows"`` GPU method then allocates nothing when ``transpose`` is given
-    (without it the transposed pattern is built here), nor does the CPU.
+    ``"rows"`` and ``"tiles"`` GPU methods then allocate nothing when
+    ``transpose`` is given (without it the transposed pattern is built here),
+    nor does the CPU. ``"tiles"`` reads the same transposed pattern.
     """
     what = "spmm_t"
     given = () if out is None else (out,)
@@ -230,16 +282,22 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
                 return xp.zeros((n_cols, batch), dtype=dy.dtype)
             out.fill(0)  # a kernel launch, no allocation
             return out
-        if method == "rows":
+        if method in ("rows", "tiles"):
             if transpose is None:
                 transpose = transpose_pattern(indptr, indices, n_cols)
             if out is None:
                 out = xp.empty((n_cols, batch), dtype=dy.dtype)
-            if n_cols:
+            if n_cols and method == "rows":
                 grid, block = _spmm_launch(n_cols, batch, max_blocks)
                 cuda_function("spmm.cu", f"spmm_t_{suffix}")(
                     grid, block, (*transpose, data, dy, out, numpy.int32(n_cols),
                                   numpy.int32(batch)))
+            elif n_cols:
+                grid, block, tile_cols, chunk = _spmm_tiles_launch(n_cols, batch, max_blocks)
+                cuda_function("spmm.cu", f"spmm_t_tiled_{suffix}")(
+                    grid, block, (*transpose, data, dy, out, numpy.int32(n_cols),
+                                  numpy.int32(batch), numpy.int32(tile_cols),
+                                  numpy.int32(chunk)))
             return out
         w = _gpu_csr(indptr, indices, data, (dy.shape[0], n_cols))
         result = xp.ascontiguousarray(w.T @ dy)

@@ -4,7 +4,10 @@ against the twin (the twin, the Numba kernels, ``spmm.cu`` emulated on the CPU,
 ``spmm.cu`` and cuSPARSE on a GPU), another the fused bias and ReLU; then thread
 order, the transposed pattern and the choice of GPU method; last, the products
 written into a given ``out`` (issue 19: a captured CUDA graph's buffers) on the
-CPU, on the GPU path with ``spmm.cu`` emulated, and on a GPU.
+CPU, on the GPU path with ``spmm.cu`` emulated, and on a GPU. The tiled kernels
+(issue 20, ``method="tiles"``) run in both bodies too, and then against their
+twins and the ``"rows"`` twins bit for bit under many launch shapes and chunks,
+on a GPU against ``"rows"``, and in a training step on the fake GPU.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import numpy_twins as twins
-from kernel_cases import (CASES, LAUNCHES, SPMM_GPU, Case, assert_allocates_no, assert_close,
-                          assert_fused_spmm, assert_same_bits, call_fused_spmm, case_params,
-                          dtype_params, emulated_gpu, emulated_spmm, emulated_spmm_t,
+from kernel_cases import (CASES, LAUNCHES, SPMM_GPU, TILED_CASES, TILED_LAUNCHES, Case,
+                          assert_allocates_no, assert_close, assert_fused_spmm, assert_same_bits,
+                          call_fused_spmm, case_params, dtype_params, emulated_gpu, emulated_spmm,
+                          emulated_spmm_t, emulated_spmm_t_tiled, emulated_spmm_tiled,
                           fused_inputs, gpu, suffix_of, to_gpu)
 
 # The module that keeps the setting (kernels.spmm is the function).
@@ -43,7 +47,7 @@ def _dispatcher(backend: str, **options: Any) -> Callable:
         else:
             result = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"], case.n_cols,
                                     **options)
-            if options.get("method") == "rows":  # the transposed pattern given, as layers do
+            if options.get("method") in ("rows", "tiles"):  # the transposed pattern given
                 t = kernels.transpose_pattern(d["indptr"], d["indices"], case.n_cols)
                 again = kernels.spmm_t(d["indptr"], d["indices"], d["data"], d["dy"],
                                        case.n_cols, transpose=t, **options)
@@ -60,15 +64,30 @@ def _emulated(config: str) -> Callable:
     return run
 
 
+def _emulated_tiles(config: str) -> Callable:
+    """spmm.cu's tiled kernels run on the CPU block by block (TILED_LAUNCHES)."""
+    def run(a: dict, case: Case, dtype: type, kernel: str) -> numpy.ndarray:
+        if kernel == "spmm":
+            return emulated_spmm_tiled(a, case, dtype, config)
+        return emulated_spmm_t_tiled(a, case, dtype, config)
+    return run
+
+
+# The tiled kernels' launches in the bodies over every case (blocks of OS threads are
+# slow: the others run on the small TILED_CASES below).
+TILES_IN_BODIES = ("dispatcher", "tile8_rows4_grid2")
 GPU_IDS = dict(zip(SPMM_GPU, ["rows", "rows_max_blocks_2", "cusparse"]))
 # name: run(case arrays, case, dtype, "spmm" or "spmm_t") -> NumPy result, and marks
 IMPLEMENTATIONS = {
     "twin": (_twin, ()),
     "numba": (_dispatcher("cpu"), ()),
     **{f"emulated-{config}": (_emulated(config), ()) for config in LAUNCHES},
+    **{f"emulated-tiles-{config}": (_emulated_tiles(config), ()) for config in TILES_IN_BODIES},
     **{f"gpu-{GPU_IDS[m, b]}": (_dispatcher("gpu", method=m,
                                              **({} if b is None else {"max_blocks": b})),
                                  needs_gpu) for m, b in SPMM_GPU},
+    "gpu-tiles": (_dispatcher("gpu", method="tiles"), needs_gpu),
+    "gpu-tiles_max_blocks_2": (_dispatcher("gpu", method="tiles", max_blocks=2), needs_gpu),
 }
 CALLS = [pytest.param(name, kernel, id=f"{name}-{kernel}", marks=marks)
          for name, (_, marks) in IMPLEMENTATIONS.items() for kernel in ("spmm", "spmm_t")]
@@ -79,7 +98,8 @@ CALLS = [pytest.param(name, kernel, id=f"{name}-{kernel}", marks=marks)
 @dtype_params
 def test_spmm_matches_twin(name, kernel, case, dtype):
     """One body over every implementation of W @ x and W.T @ dy: the twin, the Numba
-    kernels, spmm.cu emulated under several launch shapes, spmm.cu and cuSPARSE on a GPU."""
+    kernels, spmm.cu (its tiled kernels too) emulated under several launch shapes, spmm.cu
+    and cuSPARSE on a GPU."""
     a = case.arrays(dtype)
     absolute = {**a, "data": numpy.abs(a["data"]), "x": numpy.abs(a["x"]),
                 "dy": numpy.abs(a["dy"])}
@@ -96,11 +116,30 @@ def _emulated_fused(config: str) -> Callable:
     return fused
 
 
+def _emulated_tiles_fused(config: str) -> Callable:
+    def fused(case: Case) -> Callable:
+        def call(a: dict, options: dict) -> numpy.ndarray:
+            return emulated_spmm_tiled(a, case, a["x"].dtype.type, config, **options)
+        return call
+    return fused
+
+
+def _gpu_tiles_fused(case: Case) -> Callable:
+    def call(a: dict, options: dict) -> Any:
+        return kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"], method="tiles",
+                            bias=a["bias"] if options.get("bias") else None,
+                            relu=options.get("relu", False))
+    return call
+
+
 # name: (spmm(arrays, {"bias": ..., "relu": ...}) for a case, on the GPU?, marks)
 FUSED = {
     "numba": (lambda case: call_fused_spmm, False, ()),
     **{f"emulated-{config}": (_emulated_fused(config), False, ()) for config in LAUNCHES},
+    **{f"emulated-tiles-{config}": (_emulated_tiles_fused(config), False, ())
+       for config in TILES_IN_BODIES},
     "gpu": (lambda case: call_fused_spmm, True, needs_gpu),
+    "gpu-tiles": (_gpu_tiles_fused, True, needs_gpu),
 }
 
 
@@ -162,7 +201,7 @@ def test_spmm_t_checks_the_transposed_pattern():
 
 
 def test_spmm_method_is_checked(monkeypatch):
-    with pytest.raises(ValueError, match="must be one of \\['rows', 'cusparse'\\]"):
+    with pytest.raises(ValueError, match="must be one of \\['rows', 'cusparse', 'tiles'\\]"):
         kernels.set_spmm("atomics")
     monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
     monkeypatch.setenv(kernels.SPMM_ENV, "dense")
@@ -263,32 +302,40 @@ def test_cpu_out_equals_the_allocating_call(kernel, options, case, dtype):
     assert_same_bits(out, expected)
 
 
+# The tiled path on every case but the large one (blocks of OS threads are slow; the
+# bodies above run it there).
+OUT_EMULATED = [("rows", c) for c in CASES] + [("tiles", c) for c in CASES if c.name != "large"]
+
+
+@pytest.mark.parametrize("method, case", OUT_EMULATED,
+                         ids=[f"{m}-{c.name}" for m, c in OUT_EMULATED])
 @out_call_params
-@case_params
 @dtype_params
-def test_emulated_gpu_out_equals_the_allocating_call(kernel, options, case, dtype, monkeypatch):
-    """The "rows" GPU path, spmm.cu emulated: out is written by the kernel (or, with
-    no rows for spmm_t, filled with zeros), bit for bit as a fresh array."""
+def test_emulated_gpu_out_equals_the_allocating_call(method, kernel, options, case, dtype,
+                                                     monkeypatch):
+    """The "rows" and "tiles" GPU paths, spmm.cu emulated: out is written by the kernel
+    (or, with no rows for spmm_t, filled with zeros), bit for bit as a fresh array."""
     launches = emulated_gpu(monkeypatch, SPMM_MODULE, "spmm.cu")
     a = fused_inputs(case, dtype)
-    expected, out = _with_out(kernel, options, a, case, numpy, method="rows")
+    expected, out = _with_out(kernel, options, a, case, numpy, method=method)
     assert_same_bits(out, expected)
     n_in, n_out = (case.n_cols, case.n_rows) if kernel == "spmm" else (case.n_rows, case.n_cols)
+    family = f"{kernel}_tiled" if method == "tiles" else kernel
     if case.batch and n_in and n_out:
-        assert [name for name, _, _ in launches] == [f"{kernel}_{suffix_of(dtype)}"] * 2
+        assert [name for name, _, _ in launches] == [f"{family}_{suffix_of(dtype)}"] * 2
     elif kernel == "spmm" or not n_out:
         assert not launches
 
 
 @gpu
-@pytest.mark.parametrize("method", ["rows", "cusparse"])
+@pytest.mark.parametrize("method", ["rows", "cusparse", "tiles"])
 @out_call_params
 @case_params
 @dtype_params
 def test_gpu_out_equals_the_allocating_call(method, kernel, options, case, dtype):
     a = to_gpu(fused_inputs(case, dtype))
     expected, out = _with_out(kernel, options, a, case, get_backend("gpu").xp, method=method)
-    if method == "rows":
+    if method in ("rows", "tiles"):
         assert_same_bits(out, expected)
     else:  # cuSPARSE's transposed product adds with atomics: not the same bits twice
         numpy.testing.assert_allclose(to_numpy(out), to_numpy(expected),
@@ -335,3 +382,153 @@ def test_out_is_checked(kernel):
     out = memory[case.batch:case.batch + shape[0] * shape[1]].reshape(shape)
     with pytest.raises(ValueError, match=f"out must not overlap {read}"):
         _product(kernel, overlapping, case, out=out)
+
+
+# --- the tiled kernels (issue 20): method="tiles" -------------------------------------
+
+
+def _tiled_and_rows_twins(kernel: str, a: dict, case: Case, bias: bool, relu: bool
+                          ) -> tuple[numpy.ndarray, numpy.ndarray]:
+    if kernel == "spmm":
+        b = a["bias"] if bias else None
+        return (twins.spmm_tiled(a["indptr"], a["indices"], a["data"], a["x"], b, relu),
+                twins.spmm(a["indptr"], a["indices"], a["data"], a["x"], b, relu))
+    return (twins.spmm_t_tiled(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols),
+            twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols))
+
+
+# (launch, chunk): every launch shape, with its default chunk (SPMM_TILE_SHARED / rows)
+# or chunks of 1 and 4 entries (the long rows take up to 50 stages).
+TILED_CHUNKS = [("dispatcher", None), ("dispatcher", 4), ("tile8_rows4_grid2", 1),
+                ("tile2_rows32_grid2", None), ("tile32_rows1_grid3", 4),
+                ("tile1_rows8_grid1", None), ("tile3_rows5_grid1", 1)]
+assert {c for c, _ in TILED_CHUNKS} == set(TILED_LAUNCHES)
+# (kernel, bias, relu)
+TILED_CALLS = [("spmm", False, False), ("spmm", True, True), ("spmm_t", False, False)]
+
+
+@pytest.mark.parametrize("kernel, bias, relu", TILED_CALLS,
+                         ids=["spmm", "spmm_bias_relu", "spmm_t"])
+@pytest.mark.parametrize("config, chunk", TILED_CHUNKS,
+                         ids=[f"{c}-chunk{k or '_default'}" for c, k in TILED_CHUNKS])
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c.name)
+@dtype_params
+def test_emulated_tiles_equal_the_twins_bit_for_bit(kernel, bias, relu, chunk, config, case,
+                                                    dtype):
+    """spmm.cu's tiled kernels, block by block with CUDA's barrier rules, under several
+    launch shapes and chunks (rows longer than a chunk, batches not a multiple of the
+    tile, batch 1, row counts not a multiple of the row tile, empty rows): the bits of
+    their twins, which are those of the "rows" twins (one summation order)."""
+    a = fused_inputs(case, dtype)
+    if kernel == "spmm":
+        got = emulated_spmm_tiled(a, case, dtype, config, bias=bias, relu=relu, chunk=chunk)
+    else:
+        got = emulated_spmm_t_tiled(a, case, dtype, config, chunk=chunk)
+    tiled, rows = _tiled_and_rows_twins(kernel, a, case, bias, relu)
+    assert_same_bits(got, tiled.astype(dtype))
+    assert_same_bits(got, rows.astype(dtype))
+
+
+def test_tiled_cases_cover_what_they_claim():
+    """long_rows has rows longer than the 32-entry chunks of 32-row blocks; every tiled
+    launch leaves a partial batch tile or row tile on some case."""
+    from cupynn.kernels.spmm import SPMM_TILE_SHARED
+
+    long_rows = next(c for c in TILED_CASES if c.name == "long_rows")
+    lengths = numpy.diff(long_rows.arrays(numpy.float64)["indptr"])
+    assert lengths.max() > SPMM_TILE_SHARED // 32 and 0 in lengths
+    assert any(c.batch == 1 for c in TILED_CASES)
+    for config, shape in TILED_LAUNCHES.items():
+        if shape is not None:
+            tile, rows, _ = shape
+            assert any(c.batch % tile for c in TILED_CASES if c.batch) or tile == 1, config
+            assert any(c.n_rows % rows for c in TILED_CASES) or rows == 1, config
+
+
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
+def test_emulated_tiles_do_not_depend_on_thread_order(kernel):
+    """Blocks and threads run last to first give the same bits (each output one thread,
+    one order; a missing barrier would read shared memory's 0xff bytes in one order)."""
+    case = next(c for c in TILED_CASES if c.name == "long_rows")
+    a = fused_inputs(case, numpy.float32)
+    for config in ("tile8_rows4_grid2", "tile2_rows32_grid2"):
+        if kernel == "spmm":
+            runs = [emulated_spmm_tiled(a, case, numpy.float32, config, bias=True, relu=True,
+                                        chunk=4, reverse=r) for r in (False, True)]
+        else:
+            runs = [emulated_spmm_t_tiled(a, case, numpy.float32, config, chunk=4, reverse=r)
+                    for r in (False, True)]
+        assert_same_bits(runs[0], runs[1])
+
+
+def test_tiles_launch_shape():
+    """The dispatcher's tiles: the batch's power of two up to SPMM_TILE_COLS, a block of
+    SPMM_TILE_THREADS threads (at most 32 rows), chunks filling the shared arrays."""
+    launch_of = SPMM_MODULE._spmm_tiles_launch
+    assert launch_of(4096, 512, None) == ((512 * 32,), (128,), 16, 128)
+    assert launch_of(10, 1, None) == ((1,), (32,), 1, 32)
+    assert launch_of(10, 5, None) == ((1,), (128,), 8, 64)
+    assert launch_of(4096, 512, 2) == ((2,), (128,), 16, 128)
+    assert launch_of(7, 9, None, tile_cols=8, rows=4) == ((4,), (32,), 8, 256)
+    with pytest.raises(ValueError, match="at most 1024"):
+        launch_of(7, 9, None, tile_cols=64, rows=32)
+
+
+@gpu
+@pytest.mark.parametrize("kernel, bias, relu", TILED_CALLS,
+                         ids=["spmm", "spmm_bias_relu", "spmm_t"])
+@case_params
+@dtype_params
+def test_gpu_tiles_equal_rows_bit_for_bit(kernel, bias, relu, case, dtype):
+    """On the device, "tiles" gives the bits of "rows" (one summation order, the same
+    FMA contraction), and the same bits on every call."""
+    a = to_gpu(fused_inputs(case, dtype))
+
+    def run(method: str) -> numpy.ndarray:
+        if kernel == "spmm":
+            return to_numpy(kernels.spmm(a["indptr"], a["indices"], a["data"], a["x"],
+                                         bias=a["bias"] if bias else None, relu=relu,
+                                         method=method))
+        return to_numpy(kernels.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"],
+                                       case.n_cols, method=method))
+
+    tiles = run("tiles")
+    assert_same_bits(tiles, run("rows"))
+    assert_same_bits(tiles, run("tiles"))
+
+
+def test_tiles_train_on_the_fake_gpu_as_rows(monkeypatch):
+    """set_spmm("tiles"): a training step on the fake GPU (kernels emulated) launches the
+    tiled kernels and ends where the "rows" step does, within rounding."""
+    import cupynn
+
+    try:
+        from fake_gpu import FakeGpu
+    except ModuleNotFoundError:  # tests/ became a package
+        from tests.fake_gpu import FakeGpu
+    rng = numpy.random.default_rng(3)
+    x, labels = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    results = {}
+    for method in ("rows", "tiles"):
+        monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
+        kernels.set_spmm(method)
+        with FakeGpu() as fake:
+            model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
+                               seed=2)
+            optimizer = cupynn.Adam(model, lr=1e-2)
+            logits = model.forward(fake.xp.asarray(x))
+            loss, grad = cupynn.losses.cross_entropy(logits, fake.xp.asarray(labels))
+            model.backward(grad)
+            optimizer.step()
+            results[method] = (logits.get(), float(loss),
+                               [(layer.data.get(), layer.bias.get()) for layer in model.layers])
+            launched = set(fake.launches)
+        tiled = {"spmm_tiled_f64", "spmm_t_tiled_f64"}
+        assert (tiled <= launched) if method == "tiles" else not (tiled & launched)
+    (rows_logits, rows_loss, rows_layers), (logits, loss, layers) = results["rows"], \
+        results["tiles"]
+    numpy.testing.assert_allclose(logits, rows_logits, rtol=0, atol=1e-12)
+    assert abs(loss - rows_loss) <= 1e-12
+    for (data, bias), (rows_data, rows_bias) in zip(layers, rows_layers):
+        numpy.testing.assert_allclose(data, rows_data, rtol=0, atol=1e-12)
+        numpy.testing.assert_allclose(bias, rows_bias, rtol=0, atol=1e-12)
