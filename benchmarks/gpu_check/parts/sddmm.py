@@ -100,8 +100,9 @@ def part_sddmm(ctx: Context) -> dict[str, Any]:
 
 def time_products(ctx: Context, layer: Any, x: Any, dy: Any, reps: int, shape: str,
                   density: float) -> dict[str, Any]:
-    """``W @ x`` and ``W.T @ dy`` of one layer by spmm.cu ("rows", the default) and by
-    cuSPARSE: microseconds per call and how far the two results are apart."""
+    """``W @ x`` and ``W.T @ dy`` of one layer by spmm.cu ("rows", the default), by its
+    tiled kernels ("tiles", issue 20) and by cuSPARSE: microseconds per call, how far
+    "rows" and cuSPARSE are apart, and whether "tiles" gives the bits of "rows"."""
     times, results = {}, {}
     for method in kernels.SPMM_METHODS:
         def forward(method=method):
@@ -109,7 +110,7 @@ def time_products(ctx: Context, layer: Any, x: Any, dy: Any, reps: int, shape: s
                                 bias=layer.bias, relu=True, method=method)
 
         def backward(method=method):
-            transposed = layer.transposed_pattern() if method == "rows" else None
+            transposed = layer.transposed_pattern() if method in ("rows", "tiles") else None
             return kernels.spmm_t(layer.indptr, layer.indices, layer.data, dy,
                                   layer.in_features, check=False, method=method,
                                   transpose=transposed)
@@ -122,6 +123,9 @@ def time_products(ctx: Context, layer: Any, x: Any, dy: Any, reps: int, shape: s
             "spmm_us": {m: 1e6 * t[0] for m, t in times.items()},
             "spmm_t_us": {m: 1e6 * t[1] for m, t in times.items()},
             "rows_us": 1e6 * sum(times["rows"]), "cusparse_us": 1e6 * sum(times["cusparse"]),
+            "tiles_us": 1e6 * sum(times["tiles"]),
+            "tiles_bits_equal_rows": all(numpy.array_equal(a, b) for a, b in
+                                         zip(results["tiles"], results["rows"])),
             "max_rel_diff": diff}
 
 
