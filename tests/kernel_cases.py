@@ -774,3 +774,40 @@ def emulated_spmm_t_tiled(a: dict, case: Case, dtype: type, config: str,
            [*t, a["data"], a["dy"], out, case.n_cols, case.batch, tile, chunk], reverse=reverse)
     assert numpy.isnan(out[size:]).all(), "the kernel wrote past its output"
     return out[:size].reshape(case.n_cols, case.batch)
+
+
+# sddmm_tiled (issue 20): a block per row, dy[r] staged in shared memory chunk by chunk.
+# (grid, block, chunk): the dispatcher's block and chunk, blocks of two warps and one warp
+# that stride over the rows, chunks smaller than the batches of SDDMM_TILED_CASES (several
+# stages a row, the last one partial) and a chunk of one group's width.
+SDDMM_TILED_LAUNCHES = {
+    "dispatcher_block_grid3": ((3,), (THREADS_PER_BLOCK,), 512),
+    "grid2_block64_chunk32": ((2,), (64,), 32),
+    "one_warp_chunk16": ((1,), (32,), 16),
+}
+SDDMM_TILED_GROUPS = [1, 4, 16]
+# The warp kernel's cases (empty rows, an empty matrix, batch 0 and 1, rows striding over
+# the grid), a batch longer than the chunks and not a multiple of them (70), and rows longer
+# than a pass of one warp (32 / group * 4 nonzeros) over two chunks of 16.
+SDDMM_TILED_CASES = [c for c in WARP_CASES if c.name != "mid"] + [
+    Case("batch_70", 6, 9, 70, 0.5, empty_rows=(2,)),
+    Case("long_rows", 4, 150, 20, 0.9, empty_rows=(1,), seed=3)]
+
+
+def sddmm_tiled_argtypes(dtype: type) -> list:
+    real = pointer(dtype)
+    return [pointer(numpy.int32), pointer(numpy.int32), real, real, real] + [ctypes.c_int] * 4
+
+
+def launch_sddmm_tiled(a: dict, dtype: type, group: int, grid, block, chunk: int,
+                       reverse: bool = False) -> numpy.ndarray:
+    """The emulated sddmm_tiled kernel's output for arrays ``a`` (block by block, the
+    threads of a block meeting at its barriers); the guard cells after it must stay NaN."""
+    nnz = len(a["indices"])
+    out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
+    launch(host_library("sddmm.cu"), f"sddmm_tiled_{suffix_of(dtype)}", grid, block,
+           sddmm_tiled_argtypes(dtype),
+           [a["indptr"], a["indices"], a["dy"], a["x"], out, len(a["indptr"]) - 1,
+            a["dy"].shape[1], group, chunk], reverse=reverse, blocks=True)
+    assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+    return out[:nnz]

@@ -48,8 +48,8 @@ from cupynn.kernels.adam import AdamPointers
 from kernel_cases import (GUARD, LAUNCHES, LossCase, adam_argtypes, adam_multi_argtypes,
                           assert_close, assert_same_bits, emulated_loss_rows,
                           emulated_mean_of_rows, emulated_relu_grad_rowsum, guarded,
-                          host_library, kernel_names, sddmm_argtypes, sddmm_warp_argtypes,
-                          suffix_of)
+                          host_library, kernel_names, sddmm_argtypes, sddmm_tiled_argtypes,
+                          sddmm_warp_argtypes, suffix_of)
 from test_fisher_kernels import matvec_argtypes, rank1_argtypes
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
@@ -153,7 +153,7 @@ def sddmm_twin(a: dict) -> tuple[numpy.ndarray, numpy.ndarray]:
 
 @backends
 @settings(max_examples=60, **PROPERTY)
-@given(case=csr(), method=st.sampled_from(("thread", "warp")),
+@given(case=csr(), method=st.sampled_from(("thread", "warp", "tiles")),
        group=st.sampled_from((None, 1, 4, 32)), into=st.booleans())
 def test_sddmm_equals_twin(backend, case, method, group, into):
     a = case.arrays()
@@ -203,6 +203,29 @@ def test_emulated_sddmm_warp_equals_twins(cu, case, group, blocks, warps_per_blo
     # The twin that sums in the kernel's order (lanes, then the butterfly) too.
     assert_close(out[:nnz], twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group),
                  bound, case.dtype)
+    assert_guard(out, nnz)
+
+
+@settings(max_examples=12, **PROPERTY)
+@given(case=csr(max_side=12, max_batch=40), group=st.sampled_from((1, 2, 4, 8, 16, 32)),
+       blocks=st.integers(1, 2), warps_per_block=st.integers(1, 2),
+       chunk_groups=st.integers(1, 3), reverse=REVERSE)
+def test_emulated_sddmm_tiled_equals_its_twin(cu, case, group, blocks, warps_per_block,
+                                              chunk_groups, reverse):
+    """sddmm_tiled (issue 20), block by block with its barriers: blocks striding over the
+    rows, chunks of 1-3 groups' width (most batches span several, the last partial): the
+    twin's bits, the warp kernel's order, and nothing written past nnz."""
+    a = case.arrays()
+    nnz = len(a["indices"])
+    out = guarded_empty(nnz, case.dtype)
+    launch(cu["sddmm.cu"], f"sddmm_tiled_{suffix_of(case.dtype)}", (blocks,),
+           (32 * warps_per_block,), sddmm_tiled_argtypes(case.dtype),
+           [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, case.batch, group,
+            group * chunk_groups], reverse=reverse, blocks=True)
+    assert_same_bits(out[:nnz], twins.sddmm_tiled(a["indptr"], a["indices"], a["dy"], a["x"],
+                                                  group))
+    expected, bound = sddmm_twin(a)
+    assert_close(out[:nnz], expected, bound, case.dtype)
     assert_guard(out, nnz)
 
 
@@ -888,7 +911,7 @@ def test_emulated_end_step_records_at_the_counter_and_advances(cu, values, dtype
 
 # ---------------------------------------------------------------------- coverage
 # The kernel families the emulated properties above launch.
-EMULATED = {"sddmm", "sddmm_warp", "spmm", "spmm_t", "adam", "packed_matvec",
+EMULATED = {"sddmm", "sddmm_warp", "sddmm_tiled", "spmm", "spmm_t", "adam", "packed_matvec",
             "fisher_rank1_update",
             "spmm_tiled", "spmm_t_tiled",  # issue 20
             # issue 19

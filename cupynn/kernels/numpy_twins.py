@@ -410,3 +410,32 @@ def spmm_t_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndar
     order = numpy.lexsort((rows, indices))  # by column, then row
     t_indptr = numpy.searchsorted(indices[order], numpy.arange(n_cols + 1), side="left")
     return _rows_in_order(t_indptr, rows[order], data[order], dy)
+
+
+def sddmm_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray,
+                x: numpy.ndarray, group: int) -> numpy.ndarray:
+    """Twin of ``sddmm_tiled_*`` in ``sddmm.cu`` (issue 20), to the bit: the kernel stages
+    ``dy[r]`` in shared memory chunk by chunk, but lane ``s`` of a group still adds the
+    products ``j = s, s + group, ...`` one after another from 0 into one accumulator, and
+    the group ends in the butterfly of :func:`sddmm_warp` (offsets ``group / 2, ..., 1``),
+    whatever the chunk and the launch: the warp kernel's order at the same ``group``. (Here
+    each lane's terms are added one by one; :func:`sddmm_warp`'s NumPy sum may add them
+    pairwise, within rounding of this.)
+
+    indptr, indices: (n_rows + 1,), (nnz,) int32; dy (n_rows, batch), x (n_cols, batch):
+    returns (nnz,) of dy's dtype.
+    """
+    rows = csr_rows(indptr)
+    nnz, batch = len(indices), dy.shape[1]
+    width = -(-batch // group) * group  # the batch padded to whole groups (zeros add nothing)
+    products = numpy.zeros((nnz, width), dtype=dy.dtype)
+    products[:, :batch] = dy[rows] * x[indices]
+    partial = numpy.zeros((nnz, group), dtype=dy.dtype)
+    for start in range(0, width, group):  # lane s adds j = start + s, in increasing j
+        partial = partial + products[:, start:start + group]
+    lane = numpy.arange(group)
+    offset = group // 2
+    while offset:
+        partial = partial + partial[:, lane ^ offset]
+        offset //= 2
+    return partial[:, 0].copy()

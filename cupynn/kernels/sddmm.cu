@@ -33,6 +33,26 @@
 //
 // NumPy twin of both: cupynn.kernels.numpy_twins.sddmm.
 //
+// sddmm_tiled_* (issue 20): the warp kernel's sums with dy staged in shared
+//   memory. A block takes row r of the pattern (grid-stride over rows, every
+//   thread of a block on the same rows, so that all reach every barrier) and
+//   reads dy[r, :] from global memory once per pass instead of once per
+//   nonzero: the row's batch is staged through the __shared__ tile `chunk`
+//   values at a time (chunk <= SDDMM_TILE_MAX and a multiple of group), and
+//   the block's groups of `group` lanes take the row's nonzeros, ACC of them
+//   a lane, blockDim.x / group * ACC nonzeros a pass. Lane s of a group sums
+//   j = s, s + group, ... from 0, chunk after chunk, into one accumulator per
+//   nonzero; the butterfly and the write are the warp kernel's. Each nonzero's
+//   sum is thus the warp kernel's at the same group, term for term: the same
+//   bits (the products read tile[j] instead of dy[r, j], the same value).
+//   A row's tile is staged (then __syncthreads) before it is read and read
+//   by all (then __syncthreads) before it is staged again. When the batch
+//   fits one chunk the tile is staged once per row, for all its passes.
+//   An empty row has no pass and no barrier (the whole block skips it).
+//   blockDim.x must be a multiple of 32 (full-mask shuffles), as for the
+//   warp kernel. No atomics; deterministic for any launch.
+//   NumPy twin: cupynn.kernels.numpy_twins.sddmm_tiled (the same order).
+//
 // relu_grad_rowsum_*: the step of a layer's backward pass before its SDDMM,
 //   out = dy * (y > 0) (relu = 1; dy alone when relu = 0) and
 //   sums[r] = sum_j out[r, j] (the bias gradient), with no temporary array,
@@ -97,6 +117,57 @@ __device__ __forceinline__ void sddmm_warp_impl(
     }
 }
 
+// Shared tile of sddmm_tiled_*: at most this many batch values of dy[r] at a time.
+#define SDDMM_TILE_MAX 512
+// Nonzeros a lane accumulates at once in sddmm_tiled_* (registers).
+#define SDDMM_TILE_ACC 4
+
+template <typename T>
+__device__ __forceinline__ void sddmm_tiled_impl(
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ out,
+    int n_rows, int batch, int group, int chunk, T* tile)
+{
+    const int lane = threadIdx.x & 31;
+    const int sub = lane & (group - 1);              // lane within its group
+    const int slot = threadIdx.x / group;            // the group's place in the block
+    const int groups = blockDim.x / group;
+    const int per_pass = groups * SDDMM_TILE_ACC;    // nonzeros of a row per pass
+    const bool one_chunk = batch <= chunk;           // the tile holds the whole row
+    for (long long r = blockIdx.x; r < n_rows; r += gridDim.x) {  // the same rows block-wide
+        const int start = indptr[r];
+        const int end = indptr[r + 1];
+        const T* dy_row = dy + r * batch;
+        for (int base = start; base < end; base += per_pass) {
+            T acc[SDDMM_TILE_ACC];
+            for (int i = 0; i < SDDMM_TILE_ACC; ++i) acc[i] = 0;
+            for (int c0 = 0; c0 < batch; c0 += chunk) {
+                const int len = batch - c0 < chunk ? batch - c0 : chunk;
+                if (!one_chunk || base == start) {
+                    for (int j = threadIdx.x; j < len; j += blockDim.x) tile[j] = dy_row[c0 + j];
+                    __syncthreads();  // the tile is written before any thread reads it
+                }
+                for (int i = 0; i < SDDMM_TILE_ACC; ++i) {
+                    const long long k = (long long)base + slot + (long long)i * groups;
+                    if (k < end) {
+                        const T* b = x + (long long)indices[k] * batch + c0;
+                        for (int j = sub; j < len; j += group) acc[i] += tile[j] * b[j];
+                    }
+                }
+                if (!one_chunk) __syncthreads();  // read by all before the next chunk's stage
+            }
+            for (int i = 0; i < SDDMM_TILE_ACC; ++i) {
+                T v = acc[i];
+                for (int offset = group >> 1; offset > 0; offset >>= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, offset);
+                const long long k = (long long)base + slot + (long long)i * groups;
+                if (k < end && sub == 0) out[k] = v;
+            }
+        }
+        if (one_chunk && start < end) __syncthreads();  // read by all before the next row's
+    }
+}
+
 extern "C" __global__ void sddmm_f32(
     const int* indptr, const int* indices, const float* dy, const float* x,
     float* out, int n_rows, int nnz, int batch)
@@ -123,6 +194,24 @@ extern "C" __global__ void sddmm_warp_f64(
     double* out, int n_rows, int nnz, int batch, int group)
 {
     sddmm_warp_impl<double>(indptr, indices, dy, x, out, n_rows, nnz, batch, group);
+}
+
+// Static shared tiles, declared in the kernels themselves (not in the template:
+// one array per element type).
+extern "C" __global__ void sddmm_tiled_f32(
+    const int* indptr, const int* indices, const float* dy, const float* x,
+    float* out, int n_rows, int batch, int group, int chunk)
+{
+    __shared__ float tile[SDDMM_TILE_MAX];
+    sddmm_tiled_impl<float>(indptr, indices, dy, x, out, n_rows, batch, group, chunk, tile);
+}
+
+extern "C" __global__ void sddmm_tiled_f64(
+    const int* indptr, const int* indices, const double* dy, const double* x,
+    double* out, int n_rows, int batch, int group, int chunk)
+{
+    __shared__ double tile[SDDMM_TILE_MAX];
+    sddmm_tiled_impl<double>(indptr, indices, dy, x, out, n_rows, batch, group, chunk, tile);
 }
 
 // out = dy * (y > 0) as NumPy computes it: the mask is a factor of 1 or 0, so a

@@ -14,13 +14,16 @@ import numpy
 
 from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
                       _check_same_backend, _float_suffix)
-from ._launch import THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
+from ._launch import MAX_BLOCKS, THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
 from ._settings import Choice
 from .spmm import _check_out
 
-SDDMM_METHODS = ("thread", "warp")
+SDDMM_METHODS = ("thread", "warp", "tiles")
 SDDMM_ENV = "CUPYNN_SDDMM"
 SDDMM_MAX_GROUP = 16  # measured: 16 lanes beat 32 at batch 512 on an H100 and an H200
+# sddmm_tiled_*: batch values of dy[r] staged in shared memory at a time (the kernel's
+# SDDMM_TILE_MAX; a multiple of every group). Batch 512, the issue's, is one chunk.
+SDDMM_TILE_CHUNK = 512
 
 
 def sddmm_group(batch: int) -> int:
@@ -40,8 +43,8 @@ def _check_sddmm_choice(method: Any, group: Any, source: str) -> tuple[str, int 
         raise ValueError(f"The SDDMM method ({source}) must be one of {list(SDDMM_METHODS)}. "
                          f"Got {method!r} instead.")
     if group is not None:
-        if method != "warp":
-            raise ValueError(f"An SDDMM group ({source}) goes with method 'warp'. "
+        if method not in ("warp", "tiles"):
+            raise ValueError(f"An SDDMM group ({source}) goes with method 'warp' or 'tiles'. "
                              f"Got method {method!r} with group {group!r}.")
         if (isinstance(group, bool) or not isinstance(group, (int, numpy.integer))
                 or group < 1 or group > WARP_SIZE or group & (group - 1)):
@@ -52,13 +55,15 @@ def _check_sddmm_choice(method: Any, group: Any, source: str) -> tuple[str, int 
 
 
 def _sddmm_from_env() -> tuple[str, int | None]:
-    """``$CUPYNN_SDDMM``: ``thread``, ``warp`` or ``warp:<group>`` (default ``warp``)."""
+    """``$CUPYNN_SDDMM``: ``thread``, ``warp``, ``tiles``, or ``warp:<group>`` /
+    ``tiles:<group>`` (default ``warp``)."""
     text = os.environ.get(SDDMM_ENV, "").strip() or "warp"
     method, _, group = text.partition(":")
     try:
         parsed = int(group) if group else None
     except ValueError:
-        raise ValueError(f"${SDDMM_ENV} must be 'thread', 'warp' or 'warp:<group>'. "
+        raise ValueError(f"${SDDMM_ENV} must be 'thread', 'warp', 'tiles', 'warp:<group>' "
+                         f"or 'tiles:<group>'. "
                          f"Got {text!r} instead.") from None
     return _check_sddmm_choice(method, parsed, f"${SDDMM_ENV}")
 
@@ -71,13 +76,17 @@ def set_sddmm(method: str = "warp", group: int | None = None) -> None:
 
     Parameters
     ----------
-    method : {"thread", "warp"}
+    method : {"thread", "warp", "tiles"}
         ``"thread"``: one thread per nonzero (``sddmm_*``); ``"warp"``: groups
-        of lanes per nonzero, reading along the batch (``sddmm_warp_*``). See
-        ``sddmm.cu``. The default is ``"warp"`` or ``$CUPYNN_SDDMM``.
+        of lanes per nonzero, reading along the batch (``sddmm_warp_*``);
+        ``"tiles"`` (issue 20, not yet timed on a GPU): a block per row of the
+        pattern, its ``dy`` row staged in shared memory and read by every
+        nonzero of the row, the warp kernel's sums and bits at the same group
+        (``sddmm_tiled_*``). See ``sddmm.cu``. The default is ``"warp"`` or
+        ``$CUPYNN_SDDMM``.
     group : int, optional
-        Lanes per nonzero for ``"warp"`` (a power of two up to 32); by default
-        :func:`sddmm_group` of each call's batch.
+        Lanes per nonzero for ``"warp"`` and ``"tiles"`` (a power of two up to
+        32); by default :func:`sddmm_group` of each call's batch.
 
     The CPU backend has one kernel and ignores the choice.
     """
@@ -107,11 +116,11 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
         Also check the CSR structure and index ranges (a pass over indices).
     max_blocks : int, optional
         Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
-    method : {"thread", "warp"}, optional
+    method : {"thread", "warp", "tiles"}, optional
         The GPU kernel (see :func:`set_sddmm`; default :func:`sddmm_setting`).
     group : int, optional
-        Lanes per nonzero of the ``"warp"`` kernel (default: the set one, else
-        :func:`sddmm_group` of the batch).
+        Lanes per nonzero of the ``"warp"`` and ``"tiles"`` kernels (default:
+        the set one, else :func:`sddmm_group` of the batch).
 
     Returns
     -------
@@ -149,6 +158,12 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
             kernel = cuda_function("sddmm.cu", f"sddmm_{suffix}")
             kernel(_grid(nnz, max_blocks), (THREADS_PER_BLOCK,),
                    (indptr, indices, dy, x, out) + sizes)
+        elif method == "tiles":
+            group = sddmm_group(batch) if group is None else group
+            kernel = cuda_function("sddmm.cu", f"sddmm_tiled_{suffix}")
+            kernel(*_sddmm_tiles_launch(int(dy.shape[0]), max_blocks),
+                   (indptr, indices, dy, x, out, sizes[0], sizes[2], numpy.int32(group),
+                    numpy.int32(SDDMM_TILE_CHUNK)))
         else:
             group = sddmm_group(batch) if group is None else group
             warps = -(-nnz // (WARP_SIZE // group))
@@ -158,6 +173,13 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
     else:
         _cpu().sddmm(indptr, indices, dy, x, out)
     return out
+
+
+def _sddmm_tiles_launch(n_rows: int, max_blocks: int | None) -> tuple[tuple[int], tuple[int]]:
+    """(grid, block) of ``sddmm_tiled_*``: a block of THREADS_PER_BLOCK threads (whole
+    warps, as its shuffles need) per row of the pattern, at most ``max_blocks`` (else
+    MAX_BLOCKS) blocks striding over the rows."""
+    return (max(1, min(n_rows, max_blocks or MAX_BLOCKS)),), (THREADS_PER_BLOCK,)
 
 
 RELU_GRAD_ENV = "CUPYNN_RELU_GRAD"

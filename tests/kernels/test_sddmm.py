@@ -1,14 +1,16 @@
-"""``kernels.sddmm`` (``sddmm.cu`` thread and warp kernels, ``cpu.sddmm``) and
+"""``kernels.sddmm`` (``sddmm.cu`` thread, warp and tiled kernels, ``cpu.sddmm``) and
 ``kernels.relu_grad_rowsum``: one body checks every implementation against the
 twin (the twins, the Numba kernel, ``sddmm.cu`` emulated on the CPU, ``sddmm.cu`` on
 a GPU); then the warp kernel's order, the choice of GPU kernel and the ReLU step,
 with its buffers given (issue 19: ``out=``, ``sums=``, the ``relu_grad_rowsum``
-kernel of ``sddmm.cu`` against its twin, emulated and through the GPU path).
+kernel of ``sddmm.cu`` against its twin, emulated and through the GPU path);
+then the tiled kernel (issue 20: ``dy`` staged in shared memory, emulated block by block).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Callable
 
 import numpy
@@ -18,17 +20,19 @@ from conftest import needs_gpu
 from cupynn import kernels
 from cupynn.backend import get_backend, to_numpy
 from cupynn.kernels import THREADS_PER_BLOCK, numpy_twins as twins
-from kernel_cases import (CASES, GPU_SDDMM_CHOICES, GUARD, LAUNCHES, WARP_CASES, WARP_GROUPS,
+from kernel_cases import (CASES, GPU_SDDMM_CHOICES, GUARD, LAUNCHES, SDDMM_TILED_CASES,
+                          SDDMM_TILED_GROUPS, SDDMM_TILED_LAUNCHES, WARP_CASES, WARP_GROUPS,
                           WARP_LAUNCHES, Case, assert_allocates_no, assert_close,
                           assert_relu_grad_rowsum, assert_same_bits, case_params, dtype_params,
                           emulated_gpu, emulated_relu_grad_rowsum, fused_inputs, gpu,
-                          grid_and_block, host_library, launch_sddmm_warp, sddmm_argtypes,
+                          grid_and_block, host_library, launch_sddmm_tiled,
+                          launch_sddmm_warp, sddmm_argtypes,
                           sddmm_reference, small, suffix_of, to_gpu)
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
-    from cuda_host import WarpError, launch
+    from cuda_host import BlockError, WarpError, launch
 except ModuleNotFoundError:  # tests/ became a package
-    from tests.cuda_host import WarpError, launch
+    from tests.cuda_host import BlockError, WarpError, launch
 
 # The module that keeps the setting (kernels.sddmm is the function).
 SDDMM_MODULE = importlib.import_module("cupynn.kernels.sddmm")
@@ -73,6 +77,22 @@ def _emulated_warp(group: int, config: str) -> Callable:
     return run
 
 
+def _twin_tiled(group: int) -> Callable:
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        return twins.sddmm_tiled(a["indptr"], a["indices"], a["dy"], a["x"], group)
+    return run
+
+
+def _emulated_tiled(group: int, config: str) -> Callable:
+    """sddmm.cu's tiled kernel run on the CPU block by block: its twin's bits."""
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        out = launch_sddmm_tiled(a, dtype, group, *SDDMM_TILED_LAUNCHES[config])
+        assert_same_bits(out, twins.sddmm_tiled(a["indptr"], a["indices"], a["dy"], a["x"],
+                                                group))
+        return out
+    return run
+
+
 def _gpu(method: str, group: int | None, max_blocks: int | None) -> Callable:
     def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
         d = to_gpu(a)
@@ -92,8 +112,11 @@ IMPLEMENTATIONS = {
     **{f"emulated_thread-{c}": (_emulated_thread(c), CASES, ()) for c in LAUNCHES},
     **{f"emulated_warp{g}-{c}": (_emulated_warp(g, c), WARP_CASES, ())
        for g in WARP_GROUPS for c in WARP_LAUNCHES},
+    **{f"twin_tiled{g}": (_twin_tiled(g), SDDMM_TILED_CASES, ()) for g in SDDMM_TILED_GROUPS},
+    **{f"emulated_tiled{g}-{c}": (_emulated_tiled(g, c), SDDMM_TILED_CASES, ())
+       for g in SDDMM_TILED_GROUPS for c in SDDMM_TILED_LAUNCHES},
     **{f"gpu_{m}{g or ''}-{blocks}": (_gpu(m, g, max_blocks), CASES, needs_gpu)
-       for m, g in GPU_SDDMM_CHOICES
+       for m, g in GPU_SDDMM_CHOICES + [("tiles", None), ("tiles", 4)]
        for blocks, max_blocks in (("full_grid", None), ("max_blocks_2", 2))},
 }
 CALLS = [pytest.param(name, case, id=f"{name}-{case.name}", marks=marks)
@@ -152,7 +175,8 @@ def test_cpu_sddmm_fills_the_given_out(dtype):
     assert_close(out, expected, bound, dtype)
 
 
-@pytest.mark.parametrize("method, group", [("thread", None), ("warp", None), ("warp", 4)])
+@pytest.mark.parametrize("method, group", [("thread", None), ("warp", None), ("warp", 4),
+                                           ("tiles", None), ("tiles", 16)])
 def test_cpu_sddmm_takes_every_method(method, group):
     """The CPU has one kernel: any valid GPU choice gives the same result there."""
     a = next(c for c in CASES if c.name == "grid_stride").arrays(numpy.float64)
@@ -168,11 +192,12 @@ def test_sddmm_group_gives_lanes_about_eight_products(batch, group):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="block"), r"must be one of \['thread', 'warp'\]. Got 'block'"),
+    (dict(method="block"), r"must be one of \['thread', 'warp', 'tiles'\]. Got 'block'"),
     (dict(method="warp", group=3), r"power of two in \[1, 32\]. Got 3"),
     (dict(method="warp", group=64), r"power of two in \[1, 32\]. Got 64"),
     (dict(method="warp", group=True), r"power of two in \[1, 32\]. Got True"),
-    (dict(method="thread", group=8), "goes with method 'warp'"),
+    (dict(method="thread", group=8), "goes with method 'warp' or 'tiles'"),
+    (dict(method="tiles", group=3), r"power of two in \[1, 32\]. Got 3"),
 ])
 def test_sddmm_rejects_bad_choices(small, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -182,7 +207,9 @@ def test_sddmm_rejects_bad_choices(small, kwargs, message):
 
 
 @pytest.mark.parametrize("text, expected", [("", ("warp", None)), ("thread", ("thread", None)),
-                                            ("warp", ("warp", None)), ("warp:16", ("warp", 16))])
+                                            ("warp", ("warp", None)), ("warp:16", ("warp", 16)),
+                                            ("tiles", ("tiles", None)),
+                                            ("tiles:8", ("tiles", 8))])
 def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
     monkeypatch.setenv(kernels.SDDMM_ENV, text)
     monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
@@ -191,9 +218,11 @@ def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
     assert kernels.sddmm_setting() == ("thread", None)
 
 
-@pytest.mark.parametrize("text, message", [("warp:x", "'warp:<group>'. Got 'warp:x'"),
+@pytest.mark.parametrize("text, message", [("warp:x", "'tiles:<group>'. Got 'warp:x'"),
                                            ("warp:12", r"power of two in \[1, 32\]. Got 12"),
-                                           ("fast", r"must be one of \['thread', 'warp'\]")])
+                                           ("thread:4", "goes with method 'warp' or 'tiles'"),
+                                           ("fast", r"must be one of \['thread', 'warp', "
+                                                    r"'tiles'\]")])
 def test_sddmm_environment_is_checked(monkeypatch, text, message):
     monkeypatch.setenv(kernels.SDDMM_ENV, text)
     monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
@@ -403,3 +432,135 @@ def test_relu_grad_setting_runs_the_kernel_without_sums(monkeypatch):
     with pytest.raises(ValueError, match=r"\(set_relu_grad\) must be one of \['arrays', "
                                          r"'kernel'\]"):
         kernels.set_relu_grad("fused")
+
+
+# --- the tiled SDDMM (issue 20) ------------------------------------------------------
+
+
+def _tiled_case(name: str) -> Case:
+    return next(c for c in SDDMM_TILED_CASES if c.name == name)
+
+
+@pytest.mark.parametrize("group", [2, 8])
+@pytest.mark.parametrize("config", list(SDDMM_TILED_LAUNCHES))
+def test_emulated_sddmm_tiled_has_the_warp_kernels_bits(group, config):
+    """dy read from the shared tile instead of global memory changes no bit: the tiled
+    kernel's output is the emulated warp kernel's at the same group, whatever the chunk."""
+    case = _tiled_case("batch_70")
+    a = case.arrays(numpy.float32)
+    tiled = launch_sddmm_tiled(a, numpy.float32, group, *SDDMM_TILED_LAUNCHES[config])
+    warp = launch_sddmm_warp(a, case, numpy.float32, group, (2,), (64,))
+    assert_same_bits(tiled, warp[:len(tiled)])
+
+
+@pytest.mark.parametrize("config", ["grid2_block64_chunk32", "one_warp_chunk16"])
+def test_emulated_sddmm_tiled_is_order_free(config):
+    """Blocks, and the threads of each block, run last to first: the same bits. A missing
+    barrier would let a thread read the tile's 0xff (NaN) cells in one of the two orders."""
+    a = _tiled_case("long_rows").arrays(numpy.float64)
+    forward = launch_sddmm_tiled(a, numpy.float64, 4, *SDDMM_TILED_LAUNCHES[config])
+    backward = launch_sddmm_tiled(a, numpy.float64, 4, *SDDMM_TILED_LAUNCHES[config],
+                                  reverse=True)
+    assert_same_bits(forward, backward)
+    assert not numpy.isnan(forward).any()
+
+
+def test_emulated_sddmm_tiled_needs_whole_warps():
+    """A block of 48 threads ends in a warp of 16 lanes: its full-mask shuffles are
+    undefined on a GPU, and the emulation says so."""
+    a = _tiled_case("batch_1").arrays(numpy.float64)
+    with pytest.raises((WarpError, BlockError), match="returned or are not part of the launch"):
+        launch_sddmm_tiled(a, numpy.float64, 8, (1,), (48,), 16)
+
+
+@pytest.mark.parametrize("case", [_tiled_case(n) for n in ("empty_rows", "batch_70", "no_rows",
+                                                             "batch_0")], ids=lambda c: c.name)
+@pytest.mark.parametrize("max_blocks", [None, 2])
+@dtype_params
+def test_emulated_gpu_sddmm_tiles_fills_out(case, max_blocks, dtype, monkeypatch):
+    """The dispatcher's GPU path for "tiles" (the kernel emulated): one launch of
+    sddmm_tiled on its launch shape, the twin's bits written into the given out."""
+    launches = emulated_gpu(monkeypatch, SDDMM_MODULE, "sddmm.cu")
+    a = case.arrays(dtype)
+    nnz = len(a["indices"])
+    out = numpy.full(nnz, numpy.nan, dtype=dtype)
+    got = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"], out=out, method="tiles",
+                        max_blocks=max_blocks)
+    assert got is out
+    group = kernels.sddmm_group(case.batch)
+    if nnz and case.batch:
+        assert launches == [(f"sddmm_tiled_{suffix_of(dtype)}",
+                             *SDDMM_MODULE._sddmm_tiles_launch(case.n_rows, max_blocks))]
+        assert_same_bits(out, twins.sddmm_tiled(a["indptr"], a["indices"], a["dy"], a["x"],
+                                                group))
+    else:
+        assert launches == []
+        assert_same_bits(out, numpy.zeros(nnz, dtype=dtype))
+
+
+@pytest.mark.parametrize("n_rows, max_blocks, grid", [(1, None, 1), (300, None, 300),
+                                                      (100_000, None, 65535), (300, 2, 2)])
+def test_sddmm_tiles_launch_shape(n_rows, max_blocks, grid):
+    """A block per row of the pattern, whole warps, at most MAX_BLOCKS (or max_blocks)."""
+    assert SDDMM_MODULE._sddmm_tiles_launch(n_rows, max_blocks) == ((grid,), (THREADS_PER_BLOCK,))
+    assert THREADS_PER_BLOCK % kernels.WARP_SIZE == 0
+    assert SDDMM_MODULE.SDDMM_TILE_CHUNK % kernels.WARP_SIZE == 0  # a multiple of every group
+
+
+def test_sddmm_tile_chunk_is_the_kernels_tile():
+    """The wrapper's chunk fits the kernel's static tile (SDDMM_TILE_MAX)."""
+    text = (kernels.KERNEL_DIR / "sddmm.cu").read_text()
+    tile = int(re.search(r"#define SDDMM_TILE_MAX (\d+)", text).group(1))
+    assert SDDMM_MODULE.SDDMM_TILE_CHUNK <= tile
+
+
+def test_fake_gpu_training_step_with_tiles_matches_the_default(monkeypatch):
+    """set_sddmm("tiles") on the fake GPU: a forward/backward/Adam step launches the tiled
+    kernel and gives the default (warp) step's weights within rounding (here the same bits:
+    the tiled sums are the warp kernel's)."""
+    import cupynn
+    from fake_gpu import FakeGpu
+
+    monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
+    monkeypatch.delenv(kernels.SDDMM_ENV, raising=False)
+    rng = numpy.random.default_rng(5)
+    x = rng.standard_normal((10, 6))
+    labels = rng.integers(0, 3, 10)
+    results = {}
+    with FakeGpu() as fake:
+        for method in ("warp", "tiles"):
+            kernels.set_sddmm(method)
+            model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
+                               seed=2)
+            optimizer = cupynn.Adam(model, lr=1e-2)
+            start = len(fake.launches)
+            _, grad = cupynn.losses.cross_entropy(model.forward(x), fake.xp.asarray(labels))
+            model.backward(grad, need_input_grad=False)
+            optimizer.step()
+            results[method] = ([layer.grad_data.get() for layer in model.layers],
+                               [layer.data.get() for layer in model.layers])
+            launched = fake.launches[start:]
+            assert f"sddmm_{'tiled' if method == 'tiles' else 'warp'}_f64" in launched
+    warp_arrays = results["warp"][0] + results["warp"][1]
+    tiles_arrays = results["tiles"][0] + results["tiles"][1]
+    for warp, tiles in zip(warp_arrays, tiles_arrays, strict=True):
+        numpy.testing.assert_allclose(tiles, warp, rtol=1e-12, atol=1e-14)
+
+
+@gpu
+@pytest.mark.parametrize("group", [None, 4])
+@pytest.mark.parametrize("case", SDDMM_TILED_CASES + [next(c for c in CASES if c.name == "large")],
+                         ids=lambda c: c.name)
+@dtype_params
+def test_gpu_sddmm_tiles_is_the_warp_kernel(group, case, dtype):
+    """On a GPU the tiled kernel sums each nonzero as the warp kernel does (the same
+    group): the same bits (both contract a[j] * b[j] + acc alike), and the twin's values."""
+    a = case.arrays(dtype)
+    d = to_gpu(a)
+    tiles = to_numpy(kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], method="tiles",
+                                   group=group))
+    warp = to_numpy(kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], method="warp",
+                                  group=group))
+    assert_same_bits(tiles, warp)
+    expected, bound = sddmm_reference(a)
+    assert_close(tiles, expected, bound, dtype)

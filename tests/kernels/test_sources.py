@@ -63,6 +63,7 @@ def test_cuda_source_compiles_as_host_cpp(source):
 
 
 EMULATED_FAMILIES = ("sddmm", "sddmm_warp", "spmm", "spmm_t", "adam", "fisher_rank1_update",
+                     "sddmm_tiled",  # issue 20: test_sddmm.py
                      "packed_matvec",
                      "spmm_tiled", "spmm_t_tiled",  # issue 20: test_spmm.py
                      # issue 19: test_adam.py, test_loss.py, test_sddmm.py, test_batch.py
