@@ -1,5 +1,5 @@
-"""The ``sddmm`` part: the thread and warp SDDMM kernels, and spmm.cu against cuSPARSE,
-timed at the layers' shapes."""
+"""The ``sddmm`` part: the thread, warp and tiled SDDMM kernels, and spmm.cu against
+cuSPARSE, timed at the layers' shapes."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ SDDMM_SHAPES = [  # (in, out, batch): the layers of the step table and of HIGGS
     (784, 256, 512), (256, 256, 512), (784, 4096, 512), (4096, 4096, 512),
     (21, 256, 128), (256, 256, 128)]
 SDDMM_VARIANTS = [("thread", None), ("warp", 4), ("warp", 8), ("warp", 16), ("warp", 32)]
+# Issue 20's tiled kernel (dy staged in shared memory, off by default), at the warp
+# kernel's default groups: its sums are the warp kernel's at the same group, so the part
+# also says whether the bits agree on the device. Kept apart from SDDMM_VARIANTS, the
+# report's columns (its table shows them in the rows' "us").
+SDDMM_TILED_VARIANTS = [("tiles", 8), ("tiles", 16)]
 
 
 def timer(ctx: Context, fn: Callable[[], Any], reps: int) -> float:
@@ -55,7 +60,7 @@ def part_sddmm(ctx: Context) -> dict[str, Any]:
             x = xp.asarray(rng.standard_normal((fan_in, batch), dtype=numpy.float32))
             out = xp.empty(layer.nnz, dtype=numpy.float32)
             times, results = {}, {}
-            for method, group in SDDMM_VARIANTS:
+            for method, group in SDDMM_VARIANTS + SDDMM_TILED_VARIANTS:
                 label = method if group is None else f"{method}{group}"
 
                 def call(method=method, group=group):
@@ -71,28 +76,38 @@ def part_sddmm(ctx: Context) -> dict[str, Any]:
             scale = float(numpy.abs(ref).max()) or 1.0
             fastest = min(times, key=times.get)
             default = f"warp{kernels.sddmm_group(batch)}"
+            tiled = [f"{m}{g}" for m, g in SDDMM_TILED_VARIANTS]
             rows.append({"shape": f"{fan_in}->{fan_out} b{batch}", "density": density,
                          "nnz": layer.nnz, "us": {k: 1e6 * v for k, v in times.items()},
                          "fastest": fastest, "default": default,
                          "default_vs_fastest": times[default] / times[fastest],
                          "warp_best_vs_thread": min(v for k, v in times.items()
-                                                    if k != "thread") / times["thread"],
+                                                    if k.startswith("warp")) / times["thread"],
+                         "tiles_best_vs_default": min(times[k] for k in tiled) / times[default],
+                         "tiles_bits_equal_warp": all(
+                             numpy.array_equal(results[k], results[f"warp{k[5:]}"])
+                             for k in tiled),
                          "max_rel_diff": spread / scale})
     agree = sum(r["fastest"] == r["default"] for r in rows)
     worst = max(r["max_rel_diff"] for r in rows)
     best = min(r["warp_best_vs_thread"] for r in rows)
     recommended = recommend(rows)
+    tiles_best = statistics.geometric_mean(r["tiles_best_vs_default"] for r in rows)
+    tiles_equal = sum(r["tiles_bits_equal_warp"] for r in rows)
     rows_vs_cusparse = statistics.geometric_mean(
         r["rows_us"] / r["cusparse_us"] for r in products)
     product_diff = max(r["max_rel_diff"] for r in products)
     summary = (f"default (warp, group by batch) fastest at {agree}/{len(rows)} shapes; best warp "
                f"{1 / best:.2f}x faster than thread at best; fastest overall {recommended} "
-               f"({sddmm_env(recommended)}); variants agree to {worst:.1e}; products: spmm.cu "
+               f"({sddmm_env(recommended)}); tiles (best group) {tiles_best:.2f}x the default's "
+               f"time (geometric mean), the warp kernel's bits at {tiles_equal}/{len(rows)} "
+               f"shapes; variants agree to {worst:.1e}; products: spmm.cu "
                f"{rows_vs_cusparse:.2f}x cuSPARSE's time (geometric mean), agree to "
                f"{product_diff:.1e}")
     status = ctx.measured() if max(worst, product_diff) <= 1e-4 else FAILED
     return result(status, summary, {"rows": rows, "reps": reps, "recommended": recommended,
                                     "recommended_env": sddmm_env(recommended),
+                                    "tiles_best_vs_default": tiles_best,
                                     "products": products,
                                     "products_rows_vs_cusparse": rows_vs_cusparse},
                   notes=[] if ctx.gpu else ["on the CPU every variant is the one Numba kernel"])
@@ -139,5 +154,7 @@ def recommend(rows: list[dict[str, Any]]) -> str:
 
 
 def sddmm_env(label: str) -> str:
-    """The $CUPYNN_SDDMM setting of a variant label ("thread", "warp16")."""
-    return f"{kernels.SDDMM_ENV}=" + ("thread" if label == "thread" else f"warp:{label[4:]}")
+    """The $CUPYNN_SDDMM setting of a variant label ("thread", "warp16", "tiles8")."""
+    method = label.rstrip("0123456789")
+    group = label[len(method):]
+    return f"{kernels.SDDMM_ENV}=" + (f"{method}:{group}" if group else method)
