@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy
 
-from .parts.sddmm import SDDMM_VARIANTS
+from .parts.sddmm import SDDMM_TILED_VARIANTS, SDDMM_VARIANTS
 
 REPORT_JSON, REPORT_MD = "gpu-check.json", "gpu-check.md"
 
@@ -107,22 +107,28 @@ def _details(p: dict[str, Any]) -> list[str]:
                                r.get("vs_dense"), (r.get("peer_peak_bytes") or 0) / 2**20 or None,
                                r.get("vs_peer")] for r in d["memory"]])
     elif p["name"] == "sddmm" and d.get("rows"):
-        labels = [m if g is None else f"{m}{g}" for m, g in SDDMM_VARIANTS]
+        labels = [m if g is None else f"{m}{g}"
+                  for m, g in SDDMM_VARIANTS + SDDMM_TILED_VARIANTS]
         out += ["", f"microseconds per call: the mean of {d['reps']} calls between two CUDA "
-                    f"events (a wall clock on the CPU)", ""]
+                    f"events (a wall clock on the CPU); `tiles` is issue 20's tiled kernel, "
+                    f"off by default", ""]
         out += _md_table(["shape", "density", "nnz", *labels, "fastest", "default"],
-                         [[r["shape"], r["density"], r["nnz"], *[r["us"][k] for k in labels],
-                           r["fastest"], r["default"]] for r in d["rows"]])
+                         [[r["shape"], r["density"], r["nnz"],
+                           *[r["us"].get(k) for k in labels], r["fastest"], r["default"]]
+                          for r in d["rows"]])
         if d.get("products"):
             out += ["", "The layer's products, microseconds per call: `spmm` (with bias and "
-                        "ReLU) and `spmm_t`, by spmm.cu (`rows`, the default) and by cuSPARSE "
+                        "ReLU) and `spmm_t`, by spmm.cu (`rows`, the default; `tiles`, issue "
+                        "20's tiled kernels, off by default) and by cuSPARSE "
                         "(`$CUPYNN_SPMM=cusparse`):", ""]
-            out += _md_table(["shape", "density", "nnz", "spmm rows", "spmm cuSPARSE",
-                              "spmm_t rows", "spmm_t cuSPARSE", "rows / cuSPARSE",
-                              "max rel diff"],
+            out += _md_table(["shape", "density", "nnz", "spmm rows", "spmm tiles",
+                              "spmm cuSPARSE", "spmm_t rows", "spmm_t tiles", "spmm_t cuSPARSE",
+                              "rows / cuSPARSE", "tiles / rows", "max rel diff"],
                              [[r["shape"], r["density"], r["nnz"], r["spmm_us"]["rows"],
-                               r["spmm_us"]["cusparse"], r["spmm_t_us"]["rows"],
+                               r["spmm_us"].get("tiles"), r["spmm_us"]["cusparse"],
+                               r["spmm_t_us"]["rows"], r["spmm_t_us"].get("tiles"),
                                r["spmm_t_us"]["cusparse"], r["rows_us"] / r["cusparse_us"],
+                               (r["tiles_us"] / r["rows_us"]) if r.get("tiles_us") else None,
                                r["max_rel_diff"]] for r in d["products"]])
     elif p["name"] == "launches" and d.get("models"):
         out += [""] + _md_table(
