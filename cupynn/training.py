@@ -1,8 +1,14 @@
 """The training loop: seeded shuffles, mini-batches, the schedule's redistributions, epochs.
 
-Each mini-batch is a :class:`cupynn.step.TrainStep`; the settings are declared
-in :mod:`cupynn.settings`; the data checks and :func:`evaluate` are in
+Each mini-batch is a :class:`cupynn.step.TrainStep` (or, with ``graph=True``, a
+replay of a :class:`cupynn.graph.GraphStep`); the settings are declared in
+:mod:`cupynn.settings`; the data checks and :func:`evaluate` are in
 :mod:`cupynn.evaluation`.
+
+Why this file is long (~600 lines): :func:`fit`'s docstring is the reference of
+every setting (about 130 lines), and the trainer's epoch, its one-process,
+data-parallel and graph batches and the redistributions it schedules share the
+trainer's state (streams, schedule, checkpointable position).
 """
 
 from __future__ import annotations
