@@ -6,7 +6,7 @@ replay of a :class:`cupynn.graph.GraphStep`); the settings are declared in
 :mod:`cupynn.evaluation`.
 
 Why this file is long (~600 lines): :func:`fit`'s docstring is the reference of
-every setting (about 130 lines), and the trainer's epoch, its one-process,
+every setting (about 100 lines), and the trainer's epoch, its one-process,
 data-parallel and graph batches and the redistributions it schedules share the
 trainer's state (streams, schedule, checkpointable position).
 """
