@@ -127,18 +127,10 @@ class _Adam:
     def begin(self, n_batches: int) -> bool:
         """The scalars of the epoch's steps ``t + 1 ... t + n_batches``, written in place
         when the table has that many rows already; True when it had to be made anew (the
-        graphs that read the old one must be captured again). Each row is what
-        ``kernels.adam_scalars(dtype, **optimizer.hyper(t))`` gives, the per-array
-        update's bits: only the bias corrections change, computed with Python's ``**``
-        as ``hyper`` does, and every column rounded once from a double."""
+        graphs that read the old one must be captured again); the rows are
+        :meth:`cupynn.Adam.scalar_table`'s, the per-array update's bits."""
         opt = self.optimizer
-        dtype = opt.model.dtype
-        first = kernels.adam_scalars(dtype, **opt.hyper(opt.t + 1))
-        steps = [opt.hyper(t) for t in range(opt.t + 1, opt.t + 1 + n_batches)]
-        host = numpy.empty((n_batches, 8), dtype=dtype)
-        host[:, :6] = numpy.array(first[:6], dtype=dtype)
-        host[:, 6] = numpy.array([h["bc1"] for h in steps]).astype(dtype)
-        host[:, 7] = numpy.array([h["bc2"] for h in steps]).astype(dtype)
+        host = opt.scalar_table(opt.t + 1, n_batches, opt.model.dtype)
         if self.table is not None and self.table.shape == host.shape:
             self.table[...] = self.xp.asarray(host)
             return False
@@ -157,11 +149,9 @@ class _Adam:
     def rebuild(self) -> None:
         """The arrays to update, after the topology (and so the moments) changed."""
         ps, gs, ms, vs = self.arrays = ([], [], [], [])
-        for index, layer in enumerate(self.optimizer.layers):
-            for name, value, grad in layer.parameters():
-                m, v = self.optimizer.state[index][name]
-                for arrays, a in zip((ps, gs, ms, vs), (value, grad, m, v)):
-                    arrays.append(a.reshape(-1))
+        for p, g, m, v, _ in self.optimizer.arrays():
+            for arrays, a in zip((ps, gs, ms, vs), (p, g, m, v)):
+                arrays.append(a)
         self.pointers.update(ps, gs, ms, vs, self.xp)
         self.moments = self._moments()
 
@@ -209,8 +199,9 @@ class GraphStep:
 
     def __init__(self, model: Any, optimizer: Any, loss: str, batch_size: int, *,
                  capture: bool = True) -> None:
-        why = (graph_unsupported(model, loss, optimizer=optimizer) if capture else
-               None if loss in GRAPH_LOSSES else f"the {loss!r} loss has no fused kernel")
+        why = graph_unsupported(model, loss, optimizer=optimizer) if capture else None
+        if why is None and loss not in GRAPH_LOSSES:  # capture=False checks the loss only
+            why = f"the {loss!r} loss has no fused kernel"
         if why is not None:
             raise ValueError(f"GraphStep: {why}.")
         self.model, self.optimizer, self.loss = model, optimizer, loss

@@ -141,13 +141,27 @@ class Adam:
         return dict(lr=self.lr, b1=b1, b2=b2, eps=self.eps, bc1=1.0 - b1 ** t,
                     bc2=1.0 - b2 ** t)
 
+    def scalar_table(self, first: int, n: int, dtype: Any) -> numpy.ndarray:
+        """The :class:`kernels.AdamScalars` of steps ``first ... first + n - 1`` as the
+        rows of a host (n, 8) array of ``dtype``, for :func:`kernels.adam_multi`. Each
+        row is what ``kernels.adam_scalars(dtype, **self.hyper(t))`` gives, the
+        per-array update's bits: only the bias corrections change from row to row,
+        each computed with Python's ``**`` as :meth:`hyper` does and rounded once."""
+        constant = kernels.adam_scalars(dtype, **self.hyper(first))
+        steps = [self.hyper(t) for t in range(first, first + n)]
+        table = numpy.empty((n, 8), dtype=dtype)
+        table[:, :6] = numpy.array(constant[:6], dtype=dtype)
+        table[:, 6] = numpy.array([h["bc1"] for h in steps]).astype(dtype)
+        table[:, 7] = numpy.array([h["bc2"] for h in steps]).astype(dtype)
+        return table
+
     def step(self) -> None:
         """Apply one update from the gradients of the last backward pass."""
         self.t += 1
         hyper = self.hyper(self.t)
         scalars: dict[Any, kernels.AdamScalars] = {}  # per dtype, made once a step
         groups: dict[Any, list[list[Any]]] = {}  # per dtype: ps, gs, ms, vs for adam_multi
-        for p, g, m, v, odd in self._arrays():
+        for p, g, m, v, odd in self.arrays():
             if self.multi_tensor and not odd:
                 group = groups.setdefault(p.dtype, [[], [], [], []])
                 for arrays, a in zip(group, (p, g, m, v)):
@@ -163,9 +177,10 @@ class Adam:
             table, row = self._steps[dtype].at(self)
             adam_multi(ps, gs, ms, vs, table, row, pointers=self._pointers[dtype], check=False)
 
-    def _arrays(self) -> Any:
-        """(p, g, m, v, odd) for every parameter array, flat; ``odd`` when an array
-        the user can swap needs the kernel's own checks."""
+    def arrays(self) -> Any:
+        """(p, g, m, v, odd) for every parameter array, flat, in the model's order (the
+        arrays :meth:`step` updates; ``cupynn.graph`` points its update at them);
+        ``odd`` when an array the user can swap needs the kernel's own checks."""
         for index, layer in enumerate(self.layers):
             for name, value, grad in layer.parameters():
                 if grad is None:
@@ -241,8 +256,8 @@ class _StepTable:
     """The scalars of the coming steps in one dtype, for :func:`adam_multi`.
 
     ``table`` (STEPS_PER_TABLE, 8) holds, on the device, the :class:`AdamScalars`
-    of steps ``first``, ``first + 1``, ... made by ``Adam.hyper`` and
-    :func:`kernels.adam_scalars` (the per-array path's bits); ``rows`` is
+    of steps ``first``, ``first + 1``, ... made by :meth:`Adam.scalar_table`
+    (the per-array path's bits); ``rows`` is
     ``arange(STEPS_PER_TABLE)`` on the device, and step t's ``row`` argument is
     the view ``rows[t - first:t - first + 1]``: no copy a step. The table is
     made again when a step falls outside it or the hyper-parameters it was
@@ -261,8 +276,7 @@ class _StepTable:
         t = optimizer.t
         made_with = (optimizer.lr, optimizer.betas, optimizer.eps)
         if made_with != self.made_with or not 0 <= t - self.first < STEPS_PER_TABLE:
-            host = numpy.array([kernels.adam_scalars(self.dtype, **optimizer.hyper(step))
-                                for step in range(t, t + STEPS_PER_TABLE)], dtype=self.dtype)
+            host = optimizer.scalar_table(t, STEPS_PER_TABLE, self.dtype)
             self.table = self.xp.asarray(host)  # one host-to-device copy per table
             self.made_with, self.first = made_with, t
         k = t - self.first
