@@ -81,3 +81,12 @@ def _check_no_overlap(what: str, xp: Any, written: str, arrays: dict[str, Any]) 
         if name != written and xp.may_share_memory(arrays[written], a):
             raise ValueError(f"{what}: {written} must not overlap {name} (it is written while "
                              f"{name} is read).")
+
+
+def _check_out(what: str, out: Any, shape: tuple[int, ...]) -> None:
+    """A given output: of the result's shape and C-contiguous (its dtype and
+    device are checked with the operands'). Host-side only: no device work."""
+    if tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
+        raise ValueError(f"{what}: out must be a C-contiguous array of shape {tuple(shape)}. "
+                         f"Got shape {tuple(out.shape)}"
+                         f"{'' if out.flags.c_contiguous else ', not C-contiguous,'} instead.")

@@ -24,9 +24,9 @@ from typing import Any
 import numpy
 
 from ..backend import backend_of
-from ._checks import _check_contiguous, _check_no_overlap, _check_same_backend, _float_suffix
+from ._checks import (_check_contiguous, _check_no_overlap, _check_out, _check_same_backend,
+                      _float_suffix)
 from ._launch import THREADS_PER_BLOCK, _grid, cuda_function
-from .spmm import _check_out
 
 _LABEL_SUFFIX = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64",
                  numpy.dtype(numpy.int64): "i64"}

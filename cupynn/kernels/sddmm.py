@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy
 
-from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
+from ._checks import (_check_contiguous, _check_no_overlap, _check_out, _check_pattern,
                       _check_same_backend, _float_suffix)
 from ._launch import MAX_BLOCKS, THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
 from ._settings import Choice
-from .spmm import _check_out
 
 SDDMM_METHODS = ("thread", "warp", "tiles")
 SDDMM_ENV = "CUPYNN_SDDMM"

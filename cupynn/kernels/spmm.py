@@ -12,7 +12,7 @@ from typing import Any
 import numpy
 
 from ..backend import backend_of
-from ._checks import (_check_contiguous, _check_no_overlap, _check_pattern,
+from ._checks import (_check_contiguous, _check_no_overlap, _check_out, _check_pattern,
                       _check_same_backend, _float_suffix, _rows_of)
 from ._launch import MAX_BLOCKS, WARP_SIZE, _cpu, cuda_function, numba_threads
 from ._settings import Choice
@@ -128,15 +128,6 @@ def _check_transpose(what: str, transpose: Any, backend: Any, nnz: int, n_cols: 
             raise ValueError(f"{what}: transpose's {name} must be a contiguous int32 array of "
                              f"shape {shape} on the operands' device (see transpose_pattern). "
                              f"Got {a.dtype} {a.shape} instead.")
-
-
-def _check_out(what: str, out: Any, shape: tuple[int, ...]) -> None:
-    """A given output: of the result's shape and C-contiguous (its dtype and
-    device are checked with the operands'). Host-side only: no device work."""
-    if tuple(out.shape) != tuple(shape) or not out.flags.c_contiguous:
-        raise ValueError(f"{what}: out must be a C-contiguous array of shape {tuple(shape)}. "
-                         f"Got shape {tuple(out.shape)}"
-                         f"{'' if out.flags.c_contiguous else ', not C-contiguous,'} instead.")
 
 
 def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> Any:
