@@ -95,13 +95,18 @@ class _Layer:
         self.n_in, self.n_out = layer.in_features, layer.out_features
         self.grad_values = xp.zeros(self.values.size, dtype=self.values.dtype)
         self.grad_bias = xp.zeros(self.n_out, dtype=layer.bias.dtype)
+        self.grad_view = self.grad_values.reshape(self.source.shape)  # the layer's shape
         self.bind()
 
     def bind(self) -> None:
         """Point the layer's gradients at this plan's buffers (what Adam and ``observe``
-        read); another backward pass, a redistribution's probe say, may have moved them."""
-        self.layer.set_grad(self.value_name, self.grad_values.reshape(self.source.shape))
-        self.layer.set_grad("bias", self.grad_bias)
+        read) where another backward pass, a redistribution's probe say, moved them; a
+        step's host work, so nothing is made when they are in place."""
+        layer = self.layer
+        if getattr(layer, "grad_" + self.value_name) is not self.grad_view:
+            layer.set_grad(self.value_name, self.grad_view)
+        if layer.grad_bias is not self.grad_bias:
+            layer.set_grad("bias", self.grad_bias)
 
     def current(self) -> bool:
         """Whether the layer still holds the arrays this plan was made for (a
