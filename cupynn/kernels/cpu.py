@@ -159,6 +159,28 @@ def _rows_sorted(indptr, indices):  # pragma: no cover - compiled
     return unsorted == 0
 
 
+@numba.njit(parallel=True, **_JIT)
+def _live_rows(dy):  # pragma: no cover - compiled
+    """1 for each row of ``dy`` with a value that is not zero (NaN counts), else 0.
+
+    A row of zeros is a unit the ReLU shut for the whole batch (a third to a half
+    of them in wide sparse layers): its terms ``data[k] * dy[r]`` are all zeros,
+    and adding a zero to a sum that starts at +0 never changes it (round to
+    nearest gives +0 for x + (-x), so no sum is ever -0). The products skip such
+    rows and give the same bits, as long as the weights they would have
+    multiplied are finite (an infinite weight times 0 would have been NaN).
+    """
+    n_rows = dy.shape[0]
+    live = numpy.zeros(n_rows, numpy.uint8)
+    for r in numba.prange(n_rows):
+        row = dy[r]
+        for j in range(row.shape[0]):
+            if row[j] != 0 or row[j] != row[j]:
+                live[r] = 1
+                break
+    return live
+
+
 @numba.njit(**_JIT)
 def _band_width(n_cols, batch, itemsize, workers):  # pragma: no cover - compiled
     """Output rows per band of :func:`_spmm_t_band_scan`: at most ``BAND_BYTES``, and
@@ -181,15 +203,16 @@ def _spmm_t_bands(indptr, indices, data, dy, out, workers):  # pragma: no cover 
     cores) the batch-slice scatter (:func:`_spmm_t_slices`) runs instead.
     """
     n_rows = dy.shape[0]
+    live = _live_rows(dy)
     n_bands = -(-out.shape[0] // _band_width(out.shape[0], dy.shape[1], out.itemsize, workers))
     if n_bands * n_rows > indices.shape[0]:
-        _spmm_t_slices(indptr, indices, data, dy, out, max(1, workers))
+        _spmm_t_slices(indptr, indices, data, dy, out, max(1, workers), live)
     else:
-        _spmm_t_band_scan(indptr, indices, data, dy, out, workers)
+        _spmm_t_band_scan(indptr, indices, data, dy, out, workers, live)
 
 
 @numba.njit(parallel=True, fastmath=_FMA, **_JIT)
-def _spmm_t_band_scan(indptr, indices, data, dy, out, workers):  # pragma: no cover - compiled
+def _spmm_t_band_scan(indptr, indices, data, dy, out, workers, live):  # pragma: no cover - compiled
     """out = W.T @ dy for rows with sorted columns; parallel over bands of out rows.
 
     A band is a range [c0, c1) of output rows (input features). Its worker
@@ -197,6 +220,8 @@ def _spmm_t_band_scan(indptr, indices, data, dy, out, workers):  # pragma: no co
     nonzero in the band, and the nonzeros up to c1 add ``data[k] * dy[r]``
     into the band, which stays in cache. Every output value sums its terms in
     row order, as a plain scatter does; bands are disjoint, so no atomics.
+    Rows of ``dy`` that ``live`` marks 0 (all zeros, :func:`_live_rows`) are
+    skipped: the same bits.
     """
     n_rows = dy.shape[0]
     batch = dy.shape[1]
@@ -211,6 +236,8 @@ def _spmm_t_band_scan(indptr, indices, data, dy, out, workers):  # pragma: no co
             for j in range(batch):
                 dst[j] = 0
         for r in range(n_rows):
+            if live[r] == 0:
+                continue
             end = indptr[r + 1]
             k = _lower_bound(indices, indptr[r], end, c0)
             if k < end and indices[k] < c1:
@@ -224,11 +251,12 @@ def _spmm_t_band_scan(indptr, indices, data, dy, out, workers):  # pragma: no co
 
 
 @numba.njit(parallel=True, fastmath=_FMA, **_JIT)
-def _spmm_t_slices(indptr, indices, data, dy, out, n_chunks):  # pragma: no cover - compiled
+def _spmm_t_slices(indptr, indices, data, dy, out, n_chunks, live):  # pragma: no cover - compiled
     """out = W.T @ dy for any column order; parallel over disjoint batch slices.
 
     Each worker owns columns [lo, hi) of ``out``, so the scatter needs no
-    atomics and no transposed copy of the CSR structure.
+    atomics and no transposed copy of the CSR structure. Rows that ``live``
+    marks 0 are skipped, as in :func:`_spmm_t_band_scan`.
     """
     n_rows = dy.shape[0]
     batch = dy.shape[1]
@@ -241,6 +269,8 @@ def _spmm_t_slices(indptr, indices, data, dy, out, n_chunks):  # pragma: no cove
         width = hi - lo
         out[:, lo:hi] = 0
         for r in range(n_rows):
+            if live[r] == 0:
+                continue
             # Slices indexed from 0 (not range(lo, hi)) let LLVM vectorise.
             src = dy[r, lo:hi]
             for k in range(indptr[r], indptr[r + 1]):
@@ -265,7 +295,7 @@ def spmm_t(indptr, indices, data, dy, out, n_chunks):  # pragma: no cover - comp
     if _rows_sorted(indptr, indices):
         _spmm_t_bands(indptr, indices, data, dy, out, n_chunks)
     else:
-        _spmm_t_slices(indptr, indices, data, dy, out, max(1, n_chunks))
+        _spmm_t_slices(indptr, indices, data, dy, out, max(1, n_chunks), _live_rows(dy))
 
 
 @numba.njit(parallel=True, fastmath=_FMA_REASSOC, **_JIT)
@@ -273,7 +303,10 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
     """out[k] = dy[row(k)] . x[indices[k]]; rows in parallel, any column order.
 
     Two nonzeros per pass share the loads of the ``dy`` row; ``reassoc``
-    lets each dot product be summed in vector lanes.
+    lets each dot product be summed in vector lanes. A row of ``dy`` that is
+    all zeros (a unit the ReLU shut for the whole batch) gets +0 at each of its
+    entries without reading ``x``: what its sums give whenever ``x`` is finite
+    (every product is ±0 and the lanes start at +0; see :func:`_live_rows`).
     """
     n_rows = dy.shape[0]
     batch = dy.shape[1]
@@ -282,6 +315,15 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
         a = dy[r]
         k = indptr[r]
         end = indptr[r + 1]
+        live = False
+        for j in range(batch):
+            if a[j] != 0 or a[j] != a[j]:
+                live = True
+                break
+        if not live:
+            for i in range(k, end):
+                out[i] = zero
+            continue
         while k + 1 < end:
             b0 = x[indices[k]]
             b1 = x[indices[k + 1]]
