@@ -171,6 +171,8 @@ class SparseLinear(Layer):
     # (indptr, indices, transposed pattern) for spmm_t on the GPU, rebuilt when
     # either array is replaced (set_topology, a checkpoint, a state dict).
     _transpose: Any = None
+    # (indptr, indices, (row order, column order)) for the GPU's "vec" products, likewise.
+    _swizzle: Any = None
 
     def __init__(self, in_features: int, out_features: int, density: float = 0.1, *,
                  seed: int | numpy.random.Generator = 0, dtype: str = "float32",
@@ -251,8 +253,9 @@ class SparseLinear(Layer):
         """
         _check_input(x, self.in_features, self.dtype, self.backend, type(self).__name__)
         self._x = x
+        orders = self.swizzle_orders()
         y = kernels.spmm(self.indptr, self.indices, self.data, x, check=False, bias=self.bias,
-                         relu=relu)
+                         relu=relu, swizzle=None if orders is None else orders[0])
         self._y = y if relu else None
         return y
 
@@ -278,8 +281,10 @@ class SparseLinear(Layer):
         self.grad_data = kernels.sddmm(self.indptr, self.indices, dy, self._x, check=False)
         if not need_input_grad:
             return None
+        orders = self.swizzle_orders()
         return kernels.spmm_t(self.indptr, self.indices, self.data, dy, self.in_features,
-                              check=False, transpose=self.transposed_pattern(), sorted_rows=True)
+                              check=False, transpose=self.transposed_pattern(), sorted_rows=True,
+                              swizzle=None if orders is None else orders[1])
 
     def transposed_pattern(self) -> Any:
         """The transposed pattern the GPU's ``spmm_t`` reads (None on the CPU, which
@@ -291,6 +296,21 @@ class SparseLinear(Layer):
             cached = (self.indptr, self.indices,
                       kernels.transpose_pattern(self.indptr, self.indices, self.in_features))
             self._transpose = cached
+        return cached[2]
+
+    def swizzle_orders(self) -> Any:
+        """``(row order, column order)``: :func:`kernels.row_swizzle` of the pattern and of
+        its transposed pattern, the orders the GPU's ``"vec"`` products take; None on the
+        CPU and when the spmm setting is neither ``"vec"`` nor ``"auto"``. Kept while
+        ``indptr`` and ``indices`` are the same arrays, like :meth:`transposed_pattern`."""
+        if not self.backend.is_gpu or kernels.spmm_setting() not in ("vec", "auto"):
+            return None
+        cached = self._swizzle
+        if cached is None or cached[0] is not self.indptr or cached[1] is not self.indices:
+            t_indptr = self.transposed_pattern()[0]
+            cached = (self.indptr, self.indices,
+                      (kernels.row_swizzle(self.indptr), kernels.row_swizzle(t_indptr)))
+            self._swizzle = cached
         return cached[2]
 
     def to_scipy(self) -> Any:

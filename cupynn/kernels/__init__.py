@@ -6,7 +6,8 @@ wrapper is the one place that chooses the device:
 
 ==============  ==============================================================
 ``spmm.py``     ``W @ x`` (+ bias, ReLU) and ``W.T @ dy``; ``spmm.cu`` or
-                cuSPARSE (:func:`set_spmm`); :func:`transpose_pattern`
+                cuSPARSE (:func:`set_spmm`); :func:`transpose_pattern`,
+                :func:`row_swizzle`
 ``sddmm.py``    the weight gradient at the active entries; ``sddmm.cu``
                 (:func:`set_sddmm`); :func:`relu_grad_rowsum` before it
 ``adam.py``     the fused Adam update; ``adam.cu``; its scalars
@@ -19,6 +20,8 @@ wrapper is the one place that chooses the device:
                 ``fisher.cu``
 ``batch.py``    a captured step's batch gather, transpose and loss record,
                 driven by a device counter; ``batch.cu``
+``choice.py``   the rule of the GPU method ``"auto"`` (:func:`choose`, by
+                shape) and the vector width of the ``"vec"`` kernels
 ``_launch.py``  per-device compilation of the ``.cu`` files, grids, the lazy
                 import of the Numba kernels
 ``_checks.py``  dtype, contiguity, device and CSR checks shared by the wrappers
@@ -53,6 +56,7 @@ from ._launch import (_CPU_MODULE, _SUFFIX, CUDA_SOURCES, KERNEL_DIR, MAX_BLOCKS
 from .adam import (ADAM_ENV, ADAM_METHODS, AdamPointers, AdamScalars, adam, adam_multi,
                    adam_scalars, adam_setting, set_adam)
 from .batch import end_step, gather_batch, gather_labels, transpose
+from .choice import choose, vector_width
 from .fisher import (FISHER_TILE, _check_fisher_blocks, fisher_shape, fisher_update,
                      packed_matvec)
 from .sddmm import (_SDDMM_DEFAULT, RELU_GRAD_ENV, RELU_GRAD_METHODS, SDDMM_ENV,
@@ -60,6 +64,6 @@ from .sddmm import (_SDDMM_DEFAULT, RELU_GRAD_ENV, RELU_GRAD_METHODS, SDDMM_ENV,
                     relu_grad_rowsum, relu_grad_setting, sddmm, sddmm_group, sddmm_setting,
                     set_relu_grad, set_sddmm)
 from .spmm import (SPMM_ENV, SPMM_MAX_THREADS, SPMM_METHODS, _check_spmm_choice,
-                   _check_transpose, _gpu_csr, _spmm_launch, set_spmm, spmm, spmm_setting,
-                   spmm_t, transpose_pattern)
+                   _check_transpose, _gpu_csr, _spmm_launch, row_swizzle, set_spmm, spmm,
+                   spmm_setting, spmm_t, transpose_pattern)
 from ._warm import warm_up

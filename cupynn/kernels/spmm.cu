@@ -237,3 +237,179 @@ extern "C" __global__ void spmm_t_tiled_f64(
     spmm_tiled_impl<double>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, n_cols, batch,
                             0, 0, tile_cols, chunk, s_col, s_val);
 }
+
+
+// ------------------------------------------------------------- vectorised (issue 20)
+// spmm_vec_* and spmm_t_vec_*: the tiled kernels' products with vector loads and a
+// row swizzle, after Sputnik (Gale et al. SC20). Same outputs, same bits.
+//
+// A block takes an item: R output rows times a batch tile of tile_cols (TN) columns.
+// Each of the R rows is served by a subwarp of S = TN / V threads, each thread
+// computing V consecutive batch columns j0 .. j0 + V - 1 (j0 = col0 + V * lane),
+// so R = blockDim.x / S. V is 4 for float32 and 2 for float64 (one 16-byte load
+// of x, or dy, per nonzero and thread, through an __align__(16) struct of V
+// values), or 1. The host wrapper takes V > 1 only when batch % V == 0 and the
+// dense operand and out start on a 16-byte boundary: then every V-wide load and
+// store is aligned (col * batch + j0 is a multiple of V), and a thread's V
+// columns are all inside the batch or all past it. Otherwise it launches V = 1.
+// (nvcc 13 emits the loads as ld.global.v4.f32 / .v2.f64; it splits the store of
+// the V outputs into scalar stores, which happen once per output.)
+//
+// Row swizzle: the block's R row slots i = row0 .. row0 + R - 1 are rows order[i]
+// of the pattern, `order` a permutation of the rows (spmm.row_swizzle: by
+// decreasing length, ties by row index), so that the subwarps of a block, and
+// the blocks that run together, get rows of about equal length; the outputs go
+// to out[order[i]]. Any permutation gives the same outputs (each row's sum does
+// not depend on where it is computed), only the balance of work changes.
+//
+// The nonzeros (index and value) of the block's rows are staged through
+// __shared__ memory `chunk` entries a row at a time (R * chunk <= SPMM_TILE_SHARED)
+// as in spmm_tiled_*: the S threads of a slot load its chunk, __syncthreads(),
+// each thread reads every (index, value) of the chunk once from shared memory for
+// its V products, __syncthreads() again. The block runs as many chunks as its
+// longest row needs (computed alike by every thread from indptr and order), so
+// every thread reaches every barrier; only the loads and the store are guarded.
+// Items are numbered batch tile first, as in spmm_tiled_*.
+//
+// Each output out[r, j] is summed by one thread, from 0, in the row's nonzero
+// order (CSR order; ascending row for spmm_t_vec through the transposed
+// pattern), its V columns in V separate accumulators, then the bias and the ReLU
+// as in spmm_impl: the order and the expressions of spmm_* / spmm_t_*, so the
+// same bits whatever the launch, V, TN, R, chunk or order (on a GPU too: the same
+// `acc += value * x` contracted to the same FMA). No atomics.
+// Twins: numpy_twins.spmm_tiled and .spmm_t_tiled (the same order).
+
+// V values of type T at a (sizeof(T) * V)-aligned address: one vector load or store.
+template <typename T, int V>
+struct __align__(sizeof(T) * V) SpmmVec {
+    T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void spmm_vec_impl(
+    const int* __restrict__ ptr, const int* __restrict__ cols, const int* __restrict__ perm,
+    const T* __restrict__ data, const T* __restrict__ dense, const T* __restrict__ bias,
+    T* __restrict__ out, const int* __restrict__ order, int n, int batch, int has_bias,
+    int relu, int tile_cols, int chunk, int* s_col, T* s_val)
+{
+    typedef SpmmVec<T, V> Vec;
+    const int S = tile_cols / V;                   // threads per row (a subwarp)
+    const int R = blockDim.x / S;                  // row slots per block
+    const int g = threadIdx.x / S;                 // this thread's slot (g >= R: idle)
+    const int lane = threadIdx.x % S;
+    const long long row_tiles = (n + (long long)R - 1) / R;
+    const long long col_tiles = (batch + (long long)tile_cols - 1) / tile_cols;
+    const long long items = row_tiles * col_tiles;
+    // Uniform over the block (blockIdx only): every thread runs every iteration.
+    for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+        const int slot0 = (int)(item % row_tiles) * R;
+        const long long j0 = (item / row_tiles) * tile_cols + (long long)lane * V;
+        const bool has_row = g < R && slot0 + g < n;
+        const int r = has_row ? order[slot0 + g] : 0;
+        const int begin = has_row ? ptr[r] : 0;
+        const int end = has_row ? ptr[r + 1] : 0;
+        int longest = 0;  // the block's longest row, alike in every thread
+        for (int h = 0; h < R && slot0 + h < n; ++h) {
+            const int q = order[slot0 + h];
+            const int len = ptr[q + 1] - ptr[q];
+            longest = len > longest ? len : longest;
+        }
+        const int stages = (longest + chunk - 1) / chunk;
+        const bool active = has_row && j0 < batch;  // V > 1: batch % V == 0, all V inside
+        Vec acc;  // the V outputs' sums, stored at once
+        for (int v = 0; v < V; ++v) acc.v[v] = 0;
+        for (int s = 0; s < stages; ++s) {
+            const int base = begin + s * chunk;
+            const int count = end - base < chunk ? end - base : chunk;  // <= 0 when done
+            for (int e = lane; e < count; e += S) {
+                const int p = base + e;
+                s_col[g * chunk + e] = cols[p];
+                s_val[g * chunk + e] = data[perm ? perm[p] : p];
+            }
+            __syncthreads();  // the chunk is in shared memory
+            if (active) {
+                const int* col = s_col + g * chunk;
+                const T* val = s_val + g * chunk;
+                for (int e = 0; e < count; ++e) {
+                    const T w = val[e];
+                    const Vec d = *reinterpret_cast<const Vec*>(
+                        dense + (long long)col[e] * batch + j0);
+                    for (int v = 0; v < V; ++v) acc.v[v] += w * d.v[v];
+                }
+            }
+            __syncthreads();  // every thread is done with it before the next is loaded
+        }
+        if (active) {
+            if (has_bias) {
+                const T b = bias[r];
+                for (int v = 0; v < V; ++v) {
+                    acc.v[v] += b;
+                    if (relu && acc.v[v] < 0) acc.v[v] = 0;
+                }
+            }
+            *reinterpret_cast<Vec*>(out + (long long)r * batch + j0) = acc;
+        }
+    }
+}
+
+// `vec` (4 or 1 for float32, 2 or 1 for float64) picks the instantiation; the shared
+// arrays are the kernels' own, as for the tiled kernels.
+extern "C" __global__ void spmm_vec_f32(
+    const int* indptr, const int* indices, const float* data, const float* x,
+    const float* bias, float* out, const int* order, int n_rows, int batch, int has_bias,
+    int relu, int tile_cols, int chunk, int vec)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ float s_val[SPMM_TILE_SHARED];
+    if (vec == 4)
+        spmm_vec_impl<float, 4>(indptr, indices, nullptr, data, x, bias, out, order, n_rows,
+                                batch, has_bias, relu, tile_cols, chunk, s_col, s_val);
+    else
+        spmm_vec_impl<float, 1>(indptr, indices, nullptr, data, x, bias, out, order, n_rows,
+                                batch, has_bias, relu, tile_cols, chunk, s_col, s_val);
+}
+
+extern "C" __global__ void spmm_vec_f64(
+    const int* indptr, const int* indices, const double* data, const double* x,
+    const double* bias, double* out, const int* order, int n_rows, int batch, int has_bias,
+    int relu, int tile_cols, int chunk, int vec)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ double s_val[SPMM_TILE_SHARED];
+    if (vec == 2)
+        spmm_vec_impl<double, 2>(indptr, indices, nullptr, data, x, bias, out, order, n_rows,
+                                 batch, has_bias, relu, tile_cols, chunk, s_col, s_val);
+    else
+        spmm_vec_impl<double, 1>(indptr, indices, nullptr, data, x, bias, out, order, n_rows,
+                                 batch, has_bias, relu, tile_cols, chunk, s_col, s_val);
+}
+
+extern "C" __global__ void spmm_t_vec_f32(
+    const int* t_indptr, const int* t_rows, const int* t_perm, const float* data,
+    const float* dy, float* out, const int* order, int n_cols, int batch, int tile_cols,
+    int chunk, int vec)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ float s_val[SPMM_TILE_SHARED];
+    if (vec == 4)
+        spmm_vec_impl<float, 4>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, order,
+                                n_cols, batch, 0, 0, tile_cols, chunk, s_col, s_val);
+    else
+        spmm_vec_impl<float, 1>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, order,
+                                n_cols, batch, 0, 0, tile_cols, chunk, s_col, s_val);
+}
+
+extern "C" __global__ void spmm_t_vec_f64(
+    const int* t_indptr, const int* t_rows, const int* t_perm, const double* data,
+    const double* dy, double* out, const int* order, int n_cols, int batch, int tile_cols,
+    int chunk, int vec)
+{
+    __shared__ int s_col[SPMM_TILE_SHARED];
+    __shared__ double s_val[SPMM_TILE_SHARED];
+    if (vec == 2)
+        spmm_vec_impl<double, 2>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, order,
+                                 n_cols, batch, 0, 0, tile_cols, chunk, s_col, s_val);
+    else
+        spmm_vec_impl<double, 1>(t_indptr, t_rows, t_perm, data, dy, nullptr, out, order,
+                                 n_cols, batch, 0, 0, tile_cols, chunk, s_col, s_val);
+}

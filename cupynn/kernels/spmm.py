@@ -2,7 +2,8 @@
 its bias and ReLU) and ``W.T @ dy`` (:func:`spmm_t`, the input gradient), from
 ``spmm.cu`` or cuSPARSE on the GPU (:func:`set_spmm`, ``$CUPYNN_SPMM``) and from
 ``cpu.spmm`` / ``cpu.spmm_t`` on the CPU; :func:`transpose_pattern` is the
-pattern of ``W.T`` that ``spmm.cu`` reads.
+pattern of ``W.T`` that ``spmm.cu`` reads, and :func:`row_swizzle` the order of rows
+its vectorised kernels (``"vec"``) take.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from ._checks import (_check_contiguous, _check_no_overlap, _check_out, _check_p
                       _check_same_backend, _float_suffix, _rows_of)
 from ._launch import MAX_BLOCKS, WARP_SIZE, _cpu, cuda_function, numba_threads
 from ._settings import Choice
+from .choice import choose, vector_width
 
-SPMM_METHODS = ("rows", "cusparse", "tiles")
+SPMM_METHODS = ("rows", "cusparse", "tiles", "vec", "auto")
 SPMM_ENV = "CUPYNN_SPMM"
 SPMM_MAX_THREADS = 256  # threads per block of spmm.cu, along the batch
 # The tiled kernels (issue 20): the widest batch tile and the threads of a block by
@@ -25,6 +27,11 @@ SPMM_MAX_THREADS = 256  # threads per block of spmm.cu, along the batch
 SPMM_TILE_COLS = 16
 SPMM_TILE_THREADS = 128
 SPMM_TILE_SHARED = 1024
+# The vectorised kernels (issue 20, "vec"): a batch tile of 128 bytes of a row of the
+# dense operand (32 float32 or 16 float64 columns: one cache line a nonzero) and 128
+# threads a block by default. Unmeasured guesses until a GPU check times them.
+SPMM_VEC_TILE_BYTES = 128
+SPMM_VEC_THREADS = 128
 
 
 _SPMM = Choice("GPU sparse product", SPMM_ENV, SPMM_METHODS)
@@ -45,7 +52,13 @@ def set_spmm(method: str = "rows") -> None:
     so the same bits. ``"cusparse"``: cuSPARSE's SpMM through
     ``cupyx.scipy.sparse``, with the transposes it needs to and from its
     column-major layout; its transposed product adds with atomics, so two runs
-    differ in the last bits. The CPU backend ignores the choice.
+    differ in the last bits. ``"vec"`` (issue 20, off until a GPU check shows
+    it faster): ``spmm.cu``'s vectorised kernels, the tiled kernels' staging
+    with each thread computing 4 float32 (2 float64) batch columns through
+    16-byte loads and the rows taken longest first (:func:`row_swizzle`,
+    :func:`_spmm_vec_launch`); the same bits as ``"rows"``. ``"auto"``: per
+    call, the method :func:`cupynn.kernels.choice.choose` picks for the shape
+    (``"vec"`` or ``"rows"``). The CPU backend ignores the choice.
     """
     _SPMM.set(method, "set_spmm")
 
@@ -91,6 +104,74 @@ def _spmm_tiles_launch(n_out: int, batch: int, max_blocks: int | None,
     items = -(-n_out // rows) * -(-batch // tile_cols)
     return ((max(1, min(items, max_blocks or MAX_BLOCKS)),), (rows * tile_cols,), tile_cols,
             SPMM_TILE_SHARED // rows)
+
+
+def _spmm_vec_launch(n_out: int, batch: int, max_blocks: int | None, itemsize: int, vec: int,
+                     tile_cols: int | None = None, rows: int | None = None
+                     ) -> tuple[tuple[int], tuple[int], int, int]:
+    """Grid, block, batch tile and chunk of spmm.cu's vectorised kernels: ``(grid, block,
+    tile_cols, chunk)``.
+
+    A block covers ``rows`` output rows times ``tile_cols`` batch columns, each
+    row served by ``tile_cols / vec`` threads of ``vec`` columns each (``block =
+    rows * tile_cols / vec``). By default the batch tile is
+    ``SPMM_VEC_TILE_BYTES`` of values (32 float32 or 16 float64 columns), halved
+    while half of it still covers the batch (never below ``vec``), and ``rows``
+    fills ``SPMM_VEC_THREADS`` threads: guesses, not measurements. Each row's
+    nonzeros pass through shared memory ``chunk = SPMM_TILE_SHARED // rows`` at a
+    time. One block per (row tile, batch tile), capped like every grid (the
+    kernels stride over the rest).
+    """
+    if tile_cols is None:
+        tile_cols = max(vec, SPMM_VEC_TILE_BYTES // itemsize)
+        while tile_cols > vec and tile_cols // 2 >= batch:
+            tile_cols //= 2
+    per_row = tile_cols // vec if tile_cols >= vec and tile_cols % vec == 0 else 0
+    if rows is None and per_row:
+        rows = max(1, min(SPMM_TILE_SHARED, SPMM_VEC_THREADS // per_row))
+    if not (per_row and rows is not None and 1 <= rows <= SPMM_TILE_SHARED
+            and rows * per_row <= 1024):
+        raise ValueError(f"spmm vec: tile_cols must be a multiple of the vector width {vec}, "
+                         f"and a block of rows * tile_cols / {vec} threads at most 1024, with "
+                         f"at most {SPMM_TILE_SHARED} rows. Got rows={rows}, "
+                         f"tile_cols={tile_cols} instead.")
+    items = -(-n_out // rows) * -(-batch // tile_cols)
+    return ((max(1, min(items, max_blocks or MAX_BLOCKS)),), (rows * per_row,), tile_cols,
+            SPMM_TILE_SHARED // rows)
+
+
+def row_swizzle(indptr: Any) -> Any:
+    """The rows of a CSR pattern longest first: ``order`` (n_rows,) int32, a permutation,
+    on the pattern's device, with no host synchronisation.
+
+    Rows by decreasing length, rows of one length by increasing index (a stable
+    order). The ``"vec"`` kernels take a block's rows in this order (the row swizzle
+    of Sputnik, Gale et al. SC20), so the threads of a block, and the blocks that
+    run together, get rows of about equal length; any permutation gives the same
+    bits. For ``spmm_t`` pass the transposed pattern's ``t_indptr`` (the columns of
+    ``W`` longest first). The sort key ``row - length * n_rows`` is unique (rows of
+    different lengths are at least ``n_rows`` apart), so the result does not depend
+    on the sort's stability.
+    """
+    backend = _check_same_backend("row_swizzle", indptr)
+    xp = backend.xp
+    n_rows = int(indptr.shape[0]) - 1
+    lengths = (indptr[1:] - indptr[:-1]).astype(numpy.int64)
+    key = xp.arange(n_rows, dtype=numpy.int64) - lengths * max(n_rows, 1)
+    return xp.argsort(key).astype(numpy.int32)
+
+
+def _check_swizzle(what: str, swizzle: Any, backend: Any, n: int, check: bool) -> None:
+    if (backend_of(swizzle) is not backend or swizzle.dtype != numpy.int32
+            or swizzle.shape != (n,) or not swizzle.flags.c_contiguous):
+        raise ValueError(f"{what}: swizzle must be a contiguous int32 array of shape ({n},) on "
+                         f"the operands' device (see row_swizzle). Got {swizzle.dtype} "
+                         f"{swizzle.shape} instead.")
+    if check and n:
+        xp = backend.xp
+        if not bool((xp.sort(swizzle) == xp.arange(n, dtype=numpy.int32)).all()):
+            raise ValueError(f"{what}: swizzle must be a permutation of 0 .. {n - 1} "
+                             f"(see row_swizzle).")
 
 
 def transpose_pattern(indptr: Any, indices: Any, n_cols: int) -> tuple[Any, Any, Any]:
@@ -141,7 +222,7 @@ def _gpu_csr(indptr: Any, indices: Any, data: Any, shape: tuple[int, int]) -> An
 
 def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
          bias: Any = None, relu: bool = False, method: str | None = None,
-         max_blocks: int | None = None, out: Any = None) -> Any:
+         max_blocks: int | None = None, out: Any = None, swizzle: Any = None) -> Any:
     """``W @ x`` for CSR ``W`` (n_rows, n_cols) and dense x (n_cols, batch).
 
     With ``bias`` (n_rows,) the bias is added to every column, and with
@@ -151,14 +232,19 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
     CPU one row-parallel Numba kernel. ``max_blocks`` caps the CUDA grid (tests
     use it to exercise the grid-stride loop). Returns a C-contiguous
     (n_rows, batch) array. ``method="tiles"`` runs ``spmm.cu``'s tiled kernel
-    (see :func:`set_spmm`), with the same bits as ``"rows"``.
+    and ``"vec"`` its vectorised one (see :func:`set_spmm`), with the same bits as
+    ``"rows"``; ``"auto"`` the one :func:`~cupynn.kernels.choice.choose` picks.
+    ``swizzle`` (n_rows,) is the order of rows ``"vec"`` takes
+    (:func:`row_swizzle`, built here when not given: layers keep theirs);
+    other methods and the CPU ignore it.
 
     ``out`` (n_rows, batch), C-contiguous, of x's dtype and device, receives
     the product and is returned: then the ``"rows"`` GPU method and the CPU
     allocate nothing and the GPU is not synchronised (what a captured CUDA
     graph needs, issue 19); cuSPARSE computes into a new array and copies it
     over. Its shape is always checked, and with ``check`` that it does not
-    overlap the operands (host-side checks only).
+    overlap the operands (host-side checks only). With ``"vec"`` the GPU
+    allocates nothing when ``out`` and ``swizzle`` are given.
     """
     what = "spmm"
     given = () if out is None else (out,)
@@ -178,11 +264,17 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
     if out is not None:
         _check_out(what, out, (n_rows, batch))
         if check:
-            read = {"indptr": indptr, "indices": indices, "data": data, "x": x}
+            read = {"indptr": indptr, "indices": indices, "data": data, "x": x,
+                    **({} if swizzle is None else {"swizzle": swizzle})}
             _check_no_overlap(what, backend.xp, "out", {"out": out, **read,
                                                         **({} if bias is None else {"bias": bias})})
+    if swizzle is not None:
+        _check_swizzle(what, swizzle, backend, n_rows, check)
     if backend.is_gpu:
         method = _check_spmm_choice(spmm_setting() if method is None else method, what)
+        if method == "auto":
+            method = choose("spmm", n_rows, int(x.shape[0]), int(indices.shape[0]), batch,
+                            x.dtype)[0]
         xp = backend.xp
         if method == "rows":
             if out is None:
@@ -205,6 +297,21 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
                                   numpy.int32(bias is not None), numpy.int32(bool(relu)),
                                   numpy.int32(tile_cols), numpy.int32(chunk)))
             return out
+        if method == "vec":
+            if out is None:
+                out = xp.empty((n_rows, batch), dtype=x.dtype)
+            if batch and n_rows:
+                order = row_swizzle(indptr) if swizzle is None else swizzle
+                vec = vector_width(x.dtype, batch, x, out)
+                grid, block, tile_cols, chunk = _spmm_vec_launch(
+                    n_rows, batch, max_blocks, x.dtype.itemsize, vec)
+                cuda_function("spmm.cu", f"spmm_vec_{suffix}")(
+                    grid, block, (indptr, indices, data, x, data if bias is None else bias, out,
+                                  order, numpy.int32(n_rows), numpy.int32(batch),
+                                  numpy.int32(bias is not None), numpy.int32(bool(relu)),
+                                  numpy.int32(tile_cols), numpy.int32(chunk),
+                                  numpy.int32(vec)))
+            return out
         if batch == 0 or n_rows == 0:  # cuSPARSE is not asked about empty products
             result = xp.zeros((n_rows, batch), dtype=x.dtype)
         else:
@@ -226,7 +333,8 @@ def spmm(indptr: Any, indices: Any, data: Any, x: Any, *, check: bool = True,
 
 def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
            check: bool = True, transpose: Any = None, method: str | None = None,
-           max_blocks: int | None = None, sorted_rows: bool = False, out: Any = None) -> Any:
+           max_blocks: int | None = None, sorted_rows: bool = False, out: Any = None,
+           swizzle: Any = None) -> Any:
     """``W.T @ dy`` for CSR ``W`` (n_rows, n_cols) and dense dy (n_rows, batch).
 
     On the GPU the ``spmm_t`` kernel of ``spmm.cu`` reads W column by column
@@ -244,7 +352,11 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
     ``out`` (n_cols, batch), as for :func:`spmm`, receives the product: the
     ``"rows"`` and ``"tiles"`` GPU methods then allocate nothing when
     ``transpose`` is given (without it the transposed pattern is built here),
-    nor does the CPU. ``"tiles"`` reads the same transposed pattern.
+    nor does the CPU. ``"tiles"`` and ``"vec"`` read the same transposed
+    pattern; ``"vec"`` takes W's columns in the order ``swizzle`` (n_cols,)
+    (:func:`row_swizzle` of ``t_indptr``, built here when not given; then
+    ``"vec"`` allocates nothing with ``out`` and ``transpose`` given). Other
+    methods and the CPU ignore ``swizzle``.
     """
     what = "spmm_t"
     given = () if out is None else (out,)
@@ -264,16 +376,22 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
             _check_no_overlap(what, backend.xp, "out", {
                 "out": out, "indptr": indptr, "indices": indices, "data": data, "dy": dy,
                 **({} if transpose is None else dict(zip(("t_indptr", "t_rows", "t_perm"),
-                                                         transpose)))})
+                                                         transpose))),
+                **({} if swizzle is None else {"swizzle": swizzle})})
+    if swizzle is not None:
+        _check_swizzle(what, swizzle, backend, n_cols, check)
     if backend.is_gpu:
         method = _check_spmm_choice(spmm_setting() if method is None else method, what)
+        if method == "auto":
+            method = choose("spmm_t", int(dy.shape[0]), n_cols, int(indices.shape[0]), batch,
+                            dy.dtype)[0]
         xp = backend.xp
         if batch == 0 or dy.shape[0] == 0:
             if out is None:
                 return xp.zeros((n_cols, batch), dtype=dy.dtype)
             out.fill(0)  # a kernel launch, no allocation
             return out
-        if method in ("rows", "tiles"):
+        if method in ("rows", "tiles", "vec"):
             if transpose is None:
                 transpose = transpose_pattern(indptr, indices, n_cols)
             if out is None:
@@ -283,6 +401,15 @@ def spmm_t(indptr: Any, indices: Any, data: Any, dy: Any, n_cols: int, *,
                 cuda_function("spmm.cu", f"spmm_t_{suffix}")(
                     grid, block, (*transpose, data, dy, out, numpy.int32(n_cols),
                                   numpy.int32(batch)))
+            elif n_cols and method == "vec":
+                order = row_swizzle(transpose[0]) if swizzle is None else swizzle
+                vec = vector_width(dy.dtype, batch, dy, out)
+                grid, block, tile_cols, chunk = _spmm_vec_launch(
+                    n_cols, batch, max_blocks, dy.dtype.itemsize, vec)
+                cuda_function("spmm.cu", f"spmm_t_vec_{suffix}")(
+                    grid, block, (*transpose, data, dy, out, order, numpy.int32(n_cols),
+                                  numpy.int32(batch), numpy.int32(tile_cols),
+                                  numpy.int32(chunk), numpy.int32(vec)))
             elif n_cols:
                 grid, block, tile_cols, chunk = _spmm_tiles_launch(n_cols, batch, max_blocks)
                 cuda_function("spmm.cu", f"spmm_t_tiled_{suffix}")(
