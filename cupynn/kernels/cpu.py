@@ -54,11 +54,20 @@ def spmm(indptr, indices, data, x, out, bias, relu):  # pragma: no cover - compi
     in the same pass over the row, which is still in L1 (the same operations, so
     the same bits, as adding and clipping afterwards). Any column order within a
     row works (duplicates too).
+
+    A row of ``x`` that is all zeros (an input unit the previous ReLU shut for
+    the whole batch) is read as a row of +0 kept in cache instead: its products
+    are zeros either way, and a zero added to a sum that is not zero leaves it
+    as it is, while an all-zero sum only ever meets ``acc``, which is never -0
+    (see :func:`_live_rows`): the same bits, without the random read of the row
+    (finite weights assumed, as there).
     """
     n_rows = out.shape[0]
     batch = out.shape[1]
     add_bias = bias.shape[0] > 0
     zero = out.dtype.type(0)
+    live = _live_rows(x)
+    zeros = numpy.zeros(batch, out.dtype)
     for r in numba.prange(n_rows):
         acc = out[r]
         acc[:] = 0
@@ -69,16 +78,16 @@ def spmm(indptr, indices, data, x, out, bias, relu):  # pragma: no cover - compi
             a1 = data[k + 1]
             a2 = data[k + 2]
             a3 = data[k + 3]
-            s0 = x[indices[k]]
-            s1 = x[indices[k + 1]]
-            s2 = x[indices[k + 2]]
-            s3 = x[indices[k + 3]]
+            s0 = x[indices[k]] if live[indices[k]] else zeros
+            s1 = x[indices[k + 1]] if live[indices[k + 1]] else zeros
+            s2 = x[indices[k + 2]] if live[indices[k + 2]] else zeros
+            s3 = x[indices[k + 3]] if live[indices[k + 3]] else zeros
             for j in range(batch):
                 acc[j] += (a0 * s0[j] + a1 * s1[j]) + (a2 * s2[j] + a3 * s3[j])
             k += 4
         while k < end:
             a0 = data[k]
-            s0 = x[indices[k]]
+            s0 = x[indices[k]] if live[indices[k]] else zeros
             for j in range(batch):
                 acc[j] += a0 * s0[j]
             k += 1
@@ -307,10 +316,14 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
     all zeros (a unit the ReLU shut for the whole batch) gets +0 at each of its
     entries without reading ``x``: what its sums give whenever ``x`` is finite
     (every product is ±0 and the lanes start at +0; see :func:`_live_rows`).
+    Likewise a row of ``x`` that is all zeros is read as a row of +0 kept in
+    cache: its sums are +0 either way (finite ``dy``).
     """
     n_rows = dy.shape[0]
     batch = dy.shape[1]
     zero = out.dtype.type(0)
+    x_live = _live_rows(x)
+    zeros = numpy.zeros(batch, out.dtype)
     for r in numba.prange(n_rows):
         a = dy[r]
         k = indptr[r]
@@ -325,8 +338,8 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
                 out[i] = zero
             continue
         while k + 1 < end:
-            b0 = x[indices[k]]
-            b1 = x[indices[k + 1]]
+            b0 = x[indices[k]] if x_live[indices[k]] else zeros
+            b1 = x[indices[k + 1]] if x_live[indices[k + 1]] else zeros
             acc0 = zero
             acc1 = zero
             for j in range(batch):
@@ -337,7 +350,7 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
             out[k + 1] = acc1
             k += 2
         if k < end:
-            b = x[indices[k]]
+            b = x[indices[k]] if x_live[indices[k]] else zeros
             acc = zero
             for j in range(batch):
                 acc += a[j] * b[j]

@@ -123,3 +123,51 @@ def test_the_wide_layer_rule_takes_the_slices_with_the_same_bits():
     scan = numpy.empty_like(expected)
     cpu._spmm_t_band_scan(indptr, indices, data, dy, scan, 2, cpu._live_rows(dy))
     assert numpy.array_equal(_bits(scan), _bits(expected))
+
+
+def _spmm_reference(indptr, indices, data, x, bias, relu):
+    """cpu.spmm's order: four terms a pass as (p0 + p1) + (p2 + p3), then one at a time."""
+    out = numpy.zeros((indptr.size - 1, x.shape[1]), x.dtype)
+    for r in range(out.shape[0]):
+        k, end = indptr[r], indptr[r + 1]
+        while k + 3 < end:
+            p = [data[k + i] * x[indices[k + i]] for i in range(4)]
+            out[r] += (p[0] + p[1]) + (p[2] + p[3])
+            k += 4
+        while k < end:
+            out[r] += data[k] * x[indices[k]]
+            k += 1
+        out[r] += bias[r]
+        if relu:
+            out[r] = numpy.where(out[r] < 0, 0, out[r])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_spmm_reading_zero_rows_of_x_as_plus_zeros_keeps_every_bit(dtype, relu):
+    rng = numpy.random.default_rng(6)
+    n_rows, n_cols, batch = 30, 12, 7
+    indptr = numpy.arange(n_rows + 1, dtype=numpy.int32) * 9  # nine terms: 4 + 4 + 1
+    indices = numpy.concatenate([numpy.sort(rng.choice(n_cols, 9, replace=False))
+                                 for _ in range(n_rows)]).astype(numpy.int32)
+    data = rng.integers(-3, 4, size=indices.size).astype(dtype)
+    x = rng.integers(-2, 3, size=(n_cols, batch)).astype(dtype)
+    for c in (0, 3, 4, 5, 11):  # dead inputs, negative zeros among them
+        x[c] = numpy.where(rng.random(batch) < 0.5, -0.0, 0.0)
+    bias = numpy.zeros(n_rows, dtype)
+    bias[::2] = rng.integers(-2, 3, size=bias[::2].size)
+    expected = _spmm_reference(indptr, indices, data, x, bias, relu)
+    got = kernels.spmm(indptr, indices, data, x, bias=bias, relu=relu)
+    assert numpy.array_equal(_bits(got), _bits(expected))
+    assert list(cpu._live_rows(x)).count(0) == 5
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_sddmm_reading_zero_rows_of_x_as_plus_zeros_keeps_every_bit(dtype):
+    indptr, indices, _, dy, x = _problem(25, 10, 6, dtype, 7, dead=[2])
+    for c in (1, 6):
+        x[c] = numpy.where(numpy.arange(6) % 2, -0.0, 0.0)
+    expected = _sddmm_reference(indptr, indices, dy, x)
+    got = kernels.sddmm(indptr, indices, dy, x)
+    assert numpy.array_equal(_bits(got), _bits(expected))
