@@ -55,22 +55,45 @@ def inputs_per_neuron(density: float, in_features: int) -> int:
     return max(1, min(in_features, int(math.floor(density * in_features + 0.5))))
 
 
+# Values drawn per piece when a layer is built: the host holds this many draws at a
+# time (8 bytes each), never the whole layer's (issue 21: a billion weights).
+CHUNK = 1 << 20
+MAX_NNZ = 2**31 - 1  # int32 indptr and positions
+
+
+def _pieces(total: int, per: int):
+    """(start, stop) ranges of at most ``per`` items covering [0, total)."""
+    for start in range(0, total, per):
+        yield start, min(total, start + per)
+
+
 def partition_topology(in_features: int, out_features: int, n: int,
-                       rng: numpy.random.Generator) -> tuple[numpy.ndarray, numpy.ndarray]:
+                       rng: numpy.random.Generator, xp=numpy) -> tuple[numpy.ndarray, numpy.ndarray]:
     """CSR pattern with one input per partition and ``n`` partitions per row.
 
     Returns
     -------
     indptr : (out_features + 1,) int32
     indices : (out_features * n,) int32, sorted and unique within each row.
+
+    Both are built on ``xp``'s device (NumPy or CuPy) a piece of rows at a time
+    (about :data:`CHUNK` draws), so building a layer needs no host array of its
+    size: the draws are the same as one call for every row would make (NumPy's
+    generators draw element after element), so the same seed gives the same
+    pattern however it is cut.
     """
+    nnz = out_features * n
+    if nnz > MAX_NNZ:
+        raise ValueError(f"A sparse layer with {nnz} nonzeros does not fit int32 indices "
+                         f"(at most {MAX_NNZ}); split it into layers of fewer nonzeros.")
     edges = (numpy.arange(n + 1, dtype=numpy.int64) * in_features) // n  # near-equal cuts
     low, high = edges[:-1], edges[1:]  # high > low since n <= in_features
-    cols = rng.integers(low, high, size=(out_features, n))
-    indptr = numpy.arange(out_features + 1, dtype=numpy.int64) * n
-    if indptr[-1] > 2**31 - 1:
-        raise ValueError(f"A sparse layer with {indptr[-1]} nonzeros does not fit int32 indices.")
-    return indptr.astype(numpy.int32), cols.astype(numpy.int32).ravel()
+    indices = xp.empty(nnz, dtype=numpy.int32)
+    for start, stop in _pieces(out_features, max(1, CHUNK // n)):
+        cols = rng.integers(low, high, size=(stop - start, n))
+        indices[start * n:stop * n] = xp.asarray(cols.astype(numpy.int32).ravel())
+    indptr = xp.arange(0, nnz + 1, n, dtype=numpy.int32)
+    return indptr, indices
 
 
 def weight_bound(k: int, init: str) -> float:
@@ -84,6 +107,12 @@ def bias_bound(k: int) -> float:
 
 
 def uniform(rng: numpy.random.Generator, shape: int | tuple[int, ...], bound: float,
-            dtype: numpy.dtype) -> numpy.ndarray:
-    """U(-bound, bound) samples, drawn in float64 and cast (backend-independent)."""
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+            dtype: numpy.dtype, xp=numpy) -> numpy.ndarray:
+    """U(-bound, bound) samples, drawn in float64 and cast (backend-independent), on
+    ``xp``'s device, drawn and cast :data:`CHUNK` at a time (the same values as one
+    draw of them all)."""
+    out = xp.empty(shape, dtype=dtype)
+    flat = out.reshape(-1)
+    for start, stop in _pieces(flat.size, CHUNK):
+        flat[start:stop] = xp.asarray(rng.uniform(-bound, bound, size=stop - start).astype(dtype))
+    return out
