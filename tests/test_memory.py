@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy
 import pytest
+from fake_gpu import fake_gpu  # noqa: F401 (the fixture)
 
 import cupynn
 from cupynn import memory
@@ -120,3 +121,18 @@ def test_resident_set_helpers():
     block = numpy.ones(64 * 2**20 // 8)  # 64 MiB, written
     assert memory.peak_rss_bytes() >= rss + 60 * 2**20
     del block
+
+
+def test_the_gpu_counts_its_transposed_pattern(fake_gpu):
+    """On the (fake) GPU each sparse layer keeps W.T's pattern for spmm_t: a row index and
+    a position per weight (int32: 8 B per weight) and an indptr over its inputs."""
+    model, adam = model_and_adam(device=fake_gpu.backend)
+    f = memory.footprint(model, adam)
+    c = f["components"]
+    assert c["transposed_pattern"] == 8 * 14
+    assert c["transposed_indptr"] == 4 * ((6 + 1) + (4 + 1))
+    orders = [layer.swizzle_orders() for layer in model.sparse_layers]
+    assert c["swizzle_orders"] == sum(a.nbytes for o in orders if o for a in o)
+    # float32 with Adam, no gradients yet: 4 value + 4 index + 8 Adam + 8 pattern per
+    # sparse weight; with a step's gradient 4 more: 28, the GPU's figure.
+    assert f["per_weight_bytes"] == 24 * 14 + 12 * 6
