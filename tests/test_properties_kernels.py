@@ -153,7 +153,7 @@ def sddmm_twin(a: dict) -> tuple[numpy.ndarray, numpy.ndarray]:
 
 @backends
 @settings(max_examples=60, **PROPERTY)
-@given(case=csr(), method=st.sampled_from(("thread", "warp", "tiles")),
+@given(case=csr(), method=st.sampled_from(kernels.SDDMM_METHODS),
        group=st.sampled_from((None, 1, 4, 32)), into=st.booleans())
 def test_sddmm_equals_twin(backend, case, method, group, into):
     a = case.arrays()
@@ -389,6 +389,125 @@ def test_emulated_spmm_t_tiled_equals_twins(cu, case, config, chunk, reverse):
     assert_same_bits(got, twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"],
                                        case.n_cols).astype(case.dtype))
     assert_guard(out, size)
+
+
+# spmm.cu's vectorised kernels (issue 20): the dispatcher's launch (None) or any batch tile
+# of 1-8 vectors, rows per block and grid; V the dtype's (4 float32, 2 float64) where the
+# batch allows and `vectorised`, else 1; any chunk; the rows in row_swizzle's order or in
+# any drawn permutation.
+VEC_LAUNCH = st.one_of(st.none(), st.tuples(st.integers(1, 8), st.integers(1, 9),
+                                            st.integers(1, 3), st.booleans()))
+VEC_WIDTH = {numpy.float32: 4, numpy.float64: 2}
+
+
+def vec_launch(config, n_out: int, batch: int, dtype, chunk, aligned: tuple) -> tuple:
+    """(grid, block, tile_cols, chunk, vec) of a drawn vectorised launch."""
+    from cupynn.kernels.spmm import SPMM_TILE_SHARED, _spmm_vec_launch
+
+    if config is None:
+        vec = kernels.vector_width(dtype, batch, *aligned)
+        grid, block, tile, default = _spmm_vec_launch(n_out, batch, None,
+                                                      numpy.dtype(dtype).itemsize, vec)
+    else:
+        vectors, rows, blocks, vectorised = config
+        vec = VEC_WIDTH[dtype] if vectorised and batch % VEC_WIDTH[dtype] == 0 else 1
+        tile = vectors * vec
+        grid, block, default = (blocks,), (rows * vectors,), SPMM_TILE_SHARED // rows
+    return grid, block, tile, default if chunk is None else chunk, vec
+
+
+def drawn_order(indptr: numpy.ndarray, shuffle: int | None) -> numpy.ndarray:
+    """row_swizzle's order, or (shuffle: a seed) a random permutation of the rows."""
+    if shuffle is None:
+        return kernels.row_swizzle(indptr)
+    n = len(indptr) - 1
+    return numpy.random.default_rng(shuffle).permutation(n).astype(numpy.int32)
+
+
+SHUFFLE = st.one_of(st.none(), st.integers(0, 2**16))
+
+
+@settings(max_examples=25, **PROPERTY)
+@given(case=csr(max_batch=40), epilogue=EPILOGUE, config=VEC_LAUNCH, chunk=TILED_CHUNK,
+       shuffle=SHUFFLE, reverse=REVERSE)
+def test_emulated_spmm_vec_equals_twins(cu, case, epilogue, config, chunk, shuffle, reverse):
+    """spmm_vec, block by block with its barriers, under any tiles, vector width, chunks and
+    row order: the bits of spmm's twin (one summation order), nothing written past the
+    output."""
+    bias, relu = epilogue
+    a = case.arrays()
+    size = case.n_rows * case.batch
+    out = guarded_empty(size, case.dtype)
+    real = pointer(case.dtype)
+    grid, block, tile, chunk, vec = vec_launch(config, case.n_rows, case.batch, case.dtype,
+                                               chunk, (a["x"], out))
+    launch(cu["spmm.cu"], f"spmm_vec_{suffix_of(case.dtype)}", grid, block,
+           [pointer(numpy.int32)] * 2 + [real] * 4 + [pointer(numpy.int32)] + [ctypes.c_int] * 7,
+           [a["indptr"], a["indices"], a["data"], a["x"], a["bias"] if bias else a["data"],
+            out, drawn_order(a["indptr"], shuffle), case.n_rows, case.batch, int(bias),
+            int(relu), tile, chunk, vec], reverse=reverse)
+    got = out[:size].reshape(case.n_rows, case.batch)
+    b = a["bias"] if bias else None
+    assert_same_bits(got, twins.spmm(a["indptr"], a["indices"], a["data"], a["x"], b,
+                                     relu).astype(case.dtype))
+    assert_guard(out, size)
+
+
+@settings(max_examples=25, **PROPERTY)
+@given(case=csr(max_batch=40), config=VEC_LAUNCH, chunk=TILED_CHUNK, shuffle=SHUFFLE,
+       reverse=REVERSE)
+def test_emulated_spmm_t_vec_equals_twins(cu, case, config, chunk, shuffle, reverse):
+    """spmm_t_vec through the transposed pattern, under any tiles, vector width, chunks and
+    column order: the bits of spmm_t's twin."""
+    a = case.arrays()
+    size = case.n_cols * case.batch
+    out = guarded_empty(size, case.dtype)
+    real = pointer(case.dtype)
+    grid, block, tile, chunk, vec = vec_launch(config, case.n_cols, case.batch, case.dtype,
+                                               chunk, (a["dy"], out))
+    t = kernels.transpose_pattern(a["indptr"], a["indices"], case.n_cols)
+    launch(cu["spmm.cu"], f"spmm_t_vec_{suffix_of(case.dtype)}", grid, block,
+           [pointer(numpy.int32)] * 3 + [real] * 3 + [pointer(numpy.int32)] + [ctypes.c_int] * 5,
+           [*t, a["data"], a["dy"], out, drawn_order(t[0], shuffle), case.n_cols, case.batch,
+            tile, chunk, vec], reverse=reverse)
+    got = out[:size].reshape(case.n_cols, case.batch)
+    assert_same_bits(got, twins.spmm_t(a["indptr"], a["indices"], a["data"], a["dy"],
+                                       case.n_cols).astype(case.dtype))
+    assert_guard(out, size)
+
+
+@settings(max_examples=60, **PROPERTY)
+@given(case=csr())
+def test_row_swizzle_is_the_stable_order_by_decreasing_length(case):
+    a = case.arrays()
+    order = kernels.row_swizzle(a["indptr"])
+    lengths = numpy.diff(a["indptr"].astype(numpy.int64))
+    assert order.dtype == numpy.int32
+    numpy.testing.assert_array_equal(order, numpy.argsort(-lengths, kind="stable"))
+
+
+@settings(max_examples=12, **PROPERTY)
+@given(case=csr(max_side=12, max_batch=40), group=st.sampled_from((1, 2, 4, 8, 16, 32)),
+       blocks=st.integers(1, 2), warps_per_block=st.integers(1, 2),
+       chunk_steps=st.integers(1, 3), vectorised=st.booleans(), reverse=REVERSE)
+def test_emulated_sddmm_vec_equals_its_twin(cu, case, group, blocks, warps_per_block,
+                                            chunk_steps, vectorised, reverse):
+    """sddmm_vec (issue 20), block by block with its barriers, V the dtype's where the batch
+    allows (else 1), chunks of 1-3 steps of V * group: the twin's bits, the twin of the
+    plain SDDMM within rounding, and nothing written past nnz."""
+    a = case.arrays()
+    nnz = len(a["indices"])
+    vec = VEC_WIDTH[case.dtype] if vectorised and case.batch % VEC_WIDTH[case.dtype] == 0 else 1
+    out = guarded_empty(nnz, case.dtype)
+    launch(cu["sddmm.cu"], f"sddmm_vec_{suffix_of(case.dtype)}", (blocks,),
+           (32 * warps_per_block,), sddmm_tiled_argtypes(case.dtype) + [ctypes.c_int],
+           [a["indptr"], a["indices"], a["dy"], a["x"], out, case.n_rows, case.batch, group,
+            vec * group * chunk_steps, vec], reverse=reverse, blocks=True)
+    assert_same_bits(out[:nnz], twins.sddmm_vec(a["indptr"], a["indices"], a["dy"], a["x"],
+                                                group, vec))
+    expected, bound = sddmm_twin(a)
+    assert_close(out[:nnz], expected, bound, case.dtype)
+    assert_guard(out, nnz)
 
 
 @settings(max_examples=60, **PROPERTY)
@@ -913,7 +1032,7 @@ def test_emulated_end_step_records_at_the_counter_and_advances(cu, values, dtype
 # The kernel families the emulated properties above launch.
 EMULATED = {"sddmm", "sddmm_warp", "sddmm_tiled", "spmm", "spmm_t", "adam", "packed_matvec",
             "fisher_rank1_update",
-            "spmm_tiled", "spmm_t_tiled",  # issue 20
+            "spmm_tiled", "spmm_t_tiled", "spmm_vec", "spmm_t_vec", "sddmm_vec",  # issue 20
             # issue 19
             "adam_multi", "softmax_cross_entropy_rows", "binary_cross_entropy_rows",
             "squared_error_rows", "mean_of_rows", "relu_grad_rowsum", "gather_batch",

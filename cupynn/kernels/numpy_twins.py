@@ -412,6 +412,22 @@ def spmm_t_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndar
     return _rows_in_order(t_indptr, rows[order], data[order], dy)
 
 
+def spmm_vec(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
+             x: numpy.ndarray, bias: numpy.ndarray | None = None, relu: bool = False
+             ) -> numpy.ndarray:
+    """Twin of ``spmm.cu``'s ``spmm_vec`` (issue 20): :func:`spmm_tiled`. The kernel's
+    vector loads, row swizzle and tiles change where each output is computed, not its
+    order: summed from 0 in the row's CSR order, then ``+ bias`` and the ReLU."""
+    return spmm_tiled(indptr, indices, data, x, bias, relu)
+
+
+def spmm_t_vec(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
+               dy: numpy.ndarray, n_cols: int) -> numpy.ndarray:
+    """Twin of ``spmm.cu``'s ``spmm_t_vec`` (issue 20): :func:`spmm_t_tiled` (each output
+    row summed from 0 in ascending row order, wherever the kernel computes it)."""
+    return spmm_t_tiled(indptr, indices, data, dy, n_cols)
+
+
 def sddmm_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray,
                 x: numpy.ndarray, group: int) -> numpy.ndarray:
     """Twin of ``sddmm_tiled_*`` in ``sddmm.cu`` (issue 20), to the bit: the kernel stages
@@ -433,6 +449,37 @@ def sddmm_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray
     partial = numpy.zeros((nnz, group), dtype=dy.dtype)
     for start in range(0, width, group):  # lane s adds j = start + s, in increasing j
         partial = partial + products[:, start:start + group]
+    lane = numpy.arange(group)
+    offset = group // 2
+    while offset:
+        partial = partial + partial[:, lane ^ offset]
+        offset //= 2
+    return partial[:, 0].copy()
+
+
+def sddmm_vec(indptr: numpy.ndarray, indices: numpy.ndarray, dy: numpy.ndarray,
+              x: numpy.ndarray, group: int, vec: int) -> numpy.ndarray:
+    """Twin of ``sddmm_vec_*`` in ``sddmm.cu`` (issue 20), to the bit: the batch in slices of
+    ``vec`` consecutive columns, slice ``q`` to lane ``q % group``; lane ``s`` adds the
+    products of its slices in increasing column order (within a slice component by
+    component) one after another from 0 into one accumulator, then the butterfly of
+    :func:`sddmm_warp` (offsets ``group / 2, ..., 1``), whatever the chunk and the launch.
+    With ``vec = 1`` this is :func:`sddmm_tiled`'s order.
+
+    indptr, indices: (n_rows + 1,), (nnz,) int32; dy (n_rows, batch), x (n_cols, batch):
+    returns (nnz,) of dy's dtype.
+    """
+    rows = csr_rows(indptr)
+    nnz, batch = len(indices), dy.shape[1]
+    step = vec * group
+    width = -(-batch // step) * step  # the batch padded to whole steps (zeros add nothing)
+    products = numpy.zeros((nnz, width), dtype=dy.dtype)
+    products[:, :batch] = dy[rows] * x[indices]
+    slices = products.reshape(nnz, width // step, group, vec)  # [k, m, lane, component]
+    partial = numpy.zeros((nnz, group), dtype=dy.dtype)
+    for m in range(width // step):  # lane s adds j = m * step + s * vec + v, in increasing j
+        for v in range(vec):
+            partial = partial + slices[:, m, :, v]
     lane = numpy.arange(group)
     offset = group // 2
     while offset:

@@ -53,6 +53,28 @@
 //   warp kernel. No atomics; deterministic for any launch.
 //   NumPy twin: cupynn.kernels.numpy_twins.sddmm_tiled (the same order).
 //
+// sddmm_vec_* (issue 20): sddmm_tiled_* with vector loads. The same blocks (one per
+//   row of the pattern, grid-stride), the same staging of dy[r] through the shared
+//   tile (chunk values at a time), the same groups of `group` lanes per nonzero and
+//   ACC nonzeros per lane, the same butterfly and write; but the batch is read in
+//   slices of V consecutive values: V = 4 for float32, 2 for float64 (one 16-byte
+//   load, through an __align__(16) struct), or 1. Lane s of a group takes the
+//   slices j = V s, V s + V group, V s + 2 V group, ... (slice q of the row goes to
+//   lane q % group) and reads each with one vector load of x and one of the tile;
+//   the tile is staged with vector loads and stores too. The host wrapper takes V > 1
+//   only when batch % V == 0 and dy and x start on a 16-byte boundary, so that every
+//   vector access is aligned (row * batch, c0 and j are multiples of V; the tile is
+//   __align__(16)); otherwise it launches V = 1. chunk must be a multiple of
+//   V * group (SDDMM_TILE_CHUNK = 512 is, for every group up to 32).
+//   Summation order, fixed whatever the launch: lane s adds the products of its
+//   slices in increasing j, within a slice component by component (j, j + 1, ...,
+//   j + V - 1), one after another from 0 into one accumulator per nonzero; then the
+//   warp kernel's butterfly (offsets group/2, ..., 1). With V = 1 that is
+//   sddmm_tiled's (and the warp kernel's) order: the same bits; with V > 1 lane s
+//   sums other columns than there, so the bits differ from the warp kernel's by
+//   rounding. Barriers as in sddmm_tiled_*; blockDim.x a multiple of 32. No atomics.
+//   NumPy twin: cupynn.kernels.numpy_twins.sddmm_vec (the same order, to the bit).
+//
 // relu_grad_rowsum_*: the step of a layer's backward pass before its SDDMM,
 //   out = dy * (y > 0) (relu = 1; dy alone when relu = 0) and
 //   sums[r] = sum_j out[r, j] (the bias gradient), with no temporary array,
@@ -212,6 +234,92 @@ extern "C" __global__ void sddmm_tiled_f64(
 {
     __shared__ double tile[SDDMM_TILE_MAX];
     sddmm_tiled_impl<double>(indptr, indices, dy, x, out, n_rows, batch, group, chunk, tile);
+}
+
+// V values of type T at a (sizeof(T) * V)-aligned address: one vector load or store.
+template <typename T, int V>
+struct __align__(sizeof(T) * V) SddmmVec {
+    T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void sddmm_vec_impl(
+    const int* __restrict__ indptr, const int* __restrict__ indices,
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ out,
+    int n_rows, int batch, int group, int chunk, T* tile)
+{
+    typedef SddmmVec<T, V> Vec;
+    const int lane = threadIdx.x & 31;
+    const int sub = lane & (group - 1);              // lane within its group
+    const int slot = threadIdx.x / group;            // the group's place in the block
+    const int groups = blockDim.x / group;
+    const int per_pass = groups * SDDMM_TILE_ACC;    // nonzeros of a row per pass
+    const int step = V * group;                      // a lane's slices are this far apart
+    const bool one_chunk = batch <= chunk;           // the tile holds the whole row
+    for (long long r = blockIdx.x; r < n_rows; r += gridDim.x) {  // the same rows block-wide
+        const int start = indptr[r];
+        const int end = indptr[r + 1];
+        const T* dy_row = dy + r * batch;
+        for (int base = start; base < end; base += per_pass) {
+            T acc[SDDMM_TILE_ACC];
+            for (int i = 0; i < SDDMM_TILE_ACC; ++i) acc[i] = 0;
+            for (int c0 = 0; c0 < batch; c0 += chunk) {
+                const int len = batch - c0 < chunk ? batch - c0 : chunk;  // V > 1: a multiple
+                if (!one_chunk || base == start) {
+                    for (int j = V * threadIdx.x; j < len; j += V * blockDim.x)
+                        *reinterpret_cast<Vec*>(tile + j) =
+                            *reinterpret_cast<const Vec*>(dy_row + c0 + j);
+                    __syncthreads();  // the tile is written before any thread reads it
+                }
+                for (int i = 0; i < SDDMM_TILE_ACC; ++i) {
+                    const long long k = (long long)base + slot + (long long)i * groups;
+                    if (k < end) {
+                        const T* b = x + (long long)indices[k] * batch + c0;
+                        for (int j = V * sub; j < len; j += step) {
+                            const Vec t = *reinterpret_cast<const Vec*>(tile + j);
+                            const Vec u = *reinterpret_cast<const Vec*>(b + j);
+                            for (int v = 0; v < V; ++v) acc[i] += t.v[v] * u.v[v];
+                        }
+                    }
+                }
+                if (!one_chunk) __syncthreads();  // read by all before the next chunk's stage
+            }
+            for (int i = 0; i < SDDMM_TILE_ACC; ++i) {
+                T v = acc[i];
+                for (int offset = group >> 1; offset > 0; offset >>= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, offset);
+                const long long k = (long long)base + slot + (long long)i * groups;
+                if (k < end && sub == 0) out[k] = v;
+            }
+        }
+        if (one_chunk && start < end) __syncthreads();  // read by all before the next row's
+    }
+}
+
+// `vec` (4 or 1 for float32, 2 or 1 for float64) picks the instantiation. The tile is
+// aligned for the vector accesses.
+extern "C" __global__ void sddmm_vec_f32(
+    const int* indptr, const int* indices, const float* dy, const float* x,
+    float* out, int n_rows, int batch, int group, int chunk, int vec)
+{
+    __shared__ __align__(16) float tile[SDDMM_TILE_MAX];
+    if (vec == 4)
+        sddmm_vec_impl<float, 4>(indptr, indices, dy, x, out, n_rows, batch, group, chunk, tile);
+    else
+        sddmm_vec_impl<float, 1>(indptr, indices, dy, x, out, n_rows, batch, group, chunk, tile);
+}
+
+extern "C" __global__ void sddmm_vec_f64(
+    const int* indptr, const int* indices, const double* dy, const double* x,
+    double* out, int n_rows, int batch, int group, int chunk, int vec)
+{
+    __shared__ __align__(16) double tile[SDDMM_TILE_MAX];
+    if (vec == 2)
+        sddmm_vec_impl<double, 2>(indptr, indices, dy, x, out, n_rows, batch, group, chunk,
+                                  tile);
+    else
+        sddmm_vec_impl<double, 1>(indptr, indices, dy, x, out, n_rows, batch, group, chunk,
+                                  tile);
 }
 
 // out = dy * (y > 0) as NumPy computes it: the mask is a factor of 1 or 0, so a

@@ -16,12 +16,16 @@ from ._checks import (_check_contiguous, _check_no_overlap, _check_out, _check_p
                       _check_same_backend, _float_suffix)
 from ._launch import MAX_BLOCKS, THREADS_PER_BLOCK, WARP_SIZE, _cpu, _grid, cuda_function
 from ._settings import Choice
+from .choice import choose, vector_width
 
-SDDMM_METHODS = ("thread", "warp", "tiles")
+SDDMM_METHODS = ("thread", "warp", "tiles", "vec", "auto")
+# The methods that take a group of lanes per nonzero.
+_GROUPED = ("warp", "tiles", "vec", "auto")
 SDDMM_ENV = "CUPYNN_SDDMM"
 SDDMM_MAX_GROUP = 16  # measured: 16 lanes beat 32 at batch 512 on an H100 and an H200
-# sddmm_tiled_*: batch values of dy[r] staged in shared memory at a time (the kernel's
-# SDDMM_TILE_MAX; a multiple of every group). Batch 512, the issue's, is one chunk.
+# sddmm_tiled_* and sddmm_vec_*: batch values of dy[r] staged in shared memory at a time
+# (the kernel's SDDMM_TILE_MAX; a multiple of every group times every vector width, as
+# sddmm_vec_* needs). Batch 512, the issue's, is one chunk.
 SDDMM_TILE_CHUNK = 512
 
 
@@ -42,9 +46,9 @@ def _check_sddmm_choice(method: Any, group: Any, source: str) -> tuple[str, int 
         raise ValueError(f"The SDDMM method ({source}) must be one of {list(SDDMM_METHODS)}. "
                          f"Got {method!r} instead.")
     if group is not None:
-        if method not in ("warp", "tiles"):
-            raise ValueError(f"An SDDMM group ({source}) goes with method 'warp' or 'tiles'. "
-                             f"Got method {method!r} with group {group!r}.")
+        if method not in _GROUPED:
+            raise ValueError(f"An SDDMM group ({source}) goes with method 'warp', 'tiles', "
+                             f"'vec' or 'auto'. Got method {method!r} with group {group!r}.")
         if (isinstance(group, bool) or not isinstance(group, (int, numpy.integer))
                 or group < 1 or group > WARP_SIZE or group & (group - 1)):
             raise ValueError(f"The SDDMM group ({source}) must be a power of two in "
@@ -54,15 +58,15 @@ def _check_sddmm_choice(method: Any, group: Any, source: str) -> tuple[str, int 
 
 
 def _sddmm_from_env() -> tuple[str, int | None]:
-    """``$CUPYNN_SDDMM``: ``thread``, ``warp``, ``tiles``, or ``warp:<group>`` /
-    ``tiles:<group>`` (default ``warp``)."""
+    """``$CUPYNN_SDDMM``: ``thread``, ``warp``, ``tiles``, ``vec``, ``auto``, or one of the
+    last four with ``:<group>`` (``warp:16``; default ``warp``)."""
     text = os.environ.get(SDDMM_ENV, "").strip() or "warp"
     method, _, group = text.partition(":")
     try:
         parsed = int(group) if group else None
     except ValueError:
-        raise ValueError(f"${SDDMM_ENV} must be 'thread', 'warp', 'tiles', 'warp:<group>' "
-                         f"or 'tiles:<group>'. "
+        raise ValueError(f"${SDDMM_ENV} must be 'thread', 'warp', 'tiles', 'vec', 'auto' or "
+                         f"one of the last four with ':<group>' ('warp:16'). "
                          f"Got {text!r} instead.") from None
     return _check_sddmm_choice(method, parsed, f"${SDDMM_ENV}")
 
@@ -75,17 +79,23 @@ def set_sddmm(method: str = "warp", group: int | None = None) -> None:
 
     Parameters
     ----------
-    method : {"thread", "warp", "tiles"}
+    method : {"thread", "warp", "tiles", "vec", "auto"}
         ``"thread"``: one thread per nonzero (``sddmm_*``); ``"warp"``: groups
         of lanes per nonzero, reading along the batch (``sddmm_warp_*``);
         ``"tiles"`` (issue 20, not yet timed on a GPU): a block per row of the
         pattern, its ``dy`` row staged in shared memory and read by every
         nonzero of the row, the warp kernel's sums and bits at the same group
-        (``sddmm_tiled_*``). See ``sddmm.cu``. The default is ``"warp"`` or
-        ``$CUPYNN_SDDMM``.
+        (``sddmm_tiled_*``); ``"vec"`` (issue 20, not yet timed): the tiled
+        kernel reading 4 float32 (2 float64) batch values per 16-byte load when
+        the batch and the operands' addresses allow, in its own fixed order
+        (``sddmm_vec_*``; twin ``numpy_twins.sddmm_vec``); ``"auto"``: per
+        call, what :func:`cupynn.kernels.choice.choose` picks for the shape
+        (``"vec"`` or ``"warp"``). See ``sddmm.cu``. The default is ``"warp"``
+        or ``$CUPYNN_SDDMM``.
     group : int, optional
-        Lanes per nonzero for ``"warp"`` and ``"tiles"`` (a power of two up to
-        32); by default :func:`sddmm_group` of each call's batch.
+        Lanes per nonzero for ``"warp"``, ``"tiles"``, ``"vec"`` and ``"auto"``
+        (a power of two up to 32); by default :func:`sddmm_group` of each
+        call's batch.
 
     The CPU backend has one kernel and ignores the choice.
     """
@@ -115,11 +125,11 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
         Also check the CSR structure and index ranges (a pass over indices).
     max_blocks : int, optional
         Cap on the CUDA grid (tests use it to exercise the grid-stride loop).
-    method : {"thread", "warp", "tiles"}, optional
+    method : {"thread", "warp", "tiles", "vec", "auto"}, optional
         The GPU kernel (see :func:`set_sddmm`; default :func:`sddmm_setting`).
     group : int, optional
-        Lanes per nonzero of the ``"warp"`` and ``"tiles"`` kernels (default:
-        the set one, else :func:`sddmm_group` of the batch).
+        Lanes per nonzero of the ``"warp"``, ``"tiles"`` and ``"vec"`` kernels
+        (default: the set one, else :func:`sddmm_group` of the batch).
 
     Returns
     -------
@@ -153,6 +163,9 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
         return out
     if backend.is_gpu:
         sizes = (numpy.int32(dy.shape[0]), numpy.int32(nnz), numpy.int32(batch))
+        if method == "auto":
+            method = choose("sddmm", int(dy.shape[0]), int(x.shape[0]), nnz, batch,
+                            dy.dtype)[0]
         if method == "thread":
             kernel = cuda_function("sddmm.cu", f"sddmm_{suffix}")
             kernel(_grid(nnz, max_blocks), (THREADS_PER_BLOCK,),
@@ -163,6 +176,13 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
             kernel(*_sddmm_tiles_launch(int(dy.shape[0]), max_blocks),
                    (indptr, indices, dy, x, out, sizes[0], sizes[2], numpy.int32(group),
                     numpy.int32(SDDMM_TILE_CHUNK)))
+        elif method == "vec":
+            group = sddmm_group(batch) if group is None else group
+            kernel = cuda_function("sddmm.cu", f"sddmm_vec_{suffix}")
+            kernel(*_sddmm_tiles_launch(int(dy.shape[0]), max_blocks),
+                   (indptr, indices, dy, x, out, sizes[0], sizes[2], numpy.int32(group),
+                    numpy.int32(SDDMM_TILE_CHUNK),
+                    numpy.int32(vector_width(dy.dtype, batch, dy, x))))
         else:
             group = sddmm_group(batch) if group is None else group
             warps = -(-nnz // (WARP_SIZE // group))
@@ -175,9 +195,9 @@ def sddmm(indptr: Any, indices: Any, dy: Any, x: Any, out: Any = None, *,
 
 
 def _sddmm_tiles_launch(n_rows: int, max_blocks: int | None) -> tuple[tuple[int], tuple[int]]:
-    """(grid, block) of ``sddmm_tiled_*``: a block of THREADS_PER_BLOCK threads (whole
-    warps, as its shuffles need) per row of the pattern, at most ``max_blocks`` (else
-    MAX_BLOCKS) blocks striding over the rows."""
+    """(grid, block) of ``sddmm_tiled_*`` and ``sddmm_vec_*``: a block of THREADS_PER_BLOCK
+    threads (whole warps, as their shuffles need) per row of the pattern, at most
+    ``max_blocks`` (else MAX_BLOCKS) blocks striding over the rows."""
     return (max(1, min(n_rows, max_blocks or MAX_BLOCKS)),), (THREADS_PER_BLOCK,)
 
 

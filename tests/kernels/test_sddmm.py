@@ -4,11 +4,15 @@ twin (the twins, the Numba kernel, ``sddmm.cu`` emulated on the CPU, ``sddmm.cu`
 a GPU); then the warp kernel's order, the choice of GPU kernel and the ReLU step,
 with its buffers given (issue 19: ``out=``, ``sums=``, the ``relu_grad_rowsum``
 kernel of ``sddmm.cu`` against its twin, emulated and through the GPU path);
-then the tiled kernel (issue 20: ``dy`` staged in shared memory, emulated block by block).
+then the tiled kernel (issue 20: ``dy`` staged in shared memory, emulated block by block);
+last the vectorised kernel (issue 20, ``method="vec"``: 16-byte loads where the batch and
+the operands' addresses allow, in its own order, the bits of ``numpy_twins.sddmm_vec``)
+and ``method="auto"``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import re
 from typing import Callable
@@ -30,9 +34,9 @@ from kernel_cases import (CASES, GPU_SDDMM_CHOICES, GUARD, LAUNCHES, SDDMM_TILED
                           sddmm_reference, small, suffix_of, to_gpu)
 
 try:  # tests/ is on sys.path (pytest's default rootdir-relative import)
-    from cuda_host import BlockError, WarpError, launch
+    from cuda_host import BlockError, WarpError, launch, pointer
 except ModuleNotFoundError:  # tests/ became a package
-    from tests.cuda_host import BlockError, WarpError, launch
+    from tests.cuda_host import BlockError, WarpError, launch, pointer
 
 # The module that keeps the setting (kernels.sddmm is the function).
 SDDMM_MODULE = importlib.import_module("cupynn.kernels.sddmm")
@@ -104,6 +108,70 @@ def _gpu(method: str, group: int | None, max_blocks: int | None) -> Callable:
     return run
 
 
+CHOICE_MODULE = importlib.import_module("cupynn.kernels.choice")
+VEC_WIDTH = {numpy.float32: 4, numpy.float64: 2}
+# sddmm_vec (issue 20; its tests at the end of this file). Launches as (grid, block, chunk
+# in steps of V * group values, or None for the dispatcher's SDDMM_TILE_CHUNK): the
+# dispatcher's block on 3 blocks, blocks of two warps and one warp that stride over the
+# rows with chunks of one and two steps (most batches here span several chunks, the last
+# one partial).
+SDDMM_VEC_LAUNCHES = {
+    "dispatcher_block_grid3": ((3,), (THREADS_PER_BLOCK,), None),
+    "grid2_block64_chunk1step": ((2,), (64,), 1),
+    "one_warp_chunk2steps": ((1,), (32,), 2),
+}
+SDDMM_VEC_GROUPS = [1, 4, 16]
+# The tiled kernel's cases (empty rows, an empty matrix, batch 0 and 1, batches 3, 5, 7
+# and 70 that no vector width divides, long rows) and batches that 4 divides: 64 (several
+# chunks of one or two steps), 40 with rows longer than a pass of one warp at group 1.
+SDDMM_VEC_CASES = SDDMM_TILED_CASES + [
+    Case("batch_64", 6, 9, 64, 0.5, empty_rows=(2,), seed=4),
+    Case("long_rows_b40", 4, 150, 40, 0.9, empty_rows=(1,), seed=5)]
+
+
+def _vec_width(dtype: type, batch: int) -> int:
+    """The dispatcher's vector width for aligned operands."""
+    return VEC_WIDTH[dtype] if batch % VEC_WIDTH[dtype] == 0 else 1
+
+
+def sddmm_vec_argtypes(dtype: type) -> list:
+    real = pointer(dtype)
+    return [pointer(numpy.int32), pointer(numpy.int32), real, real, real] + [ctypes.c_int] * 5
+
+
+def launch_sddmm_vec(a: dict, dtype: type, group: int, vec: int, grid, block,
+                     chunk_steps: int | None, reverse: bool = False) -> numpy.ndarray:
+    """The emulated sddmm_vec kernel's output for arrays ``a`` (block by block); chunks of
+    ``chunk_steps * vec * group`` values (None: SDDMM_TILE_CHUNK). Guard cells stay NaN."""
+    nnz = len(a["indices"])
+    chunk = SDDMM_MODULE.SDDMM_TILE_CHUNK if chunk_steps is None else chunk_steps * vec * group
+    out = numpy.full(nnz + GUARD, numpy.nan, dtype=dtype)
+    launch(host_library("sddmm.cu"), f"sddmm_vec_{suffix_of(dtype)}", grid, block,
+           sddmm_vec_argtypes(dtype),
+           [a["indptr"], a["indices"], a["dy"], a["x"], out, len(a["indptr"]) - 1,
+            a["dy"].shape[1], group, chunk, vec], reverse=reverse, blocks=True)
+    assert numpy.isnan(out[nnz:]).all(), "the kernel wrote past nnz"
+    return out[:nnz]
+
+
+def _twin_vec(group: int, vec: int) -> Callable:
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        return twins.sddmm_vec(a["indptr"], a["indices"], a["dy"], a["x"], group, vec)
+    return run
+
+
+def _emulated_vec(group: int, config: str) -> Callable:
+    """sddmm.cu's vectorised kernel run on the CPU block by block, at the dtype's vector
+    width where the batch allows (else 1): its twin's bits."""
+    def run(a: dict, case: Case, dtype: type) -> numpy.ndarray:
+        vec = _vec_width(dtype, case.batch)
+        out = launch_sddmm_vec(a, dtype, group, vec, *SDDMM_VEC_LAUNCHES[config])
+        assert_same_bits(out, twins.sddmm_vec(a["indptr"], a["indices"], a["dy"], a["x"],
+                                              group, vec))
+        return out
+    return run
+
+
 # name: (run(case arrays, case, dtype) -> (nnz,) NumPy result, the cases it runs, marks)
 IMPLEMENTATIONS = {
     "twin": (_twin, CASES, ()),
@@ -115,8 +183,13 @@ IMPLEMENTATIONS = {
     **{f"twin_tiled{g}": (_twin_tiled(g), SDDMM_TILED_CASES, ()) for g in SDDMM_TILED_GROUPS},
     **{f"emulated_tiled{g}-{c}": (_emulated_tiled(g, c), SDDMM_TILED_CASES, ())
        for g in SDDMM_TILED_GROUPS for c in SDDMM_TILED_LAUNCHES},
+    **{f"twin_vec{g}_{v}": (_twin_vec(g, v), SDDMM_VEC_CASES, ()) for g in SDDMM_VEC_GROUPS
+       for v in (1, 2, 4)},
+    **{f"emulated_vec{g}-{c}": (_emulated_vec(g, c), SDDMM_VEC_CASES, ())
+       for g in SDDMM_VEC_GROUPS for c in SDDMM_VEC_LAUNCHES},
     **{f"gpu_{m}{g or ''}-{blocks}": (_gpu(m, g, max_blocks), CASES, needs_gpu)
-       for m, g in GPU_SDDMM_CHOICES + [("tiles", None), ("tiles", 4)]
+       for m, g in GPU_SDDMM_CHOICES + [("tiles", None), ("tiles", 4), ("vec", None),
+                                        ("vec", 4), ("vec", 32), ("auto", None)]
        for blocks, max_blocks in (("full_grid", None), ("max_blocks_2", 2))},
 }
 CALLS = [pytest.param(name, case, id=f"{name}-{case.name}", marks=marks)
@@ -176,7 +249,8 @@ def test_cpu_sddmm_fills_the_given_out(dtype):
 
 
 @pytest.mark.parametrize("method, group", [("thread", None), ("warp", None), ("warp", 4),
-                                           ("tiles", None), ("tiles", 16)])
+                                           ("tiles", None), ("tiles", 16), ("vec", None),
+                                           ("vec", 8), ("auto", None)])
 def test_cpu_sddmm_takes_every_method(method, group):
     """The CPU has one kernel: any valid GPU choice gives the same result there."""
     a = next(c for c in CASES if c.name == "grid_stride").arrays(numpy.float64)
@@ -192,12 +266,14 @@ def test_sddmm_group_gives_lanes_about_eight_products(batch, group):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="block"), r"must be one of \['thread', 'warp', 'tiles'\]. Got 'block'"),
+    (dict(method="block"), r"must be one of \['thread', 'warp', 'tiles', 'vec', 'auto'\]. "
+                           r"Got 'block'"),
     (dict(method="warp", group=3), r"power of two in \[1, 32\]. Got 3"),
     (dict(method="warp", group=64), r"power of two in \[1, 32\]. Got 64"),
     (dict(method="warp", group=True), r"power of two in \[1, 32\]. Got True"),
-    (dict(method="thread", group=8), "goes with method 'warp' or 'tiles'"),
+    (dict(method="thread", group=8), "goes with method 'warp', 'tiles', 'vec' or 'auto'"),
     (dict(method="tiles", group=3), r"power of two in \[1, 32\]. Got 3"),
+    (dict(method="vec", group=64), r"power of two in \[1, 32\]. Got 64"),
 ])
 def test_sddmm_rejects_bad_choices(small, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -209,7 +285,8 @@ def test_sddmm_rejects_bad_choices(small, kwargs, message):
 @pytest.mark.parametrize("text, expected", [("", ("warp", None)), ("thread", ("thread", None)),
                                             ("warp", ("warp", None)), ("warp:16", ("warp", 16)),
                                             ("tiles", ("tiles", None)),
-                                            ("tiles:8", ("tiles", 8))])
+                                            ("tiles:8", ("tiles", 8)), ("vec", ("vec", None)),
+                                            ("vec:4", ("vec", 4)), ("auto", ("auto", None))])
 def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
     monkeypatch.setenv(kernels.SDDMM_ENV, text)
     monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
@@ -218,11 +295,12 @@ def test_sddmm_default_comes_from_the_environment(monkeypatch, text, expected):
     assert kernels.sddmm_setting() == ("thread", None)
 
 
-@pytest.mark.parametrize("text, message", [("warp:x", "'tiles:<group>'. Got 'warp:x'"),
+@pytest.mark.parametrize("text, message", [("warp:x", "with ':<group>' \\('warp:16'\\). "
+                                                     "Got 'warp:x'"),
                                            ("warp:12", r"power of two in \[1, 32\]. Got 12"),
-                                           ("thread:4", "goes with method 'warp' or 'tiles'"),
+                                           ("thread:4", "goes with method 'warp', 'tiles'"),
                                            ("fast", r"must be one of \['thread', 'warp', "
-                                                    r"'tiles'\]")])
+                                                    r"'tiles', 'vec', 'auto'\]")])
 def test_sddmm_environment_is_checked(monkeypatch, text, message):
     monkeypatch.setenv(kernels.SDDMM_ENV, text)
     monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
@@ -564,3 +642,192 @@ def test_gpu_sddmm_tiles_is_the_warp_kernel(group, case, dtype):
     assert_same_bits(tiles, warp)
     expected, bound = sddmm_reference(a)
     assert_close(tiles, expected, bound, dtype)
+
+
+# --- the vectorised SDDMM (issue 20): method="vec" ------------------------------------
+
+def test_sddmm_vec_cases_cover_what_they_claim():
+    for dtype, width in VEC_WIDTH.items():
+        assert any(c.batch and c.batch % width == 0 for c in SDDMM_VEC_CASES)
+        assert any(c.batch % width for c in SDDMM_VEC_CASES)
+    assert SDDMM_MODULE.SDDMM_TILE_CHUNK % (4 * kernels.WARP_SIZE) == 0  # every V * group
+
+
+@pytest.mark.parametrize("group", SDDMM_VEC_GROUPS)
+@pytest.mark.parametrize("config", list(SDDMM_VEC_LAUNCHES))
+@pytest.mark.parametrize("case", SDDMM_VEC_CASES, ids=lambda c: c.name)
+def test_emulated_sddmm_vec_with_one_lane_width_is_the_tiled_kernel(group, config, case):
+    """V = 1 (what a batch no width divides, or a misaligned operand, gets): the tiled
+    kernel's order, so its bits (and the warp kernel's)."""
+    a = case.arrays(numpy.float32)
+    vec = launch_sddmm_vec(a, numpy.float32, group, 1, *SDDMM_VEC_LAUNCHES[config])
+    assert_same_bits(vec, twins.sddmm_tiled(a["indptr"], a["indices"], a["dy"], a["x"], group))
+
+
+@pytest.mark.parametrize("group, vec", [(1, 4), (4, 2), (16, 4), (2, 1)])
+@pytest.mark.parametrize("config", ["grid2_block64_chunk1step", "one_warp_chunk2steps"])
+def test_emulated_sddmm_vec_is_order_free(group, vec, config):
+    """Blocks, and the threads of each block, run last to first: the same bits (a missing
+    barrier would let a thread read the tile's 0xff (NaN) cells in one of the two orders)."""
+    a = next(c for c in SDDMM_VEC_CASES if c.name == "long_rows_b40").arrays(numpy.float64)
+    forward = launch_sddmm_vec(a, numpy.float64, group, vec, *SDDMM_VEC_LAUNCHES[config])
+    backward = launch_sddmm_vec(a, numpy.float64, group, vec, *SDDMM_VEC_LAUNCHES[config],
+                                reverse=True)
+    assert_same_bits(forward, backward)
+    assert not numpy.isnan(forward).any()
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("vec", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 8, 12, 33])
+def test_twin_sddmm_vec_sums_in_its_order(group, vec, batch):
+    """The twin against a plain loop of the documented order: lane s adds, from 0, the
+    products at j with (j // vec) % group == s in increasing j; then the butterfly."""
+    case = Case("twin", 7, 9, batch, 0.5, empty_rows=(3,))
+    a = case.arrays(numpy.float32)
+    rows = twins.csr_rows(a["indptr"])
+    expected = numpy.empty(len(a["indices"]), dtype=numpy.float32)
+    for k, (r, c) in enumerate(zip(rows, a["indices"])):
+        lanes = [numpy.float32(0)] * group
+        for j in range(batch):
+            s = (j // vec) % group
+            lanes[s] = numpy.float32(lanes[s] + a["dy"][r, j] * a["x"][c, j])
+        offset = group // 2
+        while offset:
+            lanes = [numpy.float32(lanes[i] + lanes[i ^ offset]) for i in range(group)]
+            offset //= 2
+        expected[k] = lanes[0]
+    assert_same_bits(twins.sddmm_vec(a["indptr"], a["indices"], a["dy"], a["x"], group, vec),
+                     expected)
+
+
+def _off_by_one(array: numpy.ndarray) -> numpy.ndarray:
+    """A C-contiguous copy of ``array`` starting one element past a 16-byte boundary."""
+    memory = numpy.full(array.size + 1, numpy.nan, dtype=array.dtype)
+    view = memory[1:].reshape(array.shape)
+    view[...] = array
+    assert view.ctypes.data % 16 or not view.size
+    return view
+
+
+@pytest.mark.parametrize("where", ["aligned", "dy_off_by_one", "x_off_by_one"])
+@pytest.mark.parametrize("case", [c for c in SDDMM_VEC_CASES
+                                  if c.name in ("batch_64", "batch_70", "empty_rows", "batch_0")],
+                         ids=lambda c: c.name)
+@pytest.mark.parametrize("max_blocks", [None, 2])
+@dtype_params
+def test_emulated_gpu_sddmm_vec_fills_out(where, case, max_blocks, dtype, monkeypatch):
+    """The dispatcher's GPU path for "vec" (the kernel emulated): one launch of sddmm_vec
+    on the tiled kernel's launch shape, at the dtype's vector width when the batch allows
+    and dy and x are 16-byte aligned, else 1 (a view one element off a boundary); the
+    twin's bits of that width written into the given out."""
+    launches = emulated_gpu(monkeypatch, SDDMM_MODULE, "sddmm.cu")
+    widths = []
+
+    def width(*args):
+        widths.append(kernels.vector_width(*args))
+        return widths[-1]
+
+    monkeypatch.setattr(SDDMM_MODULE, "vector_width", width)
+    a = case.arrays(dtype)
+    if where != "aligned":
+        name = where.split("_")[0]
+        a[name] = _off_by_one(a[name])
+    nnz = len(a["indices"])
+    out = numpy.full(nnz, numpy.nan, dtype=dtype)
+    got = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"], out=out, method="vec",
+                        max_blocks=max_blocks)
+    assert got is out
+    group = kernels.sddmm_group(case.batch)
+    if nnz and case.batch:
+        vec = _vec_width(dtype, case.batch) if where == "aligned" else 1
+        assert widths == [vec]
+        assert launches == [(f"sddmm_vec_{suffix_of(dtype)}",
+                             *SDDMM_MODULE._sddmm_tiles_launch(case.n_rows, max_blocks))]
+        assert_same_bits(out, twins.sddmm_vec(a["indptr"], a["indices"], a["dy"], a["x"],
+                                              group, vec))
+    else:
+        assert launches == []
+        assert_same_bits(out, numpy.zeros(nnz, dtype=dtype))
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_emulated_gpu_sddmm_auto_runs_what_choose_picks(big, monkeypatch):
+    """method="auto" launches the kernel of choose("sddmm", shape): "vec" past the
+    thresholds (lowered here to the case's size), "warp" below them."""
+    launches = emulated_gpu(monkeypatch, SDDMM_MODULE, "sddmm.cu")
+    case = next(c for c in SDDMM_VEC_CASES if c.name == "batch_64")
+    a = case.arrays(numpy.float32)
+    nnz = len(a["indices"])
+    monkeypatch.setattr(CHOICE_MODULE, "VEC_MIN_BATCH", case.batch)
+    monkeypatch.setattr(CHOICE_MODULE, "VEC_MIN_PRODUCTS",
+                        nnz * case.batch if big else nnz * case.batch + 1)
+    picked = kernels.choose("sddmm", case.n_rows, case.n_cols, nnz, case.batch, numpy.float32)
+    assert picked == ("vec" if big else "warp", None)
+    got = kernels.sddmm(a["indptr"], a["indices"], a["dy"], a["x"], method="auto")
+    assert [name for name, _, _ in launches] == [f"sddmm_{picked[0]}_f32"]
+    group = kernels.sddmm_group(case.batch)
+    twin = (twins.sddmm_vec(a["indptr"], a["indices"], a["dy"], a["x"], group, 4) if big
+            else twins.sddmm_warp(a["indptr"], a["indices"], a["dy"], a["x"], group))
+    assert_close(got, twin, sddmm_reference(a)[1], numpy.float32)
+    if big:
+        assert_same_bits(got, twin)
+
+
+def test_fake_gpu_training_step_with_vec_matches_the_default(monkeypatch):
+    """set_sddmm("vec") on the fake GPU: a forward/backward/Adam step launches the
+    vectorised kernel and gives the default (warp) step's gradients within rounding."""
+    import cupynn
+    from fake_gpu import FakeGpu
+
+    monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
+    monkeypatch.delenv(kernels.SDDMM_ENV, raising=False)
+    rng = numpy.random.default_rng(5)
+    x = rng.standard_normal((12, 6))
+    labels = rng.integers(0, 3, 12)
+    results = {}
+    with FakeGpu() as fake:
+        for method in ("warp", "vec"):
+            kernels.set_sddmm(method)
+            model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
+                               seed=2)
+            optimizer = cupynn.Adam(model, lr=1e-2)
+            start = len(fake.launches)
+            _, grad = cupynn.losses.cross_entropy(model.forward(x), fake.xp.asarray(labels))
+            model.backward(grad, need_input_grad=False)
+            optimizer.step()
+            results[method] = [layer.grad_data.get() for layer in model.layers]
+            assert f"sddmm_{method}_f64" in fake.launches[start:]
+    for warp, vec in zip(results["warp"], results["vec"], strict=True):
+        numpy.testing.assert_allclose(vec, warp, rtol=1e-12, atol=1e-14)
+
+
+@gpu
+@pytest.mark.parametrize("group", [None, 4])
+@pytest.mark.parametrize("case", SDDMM_VEC_CASES + [next(c for c in CASES if c.name == "large")],
+                         ids=lambda c: c.name)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@dtype_params
+def test_gpu_sddmm_vec_repeats_and_has_the_twins_values(group, case, misaligned, dtype):
+    """On a GPU "vec" gives the same bits on every call and for any grid, the twin's values
+    within rounding (the GPU contracts to FMAs), and with a misaligned operand (V = 1) the
+    bits of the tiled kernel at the same group (the same order and contraction)."""
+    a = case.arrays(dtype)
+    d = to_gpu(a)
+    xp = get_backend("gpu").xp
+    if misaligned:
+        memory = xp.full(d["x"].size + 1, numpy.nan, dtype=dtype)
+        memory[1:] = d["x"].reshape(-1)
+        d["x"] = memory[1:].reshape(d["x"].shape)
+
+    def run(method: str, **options) -> numpy.ndarray:
+        return to_numpy(kernels.sddmm(d["indptr"], d["indices"], d["dy"], d["x"], method=method,
+                                      group=group, **options))
+
+    vec = run("vec")
+    assert_same_bits(vec, run("vec"))
+    assert_same_bits(vec, run("vec", max_blocks=2))
+    expected, bound = sddmm_reference(a)
+    assert_close(vec, expected, bound, dtype)
+    if misaligned or case.batch % VEC_WIDTH[dtype]:
+        assert_same_bits(vec, run("tiles"))

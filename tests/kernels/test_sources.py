@@ -67,6 +67,7 @@ EMULATED_FAMILIES = ("sddmm", "sddmm_warp", "spmm", "spmm_t", "adam", "fisher_ra
                      "packed_matvec",
                      "spmm_tiled", "spmm_t_tiled",  # issue 20: test_spmm.py
                      "spmm_vec", "spmm_t_vec",  # issue 20: test_spmm.py
+                     "sddmm_vec",  # issue 20: test_sddmm.py
                      # issue 19: test_adam.py, test_loss.py, test_sddmm.py, test_batch.py
                      "adam_multi", "softmax_cross_entropy_rows", "binary_cross_entropy_rows",
                      "squared_error_rows", "mean_of_rows", "relu_grad_rowsum",

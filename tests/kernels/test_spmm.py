@@ -702,6 +702,12 @@ def test_emulated_vec_equals_rows_bit_for_bit(kernel, bias, relu, chunk, config,
     tiled, rows = _tiled_and_rows_twins(kernel, a, case, bias, relu)
     assert_same_bits(got, rows.astype(dtype))
     assert_same_bits(got, tiled.astype(dtype))
+    if kernel == "spmm":
+        twin = twins.spmm_vec(a["indptr"], a["indices"], a["data"], a["x"],
+                              a["bias"] if bias else None, relu)
+    else:
+        twin = twins.spmm_t_vec(a["indptr"], a["indices"], a["data"], a["dy"], case.n_cols)
+    assert_same_bits(got, twin.astype(dtype))
 
 
 @pytest.mark.parametrize("kernel", ["spmm", "spmm_t"])
