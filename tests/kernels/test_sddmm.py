@@ -831,3 +831,51 @@ def test_gpu_sddmm_vec_repeats_and_has_the_twins_values(group, case, misaligned,
     assert_close(vec, expected, bound, dtype)
     if misaligned or case.batch % VEC_WIDTH[dtype]:
         assert_same_bits(vec, run("tiles"))
+
+
+@pytest.mark.parametrize("method", ["vec", "auto"])
+def test_a_captured_graph_step_runs_sddmm_vec(method, monkeypatch):
+    """set_sddmm("vec") (and "auto" with its thresholds lowered) with set_spmm("vec"): the
+    graph step's capture holds only kernels (the vector width is read from the buffers'
+    addresses on the host, nothing is allocated or synchronised), launches sddmm_vec, and
+    its replay is the eager step bit for bit. Its products stay spmm.cu's "rows", which it
+    names."""
+    import cupynn
+    from cupynn.graph import GraphStep
+    from fake_gpu import FakeGpu
+
+    spmm_module = importlib.import_module("cupynn.kernels.spmm")
+    monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
+    monkeypatch.setattr(spmm_module._SPMM, "chosen", None)
+    monkeypatch.setattr(CHOICE_MODULE, "VEC_MIN_BATCH", 1)
+    monkeypatch.setattr(CHOICE_MODULE, "VEC_MIN_PRODUCTS", 1)
+    kernels.set_sddmm(method)
+    kernels.set_spmm("vec")
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((16, 6))
+    y = rng.integers(0, 3, 16)
+    runs = []
+    with FakeGpu() as fake:
+        for capture in (True, False):
+            model = cupynn.MLP([6, 8, 3], density=0.5, seed=4, dtype="float64",
+                               device=fake.backend)
+            optimizer = cupynn.Adam(model, lr=1e-2)
+            step = GraphStep(model, optimizer, "cross_entropy", batch_size=8, capture=capture)
+            step.begin_epoch(x, y, numpy.arange(len(x)), 2)
+            start = len(fake.launches)
+            step.step(8)
+            step.step(8)
+            launched = fake.launches[start:]
+            if capture:
+                graph = step._buffers[8].graph
+                assert graph.host_ops == []
+                assert graph.allocations.larger_than(256) == []
+                launched = graph.launches
+            assert "sddmm_vec_f64" in launched
+            assert not any(name.startswith(("spmm_vec", "spmm_t_vec")) for name in launched)
+            runs.append(([a.get().copy() for layer in model.layers
+                          for a in (layer.data, layer.bias)], step.epoch_losses()))
+    (graph_arrays, graph_losses), (eager_arrays, eager_losses) = runs
+    for a, b in zip(graph_arrays + [graph_losses], eager_arrays + [eager_losses], strict=True):
+        assert numpy.array_equal(a, b)
+    assert numpy.isfinite(graph_losses).all()

@@ -980,3 +980,31 @@ def test_gpu_row_swizzle_matches_the_cpu(case):
     got = kernels.row_swizzle(to_gpu(a)["indptr"])
     assert got.dtype == numpy.int32
     numpy.testing.assert_array_equal(to_numpy(got), kernels.row_swizzle(a["indptr"]))
+
+
+def test_layer_swizzle_orders_follow_the_topology(monkeypatch):
+    """A layer's orders: None on the CPU and under "rows"; on the (fake) GPU under "vec",
+    built once per pattern and built again when set_topology replaces it."""
+    import cupynn
+
+    try:
+        from fake_gpu import FakeGpu
+    except ModuleNotFoundError:  # tests/ became a package
+        from tests.fake_gpu import FakeGpu
+    monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
+    kernels.set_spmm("vec")
+    assert cupynn.SparseLinear(5, 4, density=0.5, device="cpu").swizzle_orders() is None
+    with FakeGpu() as fake:
+        layer = cupynn.SparseLinear(5, 4, density=0.5, device=fake.backend, dtype="float64")
+        first = layer.swizzle_orders()
+        assert layer.swizzle_orders() is first
+        indptr = numpy.array([0, 0, 3, 4, 4], dtype=numpy.int32)  # rows of 0, 3, 1, 0
+        layer.set_topology(fake.xp.asarray(indptr),
+                           fake.xp.asarray(numpy.array([0, 2, 4, 1], dtype=numpy.int32)),
+                           fake.xp.zeros(4, dtype=numpy.float64))
+        rows, cols = layer.swizzle_orders()
+        assert rows is not first[0]
+        numpy.testing.assert_array_equal(rows.get(), [1, 2, 0, 3])
+        numpy.testing.assert_array_equal(cols.get(), [0, 1, 2, 4, 3])  # columns of 1, 1, 1, 0, 1
+        kernels.set_spmm("rows")
+        assert layer.swizzle_orders() is None
