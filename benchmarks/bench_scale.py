@@ -511,7 +511,8 @@ def mib(n: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     head = ("| W | neurons | weights | build s | s/step | fwd s | bwd s | adam s | epoch s "
-            "| redist s | peak MiB | projected MiB | model MiB | B/nonzero | dense twin MiB |")
+            "| redist s | build MiB | peak MiB | projected MiB | model MiB | B/nonzero "
+            "| dense twin MiB |")
     lines = [head, "|" + "---:|" * (head.count("|") - 1)]
     for r in rows:
         ph = r["phases_s"]
@@ -522,7 +523,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['width']:,} | {r['n_neurons']:,} | {r['n_weights']:,} | {r['build_s']:.2f} "
             f"| {r['step_s']:.3f} | {ph.get('forward', 0):.3f} | {ph.get('backward', 0):.3f} "
             f"| {ph.get('adam', 0):.3f} | {fmt(r['epoch_s'], ',.0f')} | {red_s} "
-            f"| {mib(r['peak_bytes'])} | {mib(r.get('projected_peak_bytes'))} "
+            f"| {mib(r['peak_build_bytes'])} | {mib(r['peak_bytes'])} "
+            f"| {mib(r.get('projected_peak_bytes'))} "
             f"| {mib(r['footprint']['total_bytes'])} | {r['bytes_per_nonzero']:.2f} "
             f"| {mib(r['dense_twin']['total_bytes'])} |")
     return lines
@@ -555,9 +557,12 @@ def format_report(report: dict[str, Any]) -> str:
              + ".", ""]
     if rows:
         lines += table(rows)
-        lines += ["", f"peak: {rows[0]['peak_method']}; baseline before the first build "
-                      f"{mib(rows[0]['baseline_bytes'])} MiB. projected: from the row above "
-                      f"(the first from itself). model: footprint() after the steps.", "",
+        lines += ["", f"build MiB, peak MiB: after the build, and over build, steps (and "
+                      f"redistribution); {rows[0]['peak_method']}; baseline before the first "
+                      f"build {mib(rows[0]['baseline_bytes'])} MiB. projected: the peak "
+                      f"projected from the row above (the first from itself). model: "
+                      f"footprint() after the steps. dense twin: the dense 784-W-W-W-10's "
+                      f"weights, biases, gradients and Adam moments.", "",
                   "Bytes per weight of each component (footprint()):", ""]
         lines += components_table(rows)
     b = report["budget"]
