@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # the package benchmarks.gpu_check, as scripts/gp
 
 from benchmarks.gpu_check import context, runner  # noqa: E402
 from benchmarks.gpu_check import report as reports  # noqa: E402
-from benchmarks.gpu_check.parts import launches, mpi, sddmm  # noqa: E402
+from benchmarks.gpu_check.parts import dense, kernels, launches, mpi  # noqa: E402
 from benchmarks.gpu_check.parts import tests as tests_part  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def test_dry_run_runs_every_part_and_never_passes(dry_run):
     assert list(statuses) == list(runner.PART_NAMES)
     assert "passed" not in statuses.values(), statuses
     assert statuses["tests"] == statuses["launches"] == statuses["graph"] == "skipped: no GPU"
-    for name in ("parity", "steps", "sddmm", "higgs", "redistribution", "mpi", "env"):
+    for name in ("parity", "steps", "kernels", "higgs", "redistribution", "mpi", "env"):
         assert statuses[name] == "dry run", (name, report["parts"])
     for part in report["parts"]:
         assert part["wall_seconds"] > 0 and part["limit_seconds"] > 0
@@ -142,6 +142,54 @@ def test_a_part_over_its_limit_is_killed_and_reported(tmp_path):
     assert entry["wall_seconds"] < 30
 
 
+def synthetic_group(kernel: str, times: dict, shape: str = "4096->4096 b512",
+                    density: float = 0.1, default: str = "rows", choice: str | None = "vec",
+                    dense_fp32: float | None = 400.0) -> dict:
+    """One (kernel, shape, density) group with made-up times (None: absent)."""
+    variants = {k: ({"status": kernels.ABSENT, "us": None} if t is None else
+                    {"status": kernels.MEASURED, "us": t, "gb_s_min": 10.0, "gb_s_l2": 900.0,
+                     "gflop_s": 1000.0, "peak_fraction": 0.015,
+                     "bits_equal_default": k in (default, "tiles"), "max_rel_diff": 1e-7})
+                for k, t in times.items()}
+    return {"kernel": kernel, "shape": shape, "density": density, "nnz": 1679360,
+            "default": default, "choice": choice, "variants": variants,
+            "dense_us": {"cublas_fp32": dense_fp32, "cublas_tf32": 150.0,
+                         "torch_masked_fp32": 450.0, "torch_masked_tf32": None}}
+
+
+def gpu_shaped_kernels() -> dict:
+    """The kernels part's data as a GPU run fills it (values made up)."""
+    groups = [kernels.finish_group(synthetic_group(
+        "spmm", {"rows": 529.0, "tiles": 300.0, "vec": 100.0, "cusparse": 1900.0,
+                 "auto": 101.0})),
+              kernels.finish_group(synthetic_group(
+                  "spmm_t", {"rows": 799.0, "tiles": 400.0, "vec": 150.0, "cusparse": 8040.0,
+                             "auto": 151.0})),
+              kernels.finish_group(synthetic_group(
+                  "sddmm", {"thread": 3509.0, "warp:4": 1003.0, "warp:8": 687.0,
+                            "warp:16": 647.0, "warp:32": 886.0, "tiles:8": 500.0,
+                            "tiles:16": 450.0, "vec:8": None, "vec:16": None, "auto": 640.0},
+                  default="warp:16", choice="warp:16"))]
+    steps = [{"sizes": "784-4096-4096-10", "batch": 512, "model": "dense", "density": 1.0,
+              "kernels": None, "step_ms": 3.14, "vs_dense_fp32": 1.0},
+             {"sizes": "784-4096-4096-10", "batch": 512, "model": "sparse", "density": 0.1,
+              "kernels": "default", "step_ms": 3.91, "vs_dense_fp32": 3.91 / 3.14},
+             {"sizes": "784-4096-4096-10", "batch": 512, "model": "sparse", "density": 0.1,
+              "kernels": "auto", "step_ms": 1.2, "vs_dense_fp32": 1.2 / 3.14}]
+    memory = [{"sizes": "784-4096-4096-10", "model": "sparse", "density": 0.1,
+               "kernels": "default", "peak_bytes": 154 * 2**20, "vs_default": 1.0},
+              {"sizes": "784-4096-4096-10", "model": "sparse", "density": 0.1,
+               "kernels": "auto", "peak_bytes": 150 * 2**20, "vs_default": 150 / 154}]
+    layer = {"4096->4096 b512 d=0.1": {
+        key: kernels.layer_ms(groups, "4096->4096 b512", 0.1, f"{key}_us")
+        for key in ("fastest", "default", "choice", "auto")}}
+    return {"reps": 20, "peak": {"fp32_flops": 66.9e12, "formula": "132 SMs x 1.980 GHz x 128 "
+                                                                   "FP32 lanes x 2"},
+            "groups": groups, "dense_precisions": {"cublas_fp32": "cuBLAS FP32"},
+            "layer_ms": layer, "steps": steps, "memory": memory,
+            "memory_how": "CuPy pool high-water mark"}
+
+
 def gpu_shaped_report() -> dict:
     """A report as a GPU run fills it (values made up), for the formatters."""
     part = context.result
@@ -161,10 +209,8 @@ def gpu_shaped_report() -> dict:
                                         "backward_ms": 0.3, "adam_ms": 0.1,
                                         "step_vs_dense": 0.9, "step_vs_peer": 0.5}],
                              "memory": memory}),
-        part("passed", "s", {"reps": 20, "rows": [
-            {"shape": "784->256 b512", "density": 0.1, "nnz": 20000,
-             "us": {"thread": 30.0, "warp4": 20.0, "warp8": 12.0, "warp16": 11.0, "warp32": 10.0},
-             "fastest": "warp32", "default": "warp32"}]}),
+        part("passed", "s", gpu_shaped_kernels(),
+             targets=kernels.kernel_targets(gpu_shaped_kernels()["groups"], gpu=True)),
         part("passed", "s", {"models": [{"model": "kmnist", "batch": 512, "step_waited": False,
                                          "phases_that_waited": [], "phases": phases,
                                          "per_step": {"kernels": 70.0, "memcpy": 2.0,
@@ -226,6 +272,17 @@ def test_reports_of_a_gpu_run():
     assert "| higgs | HIGGS epoch (s) | 1.01 | 0.6 | missed |" in markdown
     assert "| higgs | HIGGS epoch / peer epoch | - | 1 | not measured |" in markdown
     assert "| woodfisher | True | 1e-15 | 0 | True | True |" in markdown
+    # The kernels part: each kernel's table, absent variants, the layer's sums, the step.
+    assert ("| 4096->4096 b512 | 0.1 | 1679360 | 529 | 300 | 100 | 1.9e+03 | 101 | vec | 10 "
+            "| 900 | 1e+03 | 0.015 | vec, cusparse, auto | rows | 5.29 | vec | 1 | 1.01 | 400 "
+            "| 150 | 450 | - | 0.25 |") in markdown
+    assert "| 3.51e+03 | 1e+03 | 687 | 647 | 886 | 500 | 450 | absent | absent | 640 | tiles:16 |" \
+        in markdown
+    assert "| 4096->4096 b512 d=0.1 | 0.7 | 1.98 | 0.897 | 0.892 |" in markdown
+    assert "| 784-4096-4096-10 | 512 | sparse | 0.1 | auto | 1.2 | 0.382 | 150 | 0.974 |" \
+        in markdown
+    assert ("| kernels | 4096->4096 b512 d=0.1: spmm + spmm_t + SDDMM, fastest variants (ms) "
+            "| 0.7 | 0.45 | missed |") in markdown
     assert "| kmnist | 784-256-256-10 | 512 | 12 | 3 | True | 0 | True | 2e-06 | 1e-07 | True |" \
         in markdown
     assert ("| kmnist | 512 | 200 | 1.5 | 0.9 | 0.08 | 0.0533 | 45 | 17 | 19 | 60 | 2 | False "
@@ -257,16 +314,6 @@ def test_bad_arguments_are_refused():
     assert runner.parse_args(["--out", "x", "--parts", "env,tests"]).parts == ["tests", "env"]
 
 
-def test_recommended_sddmm_is_the_best_over_all_shapes():
-    rows = [{"us": {"thread": 30.0, "warp8": 10.0, "warp32": 11.0}},
-            {"us": {"thread": 20.0, "warp8": 12.0, "warp32": 9.0}},
-            {"us": {"thread": 20.0, "warp8": 10.0, "warp32": 10.5}}]
-    # warp8: 1 * 12/9 * 1 = 1.33; warp32: 1.1 * 1 * 1.05 = 1.155 -> warp32
-    assert sddmm.recommend(rows) == "warp32"
-    assert sddmm.sddmm_env("warp32") == "CUPYNN_SDDMM=warp:32"
-    assert sddmm.sddmm_env("thread") == "CUPYNN_SDDMM=thread"
-
-
 def test_numba_warm_up_runs():
     """What the GPU run starts in the background beside the GPU tests."""
     import time
@@ -274,3 +321,261 @@ def test_numba_warm_up_runs():
     process = runner.start_numba_warm_up()
     runner._finish(process, time.monotonic() + 240)
     assert process.returncode == 0
+
+
+# ----------------------------------------------------------------- the kernels part
+def test_dry_run_kernels_part(dry_run):
+    """Every kernel, variant, shape and density, with every column; CPU times marked as
+    not GPU figures and the targets not measured."""
+    done, out = dry_run
+    report = json.loads((out / reports.REPORT_JSON).read_text())
+    part = next(p for p in report["parts"] if p["name"] == "kernels")
+    assert part["status"] == "dry run", part
+    data = part["data"]
+    shapes = [dense.shape_label(s) for s in kernels.QUICK_SHAPES_CPU]
+    assert data["shapes"] == shapes
+    assert [(g["kernel"], g["shape"], g["density"]) for g in data["groups"]] == [
+        (k, s, d) for s in shapes for d in kernels.DENSITIES for k in kernels.KERNELS]
+    columns = {"us", "gb_s_min", "gb_s_l2", "gflop_s", "peak_fraction", "bits_equal_default",
+               "max_rel_diff"}
+    for g in data["groups"]:
+        variants = kernels.SDDMM_VARIANTS if g["kernel"] == "sddmm" else kernels.SPMM_VARIANTS
+        assert list(g["variants"]) == [kernels.variant_label(m, n) for m, n in variants]
+        methods = kernels.methods_of(g["kernel"])
+        for label, v in g["variants"].items():
+            if label.split(":")[0] in methods:  # on the CPU one Numba kernel: equal bits
+                assert v["status"] == kernels.MEASURED and set(v) >= columns, (label, v)
+                assert v["us"] > 0 and v["bits_equal_default"] and v["peak_fraction"] is None
+            else:
+                assert v["status"] == kernels.ABSENT and v["us"] is None
+        assert g["fastest"] in g["variants"] and g["fastest"] != "auto"
+        assert g["fastest_us"] == min(v["us"] for k, v in g["variants"].items()
+                                      if k != "auto" and v["us"] is not None)
+        assert set(g["dense_us"]) == set(dense.DENSE_KEYS)
+        assert g["dense_us"]["cublas_fp32"] > 0 and g["dense_us"]["cublas_tf32"] is None
+    assert any("not a GPU figure" in note for note in part["notes"])
+    assert not part["targets"]  # the verdict's: GPU figures only
+    assert [t["verdict"] for t in data["targets"]] == ["not measured"] * 8
+    assert [r["model"] for r in data["steps"]][:2] == ["dense", "sparse"]
+    assert all(r["step_ms"] > 0 for r in data["steps"] if r.get("status") != kernels.ABSENT)
+    assert "tracemalloc" in data["memory_how"]
+    markdown = (out / reports.REPORT_MD).read_text()
+    for kernel in kernels.KERNELS:
+        assert f"`{kernel}`:" in markdown
+    assert "| shape | density | nnz | thread | warp:4 | warp:8 | warp:16 | warp:32 |" in markdown
+    assert "a wall clock on the CPU: not GPU figures" in markdown
+    assert ("| 4096->4096 b512 d=0.1: spmm + spmm_t + SDDMM, fastest variants (ms) | - | 0.45 "
+            "| not measured |") in markdown
+
+
+def small_layer():
+    import numpy
+
+    import cupynn
+
+    layer = cupynn.SparseLinear(24, 16, 0.2, seed=1, device="cpu")
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((24, 8), dtype=numpy.float32)
+    dy = rng.standard_normal((16, 8), dtype=numpy.float32)
+    return layer, x, dy, numpy.empty(layer.nnz, dtype=numpy.float32)
+
+
+def test_a_method_missing_from_the_commit_is_absent_not_a_crash(monkeypatch, tmp_path):
+    from cupynn import kernels as ck
+
+    monkeypatch.setattr(ck, "SPMM_METHODS", ("rows", "cusparse", "tiles"))
+    monkeypatch.setattr(ck, "SDDMM_METHODS", ("thread", "warp", "tiles"))
+    ctx = context.Context(runner.parse_args(["--device", "cpu", "--quick", "--out",
+                                             str(tmp_path)]))
+    layer, x, dy, out = small_layer()
+    calls = kernels.kernel_calls(layer, x, dy, out)
+    spmm = kernels.measure_group(ctx, "spmm", calls["spmm"], (24, 16, 8), 0.2, layer.nnz, 2,
+                                 None, None)
+    assert [k for k, v in spmm["variants"].items() if v["status"] == kernels.ABSENT] == [
+        "vec", "auto"]
+    assert spmm["choice"] is None
+    sddmm = kernels.measure_group(ctx, "sddmm", calls["sddmm"], (24, 16, 8), 0.2, layer.nnz,
+                                  2, None, lambda *a: ("warp", None))
+    assert [k for k, v in sddmm["variants"].items() if v["status"] == kernels.ABSENT] == [
+        "vec:8", "vec:16", "auto"]
+    assert sddmm["default"] == sddmm["choice"] == "warp:8"  # sddmm_group(8)
+    kernels.finish_group(sddmm)
+    assert sddmm["auto_us"] is None and sddmm["auto_vs_fastest"] is None
+    assert kernels.step_settings()["auto"] is None
+
+
+def test_a_variant_that_raises_is_reported_and_fails_the_group(tmp_path):
+    ctx = context.Context(runner.parse_args(["--device", "cpu", "--quick", "--out",
+                                             str(tmp_path)]))
+    layer, x, dy, out = small_layer()
+    good = kernels.kernel_calls(layer, x, dy, out)["spmm"]
+
+    def call(method, group):
+        if method == "tiles":
+            raise RuntimeError("illegal address")
+        return good(method, group)
+
+    g = kernels.measure_group(ctx, "spmm", call, (24, 16, 8), 0.2, layer.nnz, 2, None, None)
+    assert g["variants"]["tiles"]["status"] == "error: RuntimeError: illegal address"
+    assert g["variants"]["rows"]["status"] == kernels.MEASURED
+
+
+def test_fastest_default_choice_and_auto_against_the_fastest():
+    g = kernels.finish_group(synthetic_group(
+        "spmm", {"rows": 500.0, "tiles": 250.0, "vec": None, "cusparse": 1000.0, "auto": 200.0},
+        choice="rows", dense_fp32=1000.0))
+    # "auto" is faster here but runs one of the others: the fastest is an explicit variant.
+    assert g["fastest"] == "tiles" and g["fastest_us"] == 250.0
+    assert g["default_vs_fastest"] == 2.0 and g["choice_vs_fastest"] == 2.0
+    assert g["choice_is_fastest"] is False and g["auto_vs_fastest"] == 0.8
+    assert g["fastest_vs_dense_fp32"] == 0.25
+    none = kernels.finish_group(synthetic_group("spmm", {"rows": None, "auto": None},
+                                                choice=None, dense_fp32=None))
+    assert none["fastest"] is None and none["default_vs_fastest"] is None
+    assert none["choice_is_fastest"] is None and none["fastest_vs_dense_fp32"] is None
+
+
+def test_the_layer_sum_and_its_targets():
+    shape = "4096->4096 b512"
+    groups = [kernels.finish_group(synthetic_group(k, {"rows": us}, default="rows",
+                                                   choice="rows", density=d))
+              for d, times in ((0.1, (100.0, 150.0, 190.0)), (0.03, (50.0, 60.0, 41.0)))
+              for k, us in zip(kernels.KERNELS, times)]
+    assert kernels.layer_ms(groups, shape, 0.1) == pytest.approx(0.44)
+    assert kernels.layer_ms(groups, shape, 0.03) == pytest.approx(0.151)
+    met, missed = kernels.kernel_targets(groups, gpu=True)
+    assert (met["limit"], met["verdict"]) == (0.45, "met")
+    assert (missed["limit"], missed["verdict"]) == (0.15, "missed")
+    assert [t["verdict"] for t in kernels.kernel_targets(groups, gpu=False)] == [
+        "not measured"] * 2
+    # A kernel missing, or a shape not run: no sum, not measured.
+    assert kernels.layer_ms(groups[1:], shape, 0.1) is None
+    assert kernels.layer_ms(groups, "784->256 b512", 0.1) is None
+    assert kernels.kernel_targets(groups[3:], gpu=True)[0]["verdict"] == "not measured"
+
+
+def test_step_targets_read_the_4096_step_on_a_gpu_only():
+    rows = [{"sizes": "784-4096-4096-10", "density": 0.1, "kernels": "default",
+             "vs_dense_fp32": 1.2},
+            {"sizes": "784-4096-4096-10", "density": 0.1, "kernels": "auto",
+             "vs_dense_fp32": 0.4},
+            {"sizes": "784-4096-4096-10", "density": 0.03, "kernels": "auto",
+             "vs_dense_fp32": None}]
+    memory = [{"density": 0.1, "kernels": "auto", "vs_default": 1.1}]
+    t = {x["name"]: x for x in kernels.step_targets(rows, memory, gpu=True)}
+    assert t["784-4096-4096-10 step d=0.1, default kernels: sparse / dense FP32"]["verdict"] \
+        == "missed"
+    assert t["784-4096-4096-10 step d=0.1, auto kernels: sparse / dense FP32"]["verdict"] == "met"
+    assert t["784-4096-4096-10 step d=0.03, auto kernels: sparse / dense FP32"]["verdict"] == \
+        "not measured"
+    assert t["step peak memory d=0.1: auto / default"]["verdict"] == "missed"
+    assert t["step peak memory d=0.03: auto / default"]["verdict"] == "not measured"
+    assert {x["verdict"] for x in kernels.step_targets(rows, memory, gpu=False)} == {
+        "not measured"}
+
+
+def test_byte_models_and_the_fp32_peak():
+    # 4 rows x 3 columns, 5 nonzeros, batch 2, float32: pattern 4 * (5 + 5) + 4 * 5 = 60.
+    assert kernels.byte_models("spmm", 3, 4, 2, 5) == (60 + 24 + 16 + 32, 60 + 40 + 16 + 32)
+    assert kernels.byte_models("spmm_t", 3, 4, 2, 5) == (60 + 32 + 24, 60 + 40 + 24)
+    assert kernels.byte_models("sddmm", 3, 4, 2, 5) == (60 + 32 + 24, 60 + 80)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernels.byte_models("spmv", 3, 4, 2, 5)
+    # Issue 20: the 4096 layer at d = 0.1 pulls ~3.4 GB of batch rows per product.
+    assert kernels.byte_models("spmm", 4096, 4096, 512, 1679360)[1] == pytest.approx(3.47e9,
+                                                                                     rel=0.01)
+    # H200: 132 SMs at 1.98 GHz, 128 FP32 lanes: 66.9 TFLOP/s; A100: 64 lanes, 19.5.
+    assert kernels.fp32_peak_flops(132, 1_980_000, 9, 0) == pytest.approx(66.9e12, rel=1e-3)
+    assert kernels.fp32_peak_flops(108, 1_410_000, 8, 0) == pytest.approx(19.5e12, rel=1e-3)
+
+
+def test_choice_labels():
+    labels = [kernels.variant_label(m, g) for m, g in kernels.SDDMM_VARIANTS]
+    assert kernels.choice_label("sddmm", "vec", None, 512, labels) == "vec:16"
+    assert kernels.choice_label("sddmm", "warp", None, 64, labels) == "warp:8"
+    assert kernels.choice_label("sddmm", "warp", 4, 64, labels) == "warp:4"
+    assert kernels.choice_label("sddmm", "thread", None, 512, labels) == "thread"
+    assert kernels.choice_label("spmm", "vec", None, 512, ["rows", "vec"]) == "vec"
+
+
+def test_median_time_takes_the_median_of_the_event_pairs():
+    class Event:
+        clock = iter(range(100))
+
+        def record(self):
+            self.t = next(Event.clock)
+
+        def synchronize(self):
+            pass
+
+    calls = []
+    # Pairs recorded at (0, 1), (2, 3), (4, 5): made-up elapsed times by the pair's start.
+    elapsed = {0: 5.0, 2: 1.0, 4: 3.0}
+    seconds = dense.median_time(lambda: calls.append(1), 3,
+                                (Event, lambda s, e: elapsed[s.t]), warmup=2)
+    assert seconds == 3.0 and len(calls) == 5
+
+
+def test_time_steps_rotates_and_takes_medians():
+    order = []
+
+    def step(name, seconds):
+        def run():
+            order.append(name)
+            return {"step": next(seconds)}
+        return run
+
+    # Each: a warm-up step, then per round one untimed step (9.0 s) before the timed ones.
+    steps = {"a": step("a", iter([9.0, 9.0, 1.0, 2.0, 9.0, 3.0])),
+             "b": step("b", iter([9.0, 9.0, 5.0, 6.0, 9.0, 7.0]))}
+    medians = kernels.time_steps(steps, n=3, per_round=2, warmup=1)
+    # Warm-ups; round 1: a (untimed, 2 timed), then b; round 2 starts with b (untimed, 1).
+    assert order == ["a", "b", "a", "a", "a", "b", "b", "b", "b", "b", "a", "a"]
+    assert medians == {"a": 2.0, "b": 6.0}
+
+
+def test_the_tf32_child_runs_and_says_its_precision():
+    """The plumbing of the CUPY_TF32=1 child, on the CPU (NumPy: no TF32 there)."""
+    out, why = dense.tf32_us("cpu", [(8, 4, 4)], 1, timeout=120)
+    assert why == "" and out["precision"] == "FP32 (NumPy on the CPU)"
+    assert set(out["us"]["8->4 b4"]) == {"spmm", "spmm_t", "sddmm"}
+
+
+def test_every_variant_runs_through_the_gpu_path_on_the_fake_gpu():
+    """The GPU side of the calls (the transposed pattern, the row orders of "vec" and
+    "auto", the SDDMM groups) on tests/fake_gpu.py's device, whose kernels are the C++
+    emulation; its clock is the CPU's (the fake has no event timer), its cuSPARSE none."""
+    import types
+
+    import numpy
+
+    import cupynn
+    from fake_gpu import FakeGpu
+
+    with FakeGpu() as fake:
+        layer = cupynn.SparseLinear(12, 8, 0.3, seed=1, device=fake.backend)
+        rng = numpy.random.default_rng(0)
+        xp = fake.backend.xp
+        x = xp.asarray(rng.standard_normal((12, 8), dtype=numpy.float32))
+        dy = xp.asarray(rng.standard_normal((8, 8), dtype=numpy.float32))
+        out = xp.empty(layer.nnz, dtype=numpy.float32)
+        ctx = types.SimpleNamespace(gpu=False, backend=fake.backend)
+        choose, _ = kernels.load_choose()
+        groups = {k: kernels.measure_group(ctx, k, call, (12, 8, 8), 0.3, layer.nnz, 1, None,
+                                           choose)
+                  for k, call in kernels.kernel_calls(layer, x, dy, out).items()}
+    for kernel, g in groups.items():
+        methods = kernels.methods_of(kernel)
+        for label, v in g["variants"].items():
+            if label == "cusparse":
+                assert v["status"].startswith("error: NotFaked"), v
+            elif label.split(":")[0] in methods:
+                assert v["status"] == kernels.MEASURED and v["max_rel_diff"] < 1e-5, (label, v)
+            else:
+                assert v["status"] == kernels.ABSENT
+    # "rows", "tiles" and "vec" sum in one order; the tiled SDDMM is the warp kernel's.
+    for kernel in ("spmm", "spmm_t"):
+        assert all(groups[kernel]["variants"][k]["bits_equal_default"]
+                   for k in ("rows", "tiles", "vec") if k.split(":")[0] in
+                   kernels.methods_of(kernel))
+    assert groups["sddmm"]["variants"]["tiles:8"]["bits_equal_default"]  # default warp:8

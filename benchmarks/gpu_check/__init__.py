@@ -19,8 +19,13 @@ correctness
 speed and memory
     ``steps``: training step of sparse, dense and masked-dense (PyTorch) models
     at 784-256-256-10 and 784-4096-4096-10, batch 512, densities 0.1 and 0.03,
-    and the peak device memory of each; ``sddmm``: the thread and warp SDDMM
-    kernels timed at the layers' shapes; ``launches``: kernel launches and
+    and the peak device memory of each; ``kernels`` (issue 20): every variant
+    of the three sparse products at every layer shape, with bandwidth, FLOP/s,
+    bit-equality with the default, the fastest per shape against
+    ``kernels.choice.choose``'s pick, dense baselines by precision (cuBLAS FP32
+    and TF32, torch masked-dense), the 4096 layer and the 784-4096-4096-10
+    step with default and "auto" kernels against the issue's targets;
+    ``launches``: kernel launches and
     host waits per training step; ``graph``: the step captured as a CUDA
     graph (``cupynn.graph``, issue 19) against its eager launches (bit for
     bit) and the eager step, its time, kernels and host waits per step, and
@@ -40,7 +45,7 @@ A dry run never says "passed".
 The package: :mod:`.runner` runs the parts (each in a process of its own, under
 its limit and the budget) and gives the verdict; :mod:`.parts` holds the parts,
 a module for one or a few (``tests``, ``parity``, ``speed``: steps, higgs and
-redistribution, ``sddmm``, ``launches``, ``graph``, ``mpi``, ``env``), all on what
+redistribution, ``kernels`` with ``dense``, ``launches``, ``graph``, ``mpi``, ``env``), all on what
 :mod:`.context` gives them; :mod:`.report` writes the reports; :mod:`.failures`
 is the pytest plugin of the tests part.
 """

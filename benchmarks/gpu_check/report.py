@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy
 
-from .parts.sddmm import SDDMM_TILED_VARIANTS, SDDMM_VARIANTS
+from .parts.dense import DENSE_KEYS
+from .parts.kernels import KERNELS, MEASURED
 
 REPORT_JSON, REPORT_MD = "gpu-check.json", "gpu-check.md"
 
@@ -106,30 +107,8 @@ def _details(p: dict[str, Any]) -> list[str]:
                              [[r["sizes"], r["model"], r["density"], r["peak_bytes"] / 2**20,
                                r.get("vs_dense"), (r.get("peer_peak_bytes") or 0) / 2**20 or None,
                                r.get("vs_peer")] for r in d["memory"]])
-    elif p["name"] == "sddmm" and d.get("rows"):
-        labels = [m if g is None else f"{m}{g}"
-                  for m, g in SDDMM_VARIANTS + SDDMM_TILED_VARIANTS]
-        out += ["", f"microseconds per call: the mean of {d['reps']} calls between two CUDA "
-                    f"events (a wall clock on the CPU); `tiles` is issue 20's tiled kernel, "
-                    f"off by default", ""]
-        out += _md_table(["shape", "density", "nnz", *labels, "fastest", "default"],
-                         [[r["shape"], r["density"], r["nnz"],
-                           *[r["us"].get(k) for k in labels], r["fastest"], r["default"]]
-                          for r in d["rows"]])
-        if d.get("products"):
-            out += ["", "The layer's products, microseconds per call: `spmm` (with bias and "
-                        "ReLU) and `spmm_t`, by spmm.cu (`rows`, the default; `tiles`, issue "
-                        "20's tiled kernels, off by default) and by cuSPARSE "
-                        "(`$CUPYNN_SPMM=cusparse`):", ""]
-            out += _md_table(["shape", "density", "nnz", "spmm rows", "spmm tiles",
-                              "spmm cuSPARSE", "spmm_t rows", "spmm_t tiles", "spmm_t cuSPARSE",
-                              "rows / cuSPARSE", "tiles / rows", "max rel diff"],
-                             [[r["shape"], r["density"], r["nnz"], r["spmm_us"]["rows"],
-                               r["spmm_us"].get("tiles"), r["spmm_us"]["cusparse"],
-                               r["spmm_t_us"]["rows"], r["spmm_t_us"].get("tiles"),
-                               r["spmm_t_us"]["cusparse"], r["rows_us"] / r["cusparse_us"],
-                               (r["tiles_us"] / r["rows_us"]) if r.get("tiles_us") else None,
-                               r["max_rel_diff"]] for r in d["products"]])
+    elif p["name"] == "kernels" and d.get("groups"):
+        out += _kernels_details(d)
     elif p["name"] == "launches" and d.get("models"):
         out += [""] + _md_table(
             ["model", "batch", "kernels/step", "copies/step", "memsets/step", "waits/step (CUPTI)",
@@ -168,6 +147,82 @@ def _details(p: dict[str, Any]) -> list[str]:
         out += [""] + [f"- {k}: {v}" for k, v in d.items()]
     elif p["name"] == "tests" and d.get("failures"):
         out += ["", "```"] + d["failures"] + ["```"]
+    return out
+
+
+DENSE_HEADERS = {"cublas_fp32": "cuBLAS FP32", "cublas_tf32": "cuBLAS TF32",
+                 "torch_masked_fp32": "torch masked FP32", "torch_masked_tf32": "torch masked TF32"}
+
+
+def _variant_cell(v: dict[str, Any]) -> Any:
+    if v["status"] == MEASURED:
+        return v["us"]
+    return "absent" if v["status"] == "absent" else "error"
+
+
+def _kernels_details(d: dict[str, Any]) -> list[str]:
+    """The kernels part's tables: each kernel's variants per shape, the 4096 layer's
+    sums, the step and its peak memory."""
+    peak = d.get("peak") or {}
+    out = ["", f"Microseconds per call, float32: the median of {d['reps']} calls, each between "
+               f"two CUDA events (a wall clock on the CPU: not GPU figures). For the fastest "
+               f"variant: GB/s under two byte models (min: every array once, the DRAM view; "
+               f"L2: a whole dense row per nonzero), GFLOP/s (2 nnz batch) and its share of "
+               f"the FP32 peak ({peak.get('formula')}). \"bits != default\": variants whose "
+               f"output is not the default method's bit for bit. Dense baselines by "
+               f"precision: " + "; ".join(f"{DENSE_HEADERS[k]} = {v}" for k, v in
+                                         (d.get("dense_precisions") or {}).items()) + "."]
+    for kernel in KERNELS:
+        groups = [g for g in d["groups"] if g["kernel"] == kernel]
+        if not groups:
+            continue
+        labels = list(groups[0]["variants"])
+        rows = []
+        for g in groups:
+            best = g["variants"].get(g["fastest"]) or {}
+            differ = [k for k, v in g["variants"].items()
+                      if v["status"] == MEASURED and not v["bits_equal_default"]]
+            dense = g.get("dense_us") or {}
+            rows.append([g["shape"], g["density"], g["nnz"],
+                         *[_variant_cell(g["variants"][k]) for k in labels], g["fastest"],
+                         best.get("gb_s_min"), best.get("gb_s_l2"), best.get("gflop_s"),
+                         best.get("peak_fraction"), ", ".join(differ) or "none", g["default"],
+                         g["default_vs_fastest"], g.get("choice"), g["choice_vs_fastest"],
+                         g["auto_vs_fastest"], *[dense.get(k) for k in DENSE_KEYS],
+                         g["fastest_vs_dense_fp32"]])
+        out += ["", f"`{kernel}`:", ""]
+        out += _md_table(["shape", "density", "nnz", *labels, "fastest", "GB/s min", "GB/s L2",
+                          "GFLOP/s", "of FP32 peak", "bits != default", "default",
+                          "default / fastest", "choose()", "choose() / fastest",
+                          "auto / fastest", *[f"{DENSE_HEADERS[k]} us" for k in DENSE_KEYS],
+                          "fastest / cuBLAS FP32"], rows)
+    if d.get("layer_ms"):
+        out += ["", "The 4096 x 4096 layer at batch 512, its three kernels summed (ms), by "
+                    "the fastest variants, the default, choose()'s picks and \"auto\" (issue "
+                    "20's targets: the part's Targets):", ""]
+        out += _md_table(["layer", "fastest", "default", "choose()", "auto"],
+                         [[k, v["fastest"], v["default"], v["choice"], v["auto"]]
+                          for k, v in d["layer_ms"].items()])
+    if d.get("targets"):
+        out += ["", "Issue 20's targets (met when the value is at most the limit; not measured "
+                    "off a GPU):", ""]
+        out += _md_table(["target", "value", "limit", "verdict"],
+                         [[t["name"], t["value"], t["limit"], t["verdict"]]
+                          for t in d["targets"]])
+    if d.get("steps"):
+        peaks = {(m["density"], m["kernels"]): m for m in d.get("memory") or []}
+        out += ["", f"The training step (median ms; dense = every layer cupynn.Linear, "
+                    f"{DENSE_HEADERS['cublas_fp32']}), by kernel setting, and its peak memory "
+                    f"({d.get('memory_how')}), building the model and one step:", ""]
+        out += _md_table(["sizes", "batch", "model", "density", "kernels", "step ms",
+                          "/ dense FP32", "peak MiB", "/ default's peak"],
+                         [[r["sizes"], r["batch"], r["model"], r["density"],
+                           r["kernels"] or "-", r["step_ms"] if r["step_ms"] is not None
+                           else r.get("status"), r["vs_dense_fp32"],
+                           (peaks.get((r["density"], r["kernels"])) or {}).get("peak_bytes", 0)
+                           / 2**20 or None,
+                           (peaks.get((r["density"], r["kernels"])) or {}).get("vs_default")]
+                          for r in d["steps"]])
     return out
 
 

@@ -43,7 +43,8 @@ PARTS = (
     Part("tests", "GPU tests (pytest -m gpu)", 150, 60),
     Part("parity", "CPU <-> GPU parity, 2 epochs, float64", 40, 60),
     Part("steps", "training step and peak memory", 40, 60),
-    Part("sddmm", "SDDMM kernels: thread vs warp; products: spmm.cu vs cuSPARSE", 25, 30),
+    Part("kernels", "sparse kernels: every variant at every layer shape, dense baselines, "
+                    "issue 20's targets", 40, 40),
     Part("launches", "kernel launches and host waits per step", 25, 20),
     Part("graph", "the step as a CUDA graph: equality, step time, launches, HIGGS epoch", 45, 30),
     Part("higgs", "one HIGGS-sized epoch", 50, 40),
