@@ -43,8 +43,10 @@ purpose), times the weights and the neurons (``784 + 3W + 10``) of width
 process's resident set on the CPU; 0 on the GPU, whose budget is device
 memory). It leaves out the build's and the step's temporaries: the measured
 peak ÷ the projection says how much they add (each row of the table also
-shows its projection from the row before it). ``GB`` is 10^9 bytes, ``GiB``
-2^30.
+shows its projection from the row before it; about 1 % on the CPU here), and
+the search keeps ``--headroom`` (default 3 %) of the budget for them: the
+chosen W projects within ``budget × (1 - headroom)``. ``GB`` is 10^9 bytes,
+``GiB`` 2^30.
 
 Output: the table on stdout and, under ``--out`` (default ``docs/scale/``),
 ``<name>.json`` (the machine, the settings, every row, every step's phases)
@@ -147,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", type=parse_bytes, default=None, metavar="BUDGET",
                    help="find the largest W whose projected peak fits BUDGET (16GB, 12GiB) and "
                         "train it for --steps steps")
+    p.add_argument("--headroom", type=float, default=0.03,
+                   help="--memory: the share of the budget kept for what the projection leaves "
+                        "out (the build's and the step's temporaries)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -174,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be >= 0")
     if not 0 < args.fraction <= 1:
         p.error("--fraction must be in (0, 1]")
+    if not 0 <= args.headroom < 1:
+        p.error("--headroom must be in [0, 1)")
     if args.redistribute:
         from cupynn.redistribution import create
 
@@ -457,8 +464,10 @@ def within_budget(rows: list[dict[str, Any]], args: argparse.Namespace, backend:
     else:
         baseline_now = int(memory.rss_bytes() or rows[-1]["baseline_bytes"])
     cal = calibration(rows[-1], baseline_now, args.batch, args.dtype, args.inputs)
-    width = largest_width(args.memory, cal)
-    out: dict[str, Any] = {"budget_bytes": args.memory, "calibration": cal, "width": width,
+    search = int(args.memory * (1 - args.headroom))
+    width = largest_width(search, cal)
+    out: dict[str, Any] = {"budget_bytes": args.memory, "headroom": args.headroom,
+                           "search_bytes": search, "calibration": cal, "width": width,
                            "projection": None, "next_projection": None, "row": None,
                            "calibration_row": rows[-1] if rows[-1].get("calibration_only")
                            else None}
@@ -499,7 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: getattr(args, k) for k in ("widths", "inputs", "batch", "steps", "warmup",
                                                "rows", "redistribute", "redistribution",
                                                "fraction", "redistribution_max_gflop", "memory",
-                                               "dtype", "lr", "seed", "quick")}
+                                               "headroom", "dtype", "lr", "seed", "quick")}
     settings["wall_seconds"] = round(time.perf_counter() - start, 1)
     return {"machine": info, "settings": settings, "rows": rows, "budget": budget}
 
@@ -568,7 +577,9 @@ def format_report(report: dict[str, Any]) -> str:
     b = report["budget"]
     if b:
         lines += ["", f"Largest model within {b['budget_bytes'] / 1e9:g} GB "
-                      f"({b['budget_bytes'] / 2**30:.2f} GiB):", ""]
+                      f"({b['budget_bytes'] / 2**30:.2f} GiB; projected within "
+                      f"{mib(b['search_bytes'])} MiB, {b['headroom']:.0%} kept for "
+                      f"temporaries):", ""]
         cal = b["calibration"]
         lines.append(f"projection from W={cal['width']:,}: {cal['bytes_per_weight']:.2f} B per "
                      f"weight, {cal['bytes_per_neuron']:.2f} B per neuron, the activations at "

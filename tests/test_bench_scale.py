@@ -74,10 +74,12 @@ def test_projection_and_the_chosen_width(quick_report):
     w = b["width"]
     assert w is not None and w > report["rows"][-1]["width"]
     assert b["budget_bytes"] == budget
+    search = b["search_bytes"]
+    assert search == int(budget * (1 - report["settings"]["headroom"])) < budget
     assert b["projection"] == bs.projected_peak(w, cal)
-    assert b["projection"]["total"] <= budget < bs.projected_peak(w + 1, cal)["total"]
-    assert b["next_projection"]["total"] > budget
-    assert bs.largest_width(budget, cal) == w
+    assert b["projection"]["total"] <= search < bs.projected_peak(w + 1, cal)["total"]
+    assert b["next_projection"]["total"] > search
+    assert bs.largest_width(search, cal) == w
     row = b["row"]
     assert row["width"] == w and row["projected_peak_bytes"] == b["projection"]["total"]
     ratio = row["peak_bytes"] / row["projected_peak_bytes"]
