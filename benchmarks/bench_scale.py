@@ -360,7 +360,7 @@ def measure(width: int, args: argparse.Namespace, backend: Any,
     }
     row["dense_twin_vs_sparse"] = row["dense_twin"]["total_bytes"] / fp["total_bytes"]
     if args.redistribute:
-        row["redistribution"] = redistribute(model, optimizer, step, width, args, backend,
+        row["redistribution"] = redistribute(model, optimizer, width, args, backend,
                                               redistribution_rate, label)
         row["peak_bytes"] = max(row["peak_bytes"], peak.peak())
         seconds = row["redistribution"]["seconds"]
@@ -373,10 +373,12 @@ def measure(width: int, args: argparse.Namespace, backend: Any,
     return row
 
 
-def redistribute(model: Any, optimizer: Any, step: Any, width: int, args: argparse.Namespace,
+def redistribute(model: Any, optimizer: Any, width: int, args: argparse.Namespace,
                  backend: Any, rate: list[float], label: str) -> dict[str, Any]:
     """One redistribution as the trainer runs it after an epoch (start_epoch, a step with
-    observe, redistribute on one growth batch), timed; or its time extrapolated."""
+    observe, redistribute on one growth batch), timed; or its time extrapolated. The
+    trainer also takes the probe batch's loss before and after (two forward passes) and
+    the network's health: not counted here."""
     from cupynn.redistribution import create
 
     gflop = growth_gflop(width, args)
@@ -397,9 +399,8 @@ def redistribute(model: Any, optimizer: Any, step: Any, width: int, args: argpar
     redistributor.start_epoch(model, -(-args.rows // args.batch), True)
     backend.synchronize()
     out["start_epoch_s"] = time.perf_counter() - start
-    step.redistributor = redistributor
-    step(x, y)  # observe runs as in the epoch's last step
-    step.redistributor = None
+    # The epoch's last step, with the redistributor's observe (gradient growth's is a no-op).
+    TrainStep(model, optimizer, redistributor=redistributor)(x, y)
     log(args, f"{label}: redistributing ({args.redistribution}, fraction {args.fraction}, "
               f"{gflop:,.1f} GFLOP of dense gradient)")
     backend.synchronize()
