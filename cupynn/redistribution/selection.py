@@ -116,6 +116,10 @@ class StreamingTopK:
     key_dtype : dtype of the keys kept (int64 by default; int32 suffices when
         every key fits)
     slack : int, optional
+
+    ``bar`` (a host float, ``-inf`` until the first cut) is the k-th best score
+    held at the last cut: a score that does not beat it can never be chosen, so
+    a caller that can bound a push's scores by it may skip the push.
     """
 
     def __init__(self, xp: Any, k: int, dtype: Any = numpy.float64, key_dtype: Any = numpy.int64,
@@ -127,6 +131,7 @@ class StreamingTopK:
         self._keys = xp.empty(0, dtype=key_dtype)
         self._count = 0
         self._bar: Any = -numpy.inf  # the k-th best held score, once k are held
+        self.bar = -numpy.inf  # the same, a host float (read once per cut)
         self._last_key = -1
 
     @property
@@ -213,6 +218,7 @@ class StreamingTopK:
         self._keys[:self.k] = self._keys[:n][keep]
         self._count = self.k
         self._bar = bar
+        self.bar = float(bar)
 
     def result(self) -> Any:
         """The selected keys, ascending (int64)."""

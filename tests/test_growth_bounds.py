@@ -1,0 +1,79 @@
+"""Gradient growth skips the blocks of rows whose |dL/dW| is bounded by the running
+top-k's bar (Cauchy-Schwarz: ||dy_r|| * max_c ||x_c||), and must choose exactly what
+forming and pushing every block chooses."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import cupynn
+from cupynn.csr import linear_keys
+from cupynn.redistribution import gradient
+from cupynn.redistribution.base import GradientProbe
+from cupynn.redistribution.selection import StreamingTopK
+
+
+def _probe(seed: int, width: int = 300, batch: int = 16):
+    model = cupynn.MLP([20, width, width, 5], density=[0.3, 0.02, 1.0], seed=seed, device="cpu",
+                       dtype="float64")
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal((batch, 20))
+    y = rng.integers(0, 5, batch)
+    return model, GradientProbe(model, x, y, "cross_entropy")
+
+
+def _grow(model, probe, index, k, block_elements, counter=None):
+    layer = model.sparse_layers[index]
+    kept = linear_keys(layer.indptr, layer.indices, layer.in_features)
+    top = StreamingTopK(numpy, k, dtype=numpy.float64, slack=4)
+    if counter is not None:
+        form = probe.dense_gradient_rows
+
+        def counted(*args, **kwargs):
+            counter.append(1)
+            return form(*args, **kwargs)
+        probe.dense_gradient_rows = counted
+    gradient.push_layer_gradient(top, probe, index, layer, kept, 0, block_elements)
+    return top.result()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("block_rows", [1, 7])
+def test_skipping_bounded_blocks_chooses_the_same_keys(monkeypatch, seed, block_rows):
+    model, probe = _probe(seed)
+    layer = model.sparse_layers[1]
+    dead = int((numpy.abs(probe.output_grads[1]).sum(axis=1) == 0).sum())
+    assert dead > 30  # units the ReLU shut for the whole batch: their rows bound to 0
+    with_bounds: list[int] = []
+    chosen = _grow(model, probe, 1, 40, block_rows * layer.in_features, with_bounds)
+    monkeypatch.setattr(gradient, "row_bounds", lambda probe, index: None)
+    model, probe = _probe(seed)
+    without: list[int] = []
+    expected = _grow(model, probe, 1, 40, block_rows * layer.in_features, without)
+    assert numpy.array_equal(chosen, expected)
+    assert len(without) == -(-layer.out_features // block_rows)
+    if block_rows == 1:  # one row a block: the rows of shut units are skipped
+        assert len(with_bounds) < len(without)
+    else:
+        assert len(with_bounds) <= len(without)
+
+
+def test_row_bounds_bound_every_score_and_vanish_at_shut_units():
+    model, probe = _probe(3)
+    bounds = gradient.row_bounds(probe, 1)
+    dense = numpy.abs(probe.dense_gradient_rows(1, slice(None)))
+    assert (dense.max(axis=1) <= bounds * (1 + 1e-12)).all()
+    shut = numpy.abs(probe.output_grads[1]).sum(axis=1) == 0
+    assert shut.any() and (bounds[shut] == 0).all() and (bounds[~shut] > 0).all()
+
+
+def test_the_bar_is_the_kth_best_held_at_the_last_cut():
+    top = StreamingTopK(numpy, 3, slack=1)
+    assert top.bar == -numpy.inf
+    top.push(numpy.array([5.0, 1.0, 4.0, 2.0]), 0)
+    top.push(numpy.array([3.0, 0.5]), 4)
+    top.push(numpy.array([6.0, 7.0]), 6)
+    assert top.bar == 3.0  # the 3rd best of 5, 4, 2, 3 at the cut
+    assert top.bar <= sorted(top.scores, reverse=True)[2]
+    assert list(top.result()) == [0, 6, 7]
