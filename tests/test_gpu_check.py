@@ -579,3 +579,30 @@ def test_every_variant_runs_through_the_gpu_path_on_the_fake_gpu():
                    for k in ("rows", "tiles", "vec") if k.split(":")[0] in
                    kernels.methods_of(kernel))
     assert groups["sddmm"]["variants"]["tiles:8"]["bits_equal_default"]  # default warp:8
+
+
+def test_device_peak_reads_the_properties_or_the_clock_attribute():
+    import types
+
+    def ctx(props, attribute):
+        runtime = types.SimpleNamespace(getDeviceProperties=lambda device: props,
+                                        deviceGetAttribute=attribute)
+        cuda = types.SimpleNamespace(runtime=runtime, Device=lambda: types.SimpleNamespace(id=0))
+        return types.SimpleNamespace(gpu=True, backend=types.SimpleNamespace(
+            xp=types.SimpleNamespace(cuda=cuda)))
+
+    h200 = {"multiProcessorCount": 132, "major": 9, "minor": 0}
+
+    def clock(attr, device):
+        assert attr == kernels.CUDA_CLOCK_RATE_ATTR
+        return 1_980_000
+
+    def missing(attr, device):
+        raise RuntimeError("cudaErrorInvalidValue")
+
+    for peak in (kernels.device_peak(ctx({**h200, "clockRate": 1_980_000}, missing)),
+                 kernels.device_peak(ctx(h200, clock))):
+        assert peak["fp32_flops"] == pytest.approx(66.9e12, rel=1e-3)
+        assert peak["formula"] == "132 SMs x 1.980 GHz x 128 FP32 lanes x 2"
+    lost = kernels.device_peak(ctx(h200, missing))
+    assert lost["fp32_flops"] is None and "no clock rate" in lost["formula"]

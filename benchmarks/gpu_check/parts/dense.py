@@ -200,7 +200,11 @@ def dense_baselines(xp: Any, gpu: bool, device: str, shapes: list[Shape], reps: 
     labels["cublas_tf32"] = f"cuBLAS CUPY_TF32=1: {tf32['precision']}" if tf32 else "not run"
     if why:
         notes.append(f"cuBLAS TF32: {why}")
-    torch_us, torch_note = torch_masked_us(gpu, shapes, reps)
+    try:
+        torch_us, torch_note = torch_masked_us(gpu, shapes, reps)
+    except Exception as exc:  # the other baselines stand without torch's
+        torch_us, torch_note = {"fp32": None, "tf32": None}, \
+            f"torch masked-dense failed: {type(exc).__name__}: {exc}"[:300]
     labels["torch_masked_fp32"] = (f"{torch_note}: allow_tf32=False (FP32)" if torch_us["fp32"]
                                    else "not run")
     labels["torch_masked_tf32"] = (f"{torch_note}: allow_tf32=True (TF32)" if torch_us["tf32"]

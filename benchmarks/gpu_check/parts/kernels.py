@@ -149,7 +149,11 @@ def device_peak(ctx: Context) -> dict[str, Any]:
     runtime = ctx.backend.xp.cuda.runtime
     device = ctx.backend.xp.cuda.Device().id
     props = runtime.getDeviceProperties(device)
-    clock = props.get("clockRate") or runtime.deviceGetAttribute(CUDA_CLOCK_RATE_ATTR, device)
+    try:  # CUDA 13 dropped clockRate from the properties; the attribute stays
+        clock = props.get("clockRate") or runtime.deviceGetAttribute(CUDA_CLOCK_RATE_ATTR,
+                                                                     device)
+    except Exception as exc:  # the part goes on without the peak's fractions
+        return {"fp32_flops": None, "formula": f"no clock rate ({type(exc).__name__}: {exc})"}
     major, minor, sms = props["major"], props["minor"], props["multiProcessorCount"]
     lanes = FP32_LANES.get((major, minor), 128)
     return {"fp32_flops": fp32_peak_flops(sms, clock, major, minor), "sm_count": sms,
@@ -457,6 +461,8 @@ def part_kernels(ctx: Context) -> dict[str, Any]:
     dense, precisions, dense_notes = dense_baselines(
         ctx.backend.xp, ctx.gpu, ctx.device, shapes, reps, timeout=max(5.0, ctx.remaining() - 20))
     notes += dense_notes
+    if "FP32" not in precisions["cublas_fp32"]:
+        notes.append(f"the dense step's matmul is not FP32 here: {precisions['cublas_fp32']}")
     for g in groups:
         g["dense_us"] = dense[g["shape"]][g["kernel"]]
         finish_group(g)
