@@ -23,16 +23,18 @@ def _probe(seed: int, width: int = 300, batch: int = 16):
     return model, GradientProbe(model, x, y, "cross_entropy")
 
 
-def _grow(model, probe, index, k, block_elements, counter=None):
+def _grow(model, probe, index, k, block_elements, counter=None, rows=None):
     layer = model.sparse_layers[index]
     kept = linear_keys(layer.indptr, layer.indices, layer.in_features)
     top = StreamingTopK(numpy, k, dtype=numpy.float64, slack=4)
     if counter is not None:
         form = probe.dense_gradient_rows
 
-        def counted(*args, **kwargs):
+        def counted(index, which, out=None):
             counter.append(1)
-            return form(*args, **kwargs)
+            if rows is not None:
+                rows.append(len(range(300)[which]) if isinstance(which, slice) else len(which))
+            return form(index, which, out=out)
         probe.dense_gradient_rows = counted
     gradient.push_layer_gradient(top, probe, index, layer, kept, 0, block_elements)
     return top.result()
@@ -41,22 +43,22 @@ def _grow(model, probe, index, k, block_elements, counter=None):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("block_rows", [1, 7])
 def test_skipping_bounded_blocks_chooses_the_same_keys(monkeypatch, seed, block_rows):
+    monkeypatch.setattr(gradient, "MIN_BLOCK_ROWS", 1)
     model, probe = _probe(seed)
     layer = model.sparse_layers[1]
     dead = int((numpy.abs(probe.output_grads[1]).sum(axis=1) == 0).sum())
     assert dead > 30  # units the ReLU shut for the whole batch: their rows bound to 0
     with_bounds: list[int] = []
-    chosen = _grow(model, probe, 1, 40, block_rows * layer.in_features, with_bounds)
+    chosen = _grow(model, probe, 1, 40, block_rows * layer.in_features, [], with_bounds)
     monkeypatch.setattr(gradient, "row_bounds", lambda probe, index: None)
     model, probe = _probe(seed)
     without: list[int] = []
-    expected = _grow(model, probe, 1, 40, block_rows * layer.in_features, without)
+    blocks: list[int] = []
+    expected = _grow(model, probe, 1, 40, block_rows * layer.in_features, blocks, without)
     assert numpy.array_equal(chosen, expected)
-    assert len(without) == -(-layer.out_features // block_rows)
-    if block_rows == 1:  # one row a block: the rows of shut units are skipped
-        assert len(with_bounds) < len(without)
-    else:
-        assert len(with_bounds) <= len(without)
+    assert len(blocks) == -(-layer.out_features // block_rows)
+    assert sum(without) == layer.out_features
+    assert sum(with_bounds) < sum(without)  # rows left out
 
 
 def test_row_bounds_bound_every_score_and_vanish_at_shut_units():
@@ -77,3 +79,19 @@ def test_the_bar_is_the_kth_best_held_at_the_last_cut():
     assert top.bar == 3.0  # the 3rd best of 5, 4, 2, 3 at the cut
     assert top.bar <= sorted(top.scores, reverse=True)[2]
     assert list(top.result()) == [0, 6, 7]
+
+
+@pytest.mark.parametrize("min_rows", [1, 32])
+def test_blocks_form_only_the_rows_that_can_beat_the_bar(monkeypatch, min_rows):
+    monkeypatch.setattr(gradient, "MIN_BLOCK_ROWS", min_rows)
+    model, probe = _probe(4)
+    layer = model.sparse_layers[1]
+    formed: list[int] = []
+    chosen = _grow(model, probe, 1, 40, 8 * layer.in_features, [], formed)
+    monkeypatch.setattr(gradient, "row_bounds", lambda probe, index: None)
+    model, probe = _probe(4)
+    every: list[int] = []
+    assert numpy.array_equal(chosen, _grow(model, probe, 1, 40, 8 * layer.in_features, [], every))
+    assert sum(every) == layer.out_features
+    assert sum(formed) < sum(every)
+    assert max(every) == max(8, min_rows)  # a block holds MIN_BLOCK_ROWS rows at least

@@ -11,10 +11,13 @@ count), with keys offset per layer. A layer's output gradient is released as
 soon as its blocks are done.
 
 Memory, beyond the layer's survivors' keys: the block buffer
-(``block_elements`` values), the running top-k (at most 2k candidates, a
-score and a key each; int32 keys where they fit) and the new keys. ``BLOCK_ELEMENTS`` = 2^18 keeps the
-block at 1 MiB in float32; the products stay large enough for BLAS (64 rows
-of a 4096-wide layer, 334 of a 784-wide one, per call).
+(``block_elements`` values, or ``MIN_BLOCK_ROWS`` rows where rows are wider
+than ``block_elements / MIN_BLOCK_ROWS``; twice that when rows bounded by the
+top-k's bar are left out, see :func:`push_layer_gradient`), the running top-k
+(at most 2k candidates, a score and a key each; int32 keys where they fit) and
+the new keys. ``BLOCK_ELEMENTS`` = 2^18 keeps the block at 1 MiB in float32;
+the products stay large enough for BLAS (64 rows of a 4096-wide layer, 334 of a
+784-wide one, per call; 32 rows, 42 MB, of a 333 333-wide one).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def _key_dtype(n_keys: int) -> Any:
 # A block is skipped when (this factor) x its bound cannot beat the top-k's bar: far
 # more than the rounding of a float32 dot product of 2^20 terms or of the norms.
 BOUND_MARGIN = 1.01
+# Rows of a block of the dense gradient at the least, whatever ``block_elements`` says.
+MIN_BLOCK_ROWS = 32
 
 
 def row_bounds(probe: GradientProbe, index: int) -> numpy.ndarray | None:
@@ -60,28 +65,47 @@ def push_layer_gradient(top: StreamingTopK, probe: GradientProbe, index: int, la
                         kept: Any, key_offset: int, block_elements: int) -> None:
     """Offer every inactive position of one layer to ``top``, scored by |grad|.
 
-    A block of rows whose scores are bounded (:func:`row_bounds`, with
-    :data:`BOUND_MARGIN`) by the top-k's bar cannot place a candidate, so it is
-    neither formed nor pushed: the same result, without the product. In wide
-    layers (one row a block) that spares the rows of the units the ReLU shut
-    for the batch, a third to a half of them, once the bar is above 0.
+    Blocks hold at least ``MIN_BLOCK_ROWS`` rows, so that the dense gradient is
+    a matrix product that reads ``X`` once per block, not once per row (one row
+    of a 333 333-wide layer is 1.3 MB, past ``block_elements``).
+
+    Rows whose scores are bounded (:func:`row_bounds`, with
+    :data:`BOUND_MARGIN`) by the top-k's bar cannot place a candidate: they are
+    not formed (their scores are pushed as -inf, a block of only such rows is
+    not pushed at all). The rows of units the ReLU shut for the batch, a third
+    to a half of a wide layer's, bound to 0. The same keys are chosen: the
+    scores that could beat the bar are the same.
     """
     xp = layer.backend.xp
     n_rows, n_cols = layer.out_features, layer.in_features
-    rows_per_block = max(1, block_elements // n_cols)
+    rows_per_block = min(n_rows, max(MIN_BLOCK_ROWS, block_elements // n_cols, 1))
     starts = list(range(0, n_rows, rows_per_block)) + [n_rows]
     bounds = xp.asarray(numpy.asarray(starts, dtype=numpy.int64) * n_cols)
     cuts = [int(c) for c in to_numpy(xp.searchsorted(kept, bounds))]  # one sync per layer
     row_bound = row_bounds(probe, index)
-    block_bound = None if row_bound is None else numpy.maximum.reduceat(
-        row_bound, numpy.asarray(starts[:-1], dtype=numpy.int64)) * BOUND_MARGIN
-    buffer = xp.empty((min(rows_per_block, n_rows), n_cols), dtype=probe.output_grads[index].dtype)
+    if row_bound is not None:
+        row_bound *= BOUND_MARGIN
+    dtype = probe.output_grads[index].dtype
+    buffer = xp.empty((rows_per_block, n_cols), dtype=dtype)
+    work = None  # the formed rows of a block with some rows bounded by the bar
     for b in range(len(starts) - 1):
-        if block_bound is not None and block_bound[b] <= top.bar:
-            continue  # no score of the block can beat the bar
         r0, r1 = starts[b], starts[b + 1]
-        scores = probe.dense_gradient_rows(index, slice(r0, r1), out=buffer[:r1 - r0])
-        scores = xp.abs(scores, out=scores).reshape(-1)
+        formed = (numpy.flatnonzero(row_bound[r0:r1] > top.bar) if row_bound is not None
+                  else None)
+        if formed is not None and formed.size == 0:
+            continue  # no score of the block can beat the bar
+        if formed is None or formed.size == r1 - r0:
+            scores = probe.dense_gradient_rows(index, slice(r0, r1), out=buffer[:r1 - r0])
+            scores = xp.abs(scores, out=scores).reshape(-1)
+        else:
+            if work is None:
+                work = xp.empty((rows_per_block, n_cols), dtype=dtype)
+            slots = xp.asarray(formed)
+            part = probe.dense_gradient_rows(index, slots + r0, out=work[:formed.size])
+            scores = buffer[:r1 - r0]
+            scores.fill(-xp.inf)  # may not be chosen (they could not beat the bar)
+            scores[slots] = xp.abs(part, out=part)
+            scores = scores.reshape(-1)
         scores[kept[cuts[b]:cuts[b + 1]] - r0 * n_cols] = -xp.inf  # active after the drop
         top.push(scores, key_offset + r0 * n_cols)
 
