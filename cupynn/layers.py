@@ -187,12 +187,11 @@ class SparseLinear(Layer):
         rng = _as_generator(seed, owner)
 
         n = _init.inputs_per_neuron(self.density, self.in_features)
-        indptr, indices = _init.partition_topology(self.in_features, self.out_features, n, rng)
-        data = _init.uniform(rng, indices.size, _init.weight_bound(n, self.init), self.dtype)
-        bias = _init.uniform(rng, self.out_features, _init.bias_bound(n), self.dtype)
-        xp = self.backend.xp
-        self.indptr, self.indices = xp.asarray(indptr), xp.asarray(indices)
-        self.data, self.bias = xp.asarray(data), xp.asarray(bias)
+        xp = self.backend.xp  # drawn on the host a piece at a time, kept on the device
+        self.indptr, self.indices = _init.partition_topology(self.in_features, self.out_features,
+                                                             n, rng, xp)
+        self.data = _init.uniform(rng, self.nnz, _init.weight_bound(n, self.init), self.dtype, xp)
+        self.bias = _init.uniform(rng, self.out_features, _init.bias_bound(n), self.dtype, xp)
         self.grad_data: Any = None
         self.grad_bias: Any = None
         self.topology_version = 0
@@ -362,11 +361,10 @@ class Linear(Layer):
         self.backend = get_backend(device)
         rng = _as_generator(seed, owner)
         k = self.in_features
-        weight = _init.uniform(rng, (self.out_features, k), _init.weight_bound(k, self.init),
-                               self.dtype)
-        bias = _init.uniform(rng, self.out_features, _init.bias_bound(k), self.dtype)
         xp = self.backend.xp
-        self.weight, self.bias = xp.asarray(weight), xp.asarray(bias)
+        self.weight = _init.uniform(rng, (self.out_features, k), _init.weight_bound(k, self.init),
+                                    self.dtype, xp)
+        self.bias = _init.uniform(rng, self.out_features, _init.bias_bound(k), self.dtype, xp)
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self._x: Any = None
