@@ -44,7 +44,7 @@ PARTS = (
     Part("parity", "CPU <-> GPU parity, 2 epochs, float64", 40, 60),
     Part("steps", "training step and peak memory", 40, 60),
     Part("kernels", "sparse kernels: every variant at every layer shape, dense baselines, "
-                    "issue 20's targets", 40, 40),
+                    "issue 20's targets", 40, 60),
     Part("launches", "kernel launches and host waits per step", 25, 20),
     Part("graph", "the step as a CUDA graph: equality, step time, launches, HIGGS epoch", 45, 30),
     Part("higgs", "one HIGGS-sized epoch", 50, 40),

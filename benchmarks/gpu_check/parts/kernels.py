@@ -86,6 +86,7 @@ KERNEL_TARGETS_MS = {0.1: 0.45, 0.03: 0.15}
 STEP_SIZES = (784, 4096, 4096, 10)
 STEP_TARGETS = {0.1: 0.5, 0.03: 0.25}
 MEMORY_TARGET = 1.0
+STEP_SECONDS = 12  # what the step and its peak memory need of the part's limit, with room
 # FP32 lanes per SM where they are not 128 (Pascal GP100, Volta, Turing, A100).
 FP32_LANES = {(6, 0): 64, (7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
 CUDA_CLOCK_RATE_ATTR = 13  # cudaDevAttrClockRate (kHz), where the properties lack clockRate
@@ -321,8 +322,12 @@ def kernel_groups(ctx: Context, shapes: list[Shape], reps: int, peak: float | No
             dy = xp.asarray(rng.standard_normal((n_out, batch), dtype=numpy.float32))
             out = xp.empty(layer.nnz, dtype=numpy.float32)
             for kernel, call in kernel_calls(layer, x, dy, out).items():
-                groups.append(measure_group(ctx, kernel, call, shape, density, layer.nnz, reps,
-                                            peak, choose))
+                g = measure_group(ctx, kernel, call, shape, density, layer.nnz, reps, peak,
+                                  choose)
+                groups.append(g)
+                # As it goes: a part stopped at its limit still leaves these in its notes.
+                print(f"[kernels] {kernel} {g['shape']} d={density:g}: " + ", ".join(
+                    f"{k} {fmt(v['us'], '.1f')}" for k, v in g["variants"].items()), flush=True)
             del layer, x, dy, out
     return groups, why
 
@@ -468,7 +473,12 @@ def part_kernels(ctx: Context) -> dict[str, Any]:
         finish_group(g)
     print("[kernels] dense baselines: " + ", ".join(f"{k}: {v}" for k, v in precisions.items()),
           flush=True)
-    steps, memory, memory_how = step_rows(ctx)
+    if ctx.remaining() > STEP_SECONDS:
+        steps, memory, memory_how = step_rows(ctx)
+    else:  # the variants ran long: keep what they measured rather than be killed
+        steps, memory, memory_how = [], [], "not run"
+        notes.append(f"the step was not timed: {ctx.remaining():.0f} s of the part's limit "
+                     f"left, under {STEP_SECONDS} s")
     print("[kernels] steps: " + "; ".join(f"d={r['density']:g} {r['kernels']}: "
                                           f"{r['vs_dense_fp32']}" for r in steps[1:]), flush=True)
     targets = kernel_targets(groups, ctx.gpu) + step_targets(steps, memory, ctx.gpu)
