@@ -58,7 +58,7 @@ from cupynn import kernels
 from cupynn.backend import to_numpy
 
 from ..context import FAILED, Context, result, target
-from .dense import DENSE_KEYS, Shape, cupy_events, dense_baselines, median_time, shape_label
+from .dense import Shape, cupy_events, dense_baselines, median_time, shape_label
 
 # (n_in, n_out, batch): the sparse layers of the step table (784-256-256-10 and
 # 784-4096-4096-10, batch 512; every layer sparse) and of HIGGS (21-256-256-256-1,
