@@ -124,7 +124,7 @@ def test_densities_follow_the_issue():
 
 def test_scale_part_dry_run(tmp_path):
     from benchmarks.gpu_check import context
-    from benchmarks.gpu_check.scale_part import part_scale
+    from benchmarks.gpu_check.parts.scale import part_scale
 
     ns = argparse.Namespace(quick=True, device="cpu", data_dir=None, out=str(tmp_path),
                             part_seconds=120.0)

@@ -3,7 +3,7 @@
 ``scripts/gpu_check.py`` is the entry point (``--help`` lists the options), and
 ``python -m benchmarks.gpu_check`` from the checkout the same. A lent GPU comes
 rarely and for minutes, with nothing to install: this runs, in one call of at
-most about seven minutes on one H100, everything that can only be checked there,
+most about eight minutes on one H100, everything that can only be checked there,
 and writes one JSON and one Markdown report into the folder it is given. The
 parts run in this order, each in a process of its own under a time limit, and
 each records its status and seconds even when an earlier one failed or hung:

@@ -25,7 +25,9 @@ from .parts.env import git_commit
 from .parts.tests import TESTS_LOG
 from .report import REPORT_JSON, REPORT_MD, _jsonable, format_table, write_reports
 
-BUDGET_S = 395  # the whole check on a GPU: under seven minutes (350 + the graph part's 45)
+# The whole check on a GPU: under eight minutes (350 + the graph part's 45 + the scale
+# part's 60), which leaves a retry of a part within a 15-minute device loan.
+BUDGET_S = 455
 # What runs each part in its process: the entry point, so that the command a part's report
 # records (sys.argv) runs that part again.
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -50,6 +52,7 @@ PARTS = (
     Part("higgs", "one HIGGS-sized epoch", 50, 40),
     Part("redistribution", "seconds per redistribution", 40, 60),
     Part("mpi", "2 MPI ranks sharing the GPU against 1 process", 25, 40),
+    Part("scale", "the largest sparse MLP the device holds, a few steps (issue 21)", 60, 40),
     Part("env", "environment", 15, 15),
 )
 PART_NAMES = tuple(p.name for p in PARTS)

@@ -1,5 +1,5 @@
 """The GPU check's ``scale`` part (issue 21): the largest sparse MLP the device holds,
-trained for a few steps. To be registered in ``parts/__init__.py`` as ``"scale"``.
+trained for a few steps. Registered as the part ``"scale"``.
 
 The model is ``benchmarks/bench_scale.py``'s family, ``784-W-W-W-10`` with the output
 layer dense, at :data:`INPUTS` inputs per neuron, built on the device
@@ -28,7 +28,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from .context import Context, result
+from ..context import Context, result
 
 INPUTS = 100  # inputs per neuron: 10 M hidden neurons x 100 = 1 B weights
 TARGET_HIDDEN_NEURONS = 10_000_000
