@@ -50,7 +50,7 @@ def test_skipping_bounded_blocks_chooses_the_same_keys(monkeypatch, seed, block_
     assert dead > 30  # units the ReLU shut for the whole batch: their rows bound to 0
     with_bounds: list[int] = []
     chosen = _grow(model, probe, 1, 40, block_rows * layer.in_features, [], with_bounds)
-    monkeypatch.setattr(gradient, "row_bounds", lambda probe, index: None)
+    monkeypatch.setattr(gradient.Bounds, "of", classmethod(lambda cls, probe, index: None))
     model, probe = _probe(seed)
     without: list[int] = []
     blocks: list[int] = []
@@ -88,10 +88,54 @@ def test_blocks_form_only_the_rows_that_can_beat_the_bar(monkeypatch, min_rows):
     layer = model.sparse_layers[1]
     formed: list[int] = []
     chosen = _grow(model, probe, 1, 40, 8 * layer.in_features, [], formed)
-    monkeypatch.setattr(gradient, "row_bounds", lambda probe, index: None)
+    monkeypatch.setattr(gradient.Bounds, "of", classmethod(lambda cls, probe, index: None))
     model, probe = _probe(4)
     every: list[int] = []
     assert numpy.array_equal(chosen, _grow(model, probe, 1, 40, 8 * layer.in_features, [], every))
     assert sum(every) == layer.out_features
     assert sum(formed) < sum(every)
     assert max(every) == max(8, min_rows)  # a block holds MIN_BLOCK_ROWS rows at least
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+@pytest.mark.parametrize("how", ["layer", "global"])
+def test_growth_with_floor_and_column_bounds_chooses_what_forming_everything_does(
+        monkeypatch, seed, how):
+    # Whole growths, per layer and global, against the same growths with no bounds.
+    def grow():
+        model, probe = _probe(seed, width=400, batch=24)
+        kept = [linear_keys(l.indptr, l.indices, l.in_features)[::2] for l in model.sparse_layers]
+        counts = [l.nnz - int(k.shape[0]) for l, k in zip(model.sparse_layers, kept)]
+        if how == "layer":
+            return gradient.grow_by_gradient(model, kept, probe, 64 * 400, counts)
+        return gradient.grow_by_gradient_globally(model, kept, probe, 64 * 400)
+    formed: list[int] = []
+    matmul = numpy.matmul
+
+    def counting(a, b, *args, **kwargs):
+        formed.append(a.shape[0] * b.shape[-1])
+        return matmul(a, b, *args, **kwargs)
+    monkeypatch.setattr(numpy, "matmul", counting)
+    chosen = grow()
+    with_bounds = sum(formed)
+    formed.clear()
+    monkeypatch.setattr(gradient.Bounds, "of", classmethod(lambda cls, probe, index: None))
+    expected = grow()
+    assert [numpy.array_equal(a, b) for a, b in zip(chosen, expected)] == [True] * len(expected)
+    assert with_bounds < sum(formed)
+
+
+def test_the_sampled_floor_is_at_most_the_kth_best_score():
+    model, probe = _probe(6)
+    layers = model.sparse_layers
+    kept = [linear_keys(l.indptr, l.indices, l.in_features) for l in layers]
+    every = []
+    for i, layer in enumerate(layers):
+        g = numpy.abs(probe.dense_gradient_rows(i, slice(None))).ravel()
+        g[kept[i]] = -numpy.inf
+        every.append(g)
+    every = numpy.sort(numpy.concatenate(every))[::-1]
+    for k in (1, 50, 2000):
+        floor = gradient.sampled_floor(probe, layers, [0, 1], kept, k)
+        assert numpy.isfinite(floor) and floor <= every[k - 1] * (1 + 1e-6)
+    assert gradient.sampled_floor(probe, layers, [0, 1], kept, every.size + 1) == -numpy.inf
