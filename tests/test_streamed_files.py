@@ -21,6 +21,7 @@ import pytest
 from fake_gpu import fake_gpu  # noqa: F401 (a fixture)
 
 import cupynn
+from cupynn.checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from cupynn.serialization import write_npz
 from cupynn.training import Trainer
 
@@ -89,6 +90,27 @@ def test_model_file_is_savez_of_the_state_dict(tmp_path, frozen_clock):
     assert json.loads(str(header))["version"] == cupynn.serialization.FORMAT_VERSION
 
 
+def test_checkpoint_is_savez_of_the_state_dicts(tmp_path, frozen_clock):
+    """The members, dtypes, shapes and bytes of the checkpoint numpy.savez wrote from the
+    model's and the optimizer's state_dict(): the scalars that save_checkpoint reads from
+    Adam are the ones its state_dict() gives."""
+    trainer = _trainer()
+    path = save_checkpoint(tmp_path / "run", trainer)
+    arrays = {f"model/{k}": v for k, v in trainer.model.state_dict().items()}
+    scalars = {}
+    for key, value in trainer.optimizer.state_dict().items():
+        if isinstance(value, numpy.ndarray):
+            arrays[f"optimizer/{key}"] = value
+        else:
+            scalars[key] = value
+    meta = {"format": FORMAT, "model": trainer.model.config(), "optimizer": scalars,
+            "trainer": trainer.state_dict()}
+    arrays["meta"] = numpy.array(json.dumps(meta))
+    numpy.savez(tmp_path / "savez.npz", **arrays)
+    assert _members(path) == _members(tmp_path / "savez.npz")
+    assert path.read_bytes() == (tmp_path / "savez.npz").read_bytes()
+
+
 def _wide(device):
     model = cupynn.MLP(SIZES, density=0.2, dense_layers=(-1,), seed=1, dtype="float64",
                        device=device)
@@ -132,9 +154,23 @@ def test_saving_a_model_holds_one_array_not_all(tmp_path, fake_gpu, traced, devi
         numpy.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", "fake gpu"])
+def test_saving_a_checkpoint_holds_one_array_not_all(tmp_path, fake_gpu, traced,
+                                                     device):
+    model, total, largest = _wide(_devices(fake_gpu)[device])
+    optimizer = cupynn.Adam(model)  # moments of zeros: two more arrays per parameter
+    total += sum(a.nbytes for a in optimizer.state_dict().values()
+                 if isinstance(a, numpy.ndarray))
+    trainer = Trainer(model, optimizer, (numpy.zeros((4, SIZES[0])), numpy.zeros(4, int)),
+                      epochs=1, batch_size=4, progress=False)
+    peak, _ = _peak(lambda: save_checkpoint(tmp_path, trainer))
+    assert peak < 0.6 * total, (peak, total, largest)
+    assert peak < 2 * largest + 2**20, (peak, total, largest)
+
+
 def test_loading_holds_about_one_layer_not_the_file(tmp_path, traced):
-    """cupynn.load reads the archive lazily: beyond the model it builds, the host holds
-    about a layer's arrays, not the file's. Before:
+    """cupynn.load and load_checkpoint read the archive lazily: beyond the model (and the
+    optimizer) they fill, the host holds about a layer's arrays, not the file's. Before:
     the whole file was read into a dict first (peak: the arrays, again)."""
     model, total, largest = _wide("cpu")
     path = cupynn.save(model, tmp_path / "m.npz")
@@ -148,10 +184,20 @@ def test_loading_holds_about_one_layer_not_the_file(tmp_path, traced):
     assert peak < 1.6 * total, (peak, total)
     numpy.testing.assert_array_equal(again.layers[3].data, model.layers[3].data)
 
+    optimizer = cupynn.Adam(model)
+    trainer = Trainer(model, optimizer, (numpy.zeros((4, SIZES[0])), numpy.zeros(4, int)),
+                      epochs=1, batch_size=4, progress=False)
+    save_checkpoint(tmp_path, trainer)
+    total += sum(a.nbytes for a in optimizer.state_dict().values()
+                 if isinstance(a, numpy.ndarray))
+    peak, meta = _peak(lambda: load_checkpoint(tmp_path, trainer))  # arrays replaced in place
+    assert meta["format"] == FORMAT
+    assert peak < 0.6 * total, (peak, total)
+
 
 def test_a_damaged_member_found_while_loading_is_named(tmp_path):
     """The CRC of a member is checked only as it is read: a flipped byte in an array
-    raises the damaged-archive message, not zipfile's BadZipFile."""
+    raises the damaged-archive message of each reader, not zipfile's BadZipFile."""
     model = _trainer().model
     path = cupynn.save(model, tmp_path / "m.npz")
     with zipfile.ZipFile(path) as archive:
@@ -164,3 +210,15 @@ def test_a_damaged_member_found_while_loading_is_named(tmp_path):
                                                     r"corrupt or truncated \(BadZipFile"):
         cupynn.load(path)
 
+    trainer = _trainer()
+    path = save_checkpoint(tmp_path, trainer)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("optimizer/0.data.v.npy")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 250] ^= 0xFF
+    path.write_bytes(bytes(data))
+    message = rf"{path} is not a readable cupynn checkpoint: it is a damaged .npz archive"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path, _trainer())
+    with pytest.raises(ValueError, match=message):
+        read_checkpoint(tmp_path)
