@@ -536,9 +536,10 @@ def test_gpu_tiles_equal_rows_bit_for_bit(kernel, bias, relu, case, dtype):
     assert_same_bits(tiles, run("tiles"))
 
 
-def test_tiles_train_on_the_fake_gpu_as_rows(monkeypatch):
-    """set_spmm("tiles"): a training step on the fake GPU (kernels emulated) launches the
-    tiled kernels and ends where the "rows" step does, within rounding."""
+def _fake_gpu_step(monkeypatch, method, batch, inspect=None):
+    """One training step of a small MLP on the fake GPU (kernels emulated) with
+    set_spmm(method): (logits, loss, [(data, bias) per layer]) on the host and the
+    kernels launched; ``inspect(model)`` runs on the model after the step."""
     import cupynn
 
     try:
@@ -546,22 +547,29 @@ def test_tiles_train_on_the_fake_gpu_as_rows(monkeypatch):
     except ModuleNotFoundError:  # tests/ became a package
         from tests.fake_gpu import FakeGpu
     rng = numpy.random.default_rng(3)
-    x, labels = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    x, labels = rng.standard_normal((batch, 6)), rng.integers(0, 3, batch)
+    monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
+    kernels.set_spmm(method)
+    with FakeGpu() as fake:
+        model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64", seed=2)
+        optimizer = cupynn.Adam(model, lr=1e-2)
+        logits = model.forward(fake.xp.asarray(x))
+        loss, grad = cupynn.losses.cross_entropy(logits, fake.xp.asarray(labels))
+        model.backward(grad)
+        optimizer.step()
+        if inspect is not None:
+            inspect(model)
+        return ((logits.get(), float(loss),
+                 [(layer.data.get(), layer.bias.get()) for layer in model.layers]),
+                set(fake.launches))
+
+
+def test_tiles_train_on_the_fake_gpu_as_rows(monkeypatch):
+    """set_spmm("tiles"): a training step on the fake GPU (kernels emulated) launches the
+    tiled kernels and ends where the "rows" step does, within rounding."""
     results = {}
     for method in ("rows", "tiles"):
-        monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
-        kernels.set_spmm(method)
-        with FakeGpu() as fake:
-            model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
-                               seed=2)
-            optimizer = cupynn.Adam(model, lr=1e-2)
-            logits = model.forward(fake.xp.asarray(x))
-            loss, grad = cupynn.losses.cross_entropy(logits, fake.xp.asarray(labels))
-            model.backward(grad)
-            optimizer.step()
-            results[method] = (logits.get(), float(loss),
-                               [(layer.data.get(), layer.bias.get()) for layer in model.layers])
-            launched = set(fake.launches)
+        results[method], launched = _fake_gpu_step(monkeypatch, method, 9)
         tiled = {"spmm_tiled_f64", "spmm_t_tiled_f64"}
         assert (tiled <= launched) if method == "tiles" else not (tiled & launched)
     (rows_logits, rows_loss, rows_layers), (logits, loss, layers) = results["rows"], \
@@ -901,39 +909,22 @@ def test_swizzle_is_checked():
 def test_vec_trains_on_the_fake_gpu_as_rows(monkeypatch):
     """set_spmm("vec"): a training step on the fake GPU launches the vectorised kernels,
     with the layers' swizzle orders (kept per topology), and gives the "rows" step's bits."""
-    import cupynn
+    def orders_kept(model):
+        orders = [layer.swizzle_orders() for layer in model.layers]
+        if kernels.spmm_setting() != "vec":
+            assert orders == [None, None]
+            return
+        again = [layer.swizzle_orders() for layer in model.layers]
+        assert all(o is p for o, p in zip(orders, again))  # kept
+        for layer, (rows, cols) in zip(model.layers, orders):
+            assert_same_bits(rows.get(), kernels.row_swizzle(layer.indptr.get()))
+            t_indptr = layer.transposed_pattern()[0]
+            assert_same_bits(cols.get(), kernels.row_swizzle(t_indptr.get()))
 
-    try:
-        from fake_gpu import FakeGpu
-    except ModuleNotFoundError:  # tests/ became a package
-        from tests.fake_gpu import FakeGpu
-    rng = numpy.random.default_rng(3)
-    x, labels = rng.standard_normal((8, 6)), rng.integers(0, 3, 8)
     results = {}
     for method in ("rows", "vec"):
-        monkeypatch.setattr(SPMM_MODULE._SPMM, "chosen", None)
-        kernels.set_spmm(method)
-        with FakeGpu() as fake:
-            model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
-                               seed=2)
-            optimizer = cupynn.Adam(model, lr=1e-2)
-            logits = model.forward(fake.xp.asarray(x))
-            loss, grad = cupynn.losses.cross_entropy(logits, fake.xp.asarray(labels))
-            model.backward(grad)
-            optimizer.step()
-            results[method] = [logits.get()] + [a.get() for layer in model.layers
-                                                for a in (layer.data, layer.bias)]
-            launched = set(fake.launches)
-            orders = [layer.swizzle_orders() for layer in model.layers]
-            if method == "vec":
-                again = [layer.swizzle_orders() for layer in model.layers]
-                assert all(o is p for o, p in zip(orders, again))  # kept
-                for layer, (rows, cols) in zip(model.layers, orders):
-                    assert_same_bits(rows.get(), kernels.row_swizzle(layer.indptr.get()))
-                    t_indptr = layer.transposed_pattern()[0]
-                    assert_same_bits(cols.get(), kernels.row_swizzle(t_indptr.get()))
-            else:
-                assert orders == [None, None]
+        (logits, _, layers), launched = _fake_gpu_step(monkeypatch, method, 8, orders_kept)
+        results[method] = [logits] + [a for pair in layers for a in pair]
         vec = {"spmm_vec_f64", "spmm_t_vec_f64"}
         assert (vec <= launched) if method == "vec" else not (vec & launched)
     for got, expected in zip(results["vec"], results["rows"], strict=True):
