@@ -592,21 +592,21 @@ def test_sddmm_tile_chunk_is_the_kernels_tile():
     assert SDDMM_MODULE.SDDMM_TILE_CHUNK <= tile
 
 
-def test_fake_gpu_training_step_with_tiles_matches_the_default(monkeypatch):
-    """set_sddmm("tiles") on the fake GPU: a forward/backward/Adam step launches the tiled
-    kernel and gives the default (warp) step's weights within rounding (here the same bits:
-    the tiled sums are the warp kernel's)."""
+def _fake_gpu_steps(monkeypatch, methods, batch):
+    """A forward/backward/Adam step of a small MLP on the fake GPU per SDDMM method:
+    {method: (gradients, weights)} on the host, and asserts each launched its kernel."""
     import cupynn
     from fake_gpu import FakeGpu
 
     monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
     monkeypatch.delenv(kernels.SDDMM_ENV, raising=False)
     rng = numpy.random.default_rng(5)
-    x = rng.standard_normal((10, 6))
-    labels = rng.integers(0, 3, 10)
+    x = rng.standard_normal((batch, 6))
+    labels = rng.integers(0, 3, batch)
+    kernel = {"warp": "warp", "tiles": "tiled", "vec": "vec"}
     results = {}
     with FakeGpu() as fake:
-        for method in ("warp", "tiles"):
+        for method in methods:
             kernels.set_sddmm(method)
             model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
                                seed=2)
@@ -617,8 +617,15 @@ def test_fake_gpu_training_step_with_tiles_matches_the_default(monkeypatch):
             optimizer.step()
             results[method] = ([layer.grad_data.get() for layer in model.layers],
                                [layer.data.get() for layer in model.layers])
-            launched = fake.launches[start:]
-            assert f"sddmm_{'tiled' if method == 'tiles' else 'warp'}_f64" in launched
+            assert f"sddmm_{kernel[method]}_f64" in fake.launches[start:]
+    return results
+
+
+def test_fake_gpu_training_step_with_tiles_matches_the_default(monkeypatch):
+    """set_sddmm("tiles") on the fake GPU: a forward/backward/Adam step launches the tiled
+    kernel and gives the default (warp) step's weights within rounding (here the same bits:
+    the tiled sums are the warp kernel's)."""
+    results = _fake_gpu_steps(monkeypatch, ("warp", "tiles"), 10)
     warp_arrays = results["warp"][0] + results["warp"][1]
     tiles_arrays = results["tiles"][0] + results["tiles"][1]
     for warp, tiles in zip(warp_arrays, tiles_arrays, strict=True):
@@ -777,28 +784,8 @@ def test_emulated_gpu_sddmm_auto_runs_what_choose_picks(big, monkeypatch):
 def test_fake_gpu_training_step_with_vec_matches_the_default(monkeypatch):
     """set_sddmm("vec") on the fake GPU: a forward/backward/Adam step launches the
     vectorised kernel and gives the default (warp) step's gradients within rounding."""
-    import cupynn
-    from fake_gpu import FakeGpu
-
-    monkeypatch.setattr(SDDMM_MODULE, "_SDDMM_DEFAULT", [])
-    monkeypatch.delenv(kernels.SDDMM_ENV, raising=False)
-    rng = numpy.random.default_rng(5)
-    x = rng.standard_normal((12, 6))
-    labels = rng.integers(0, 3, 12)
-    results = {}
-    with FakeGpu() as fake:
-        for method in ("warp", "vec"):
-            kernels.set_sddmm(method)
-            model = cupynn.MLP([6, 8, 3], density=0.5, device=fake.backend, dtype="float64",
-                               seed=2)
-            optimizer = cupynn.Adam(model, lr=1e-2)
-            start = len(fake.launches)
-            _, grad = cupynn.losses.cross_entropy(model.forward(x), fake.xp.asarray(labels))
-            model.backward(grad, need_input_grad=False)
-            optimizer.step()
-            results[method] = [layer.grad_data.get() for layer in model.layers]
-            assert f"sddmm_{method}_f64" in fake.launches[start:]
-    for warp, vec in zip(results["warp"], results["vec"], strict=True):
+    results = _fake_gpu_steps(monkeypatch, ("warp", "vec"), 12)
+    for warp, vec in zip(results["warp"][0], results["vec"][0], strict=True):
         numpy.testing.assert_allclose(vec, warp, rtol=1e-12, atol=1e-14)
 
 
