@@ -25,7 +25,6 @@ Where a toolchain is missing, its tests skip with the reason, except under
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 
 import numpy
@@ -43,7 +42,7 @@ except ModuleNotFoundError:  # tests/ became a package
     from tests.cuda_host import HostCompilerMissing, compile_cu, launch, pointer
 
 DTYPES = [numpy.float32, numpy.float64]
-IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
+from kernel_cases import skip_or_fail  # noqa: E402
 FISHER_CU = kernels.KERNEL_DIR / "fisher.cu"
 FAMILIES = ("fisher_rank1_update", "packed_matvec")
 KERNELS = {f"{family}_{suffix}" for family in FAMILIES for suffix in ("f32", "f64")}
@@ -57,12 +56,6 @@ def gpu(test):
     return test
 dtype_params = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
 block_params = pytest.mark.parametrize("block_size", [1, 5, 34])
-
-
-def skip_or_fail(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} CI=true, so this test must run.")
-    pytest.skip(reason)
 
 
 def suffix(dtype) -> str:
