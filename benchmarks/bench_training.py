@@ -76,7 +76,6 @@ import gc
 import inspect
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,7 @@ sys.path.insert(1, HERE)
 
 import cupynn  # noqa: E402
 from cupynn.backend import to_numpy  # noqa: E402
-from cupynn.memory import MemoryTracker  # noqa: E402
+from cupynn.memory import MemoryTracker, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from cupynn.redistribution.schedule import fraction_at  # noqa: E402
 from cupynn.step import TrainStep  # noqa: E402
 from machine import (finish_info, fmt, header_lines, load_and_env_lines, load_average,  # noqa: E402
@@ -453,18 +452,6 @@ def peak_memory(density: float | None, sizes: tuple[int, ...], args: argparse.Na
     return peak
 
 
-def _proc_status_bytes(name: str) -> int | None:
-    """A ``/proc/self/status`` field such as VmRSS or VmHWM, in bytes (Linux only)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class ProcessPeak:
     """Peak growth of this process's memory over a window, the same way for any library.
 
@@ -495,12 +482,10 @@ class ProcessPeak:
             self.base = self.tracker.current()
             self.method = "CuPy pool bytes in use (MemoryTracker)"
         else:
-            self.base = _proc_status_bytes("VmRSS")
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
+            self.base = rss_bytes()
+            if reset_peak_rss():
                 self.method = "VmHWM - VmRSS at start (high-water mark reset)"
-            except OSError:
+            else:
                 self.base = self.base or 0
                 self.method = "ru_maxrss - VmRSS at start (no reset: an upper bound)"
 
@@ -514,11 +499,7 @@ class ProcessPeak:
             peak = self.tracker.peak()
             self.tracker.stop()
             return peak - self.base
-        hwm = _proc_status_bytes("VmHWM") if "VmHWM" in self.method else None
-        if hwm is None:
-            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            hwm *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-        return hwm - self.base
+        return peak_rss_bytes() - self.base
 
 
 def process_peak_child(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
