@@ -81,6 +81,16 @@ def adam(p: numpy.ndarray, g: numpy.ndarray, m: numpy.ndarray, v: numpy.ndarray,
     p -= t(lr) * (m / t(bc1)) / (numpy.sqrt(v / t(bc2)) + t(eps))
 
 
+def _bias_relu(out: numpy.ndarray, bias: numpy.ndarray | None, relu: bool) -> numpy.ndarray:
+    """``out + bias[:, None]`` and, with ``relu``, ``maximum(., 0)``: the end of every
+    ``spmm`` kernel, after the row's sum."""
+    if bias is not None:
+        out = out + bias[:, None]
+        if relu:
+            out = numpy.maximum(out, 0)
+    return out
+
+
 def spmm(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
          x: numpy.ndarray, bias: numpy.ndarray | None = None, relu: bool = False
          ) -> numpy.ndarray:
@@ -93,11 +103,7 @@ def spmm(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
 
     w = scipy.sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, x.shape[0]))
     out = numpy.asarray(w @ x)
-    if bias is not None:
-        out = out + bias[:, None]
-        if relu:
-            out = numpy.maximum(out, 0)
-    return out
+    return _bias_relu(out, bias, relu)
 
 
 def spmm_t(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
@@ -394,11 +400,7 @@ def spmm_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarra
     returns (n_rows, batch) of x's dtype.
     """
     out = _rows_in_order(indptr, indices, data, x)
-    if bias is not None:
-        out = out + bias[:, None]
-        if relu:
-            out = numpy.maximum(out, 0)
-    return out
+    return _bias_relu(out, bias, relu)
 
 
 def spmm_t_tiled(indptr: numpy.ndarray, indices: numpy.ndarray, data: numpy.ndarray,
