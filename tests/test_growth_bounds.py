@@ -63,7 +63,7 @@ def test_skipping_bounded_blocks_chooses_the_same_keys(monkeypatch, seed, block_
 
 def test_row_bounds_bound_every_score_and_vanish_at_shut_units():
     model, probe = _probe(3)
-    bounds = gradient.row_bounds(probe, 1)
+    bounds = gradient.Bounds.of(probe, 1).row_bounds() / gradient.BOUND_MARGIN
     dense = numpy.abs(probe.dense_gradient_rows(1, slice(None)))
     assert (dense.max(axis=1) <= bounds * (1 + 1e-12)).all()
     shut = numpy.abs(probe.output_grads[1]).sum(axis=1) == 0

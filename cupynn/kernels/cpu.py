@@ -182,12 +182,17 @@ def _live_rows(dy):  # pragma: no cover - compiled
     n_rows = dy.shape[0]
     live = numpy.zeros(n_rows, numpy.uint8)
     for r in numba.prange(n_rows):
-        row = dy[r]
-        for j in range(row.shape[0]):
-            if row[j] != 0 or row[j] != row[j]:
-                live[r] = 1
-                break
+        live[r] = _is_live(dy[r])
     return live
+
+
+@numba.njit(inline="always", **_JIT)
+def _is_live(row):  # pragma: no cover - compiled
+    """Whether ``row`` holds a value that is not zero (NaN counts)."""
+    for j in range(row.shape[0]):
+        if row[j] != 0 or row[j] != row[j]:
+            return True
+    return False
 
 
 @numba.njit(**_JIT)
@@ -328,12 +333,7 @@ def sddmm(indptr, indices, dy, x, out):  # pragma: no cover - compiled
         a = dy[r]
         k = indptr[r]
         end = indptr[r + 1]
-        live = False
-        for j in range(batch):
-            if a[j] != 0 or a[j] != a[j]:
-                live = True
-                break
-        if not live:
+        if not _is_live(a):
             for i in range(k, end):
                 out[i] = zero
             continue

@@ -98,15 +98,6 @@ class Bounds:
         return self._unsorted
 
 
-def row_bounds(probe: GradientProbe, index: int) -> numpy.ndarray | None:
-    """Per output row of sparse layer ``index``, a bound on |dL/dW| over the whole row:
-    ``||dy_r|| * max_c ||x_c||`` (Cauchy-Schwarz; host float64, without the margin),
-    or None with several ranks (each holds only its share of the batch). A row whose
-    unit the ReLU shut for the batch has bound 0."""
-    bounds = Bounds.of(probe, index)
-    return None if bounds is None else bounds.row_bounds() / BOUND_MARGIN
-
-
 def sampled_floor(probe: GradientProbe, layers: list[Any], indices: list[int], kept: list[Any],
                   k: int) -> float:
     """A value the k-th best score of the growth cannot fall below: the k-th best of
